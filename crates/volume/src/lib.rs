@@ -1,0 +1,45 @@
+//! NIfTI reading, nnU-Net style preprocessing, class locations and a synthetic phantom generator.
+//!
+//! This crate is the only place that understands medical image files and what nnU-Net does to
+//! them before training. It does no I/O beyond reading and writing volumes; the store and the
+//! ingest pipeline build on the types here.
+//!
+//! * [`read_nifti`], [`read_label`], [`check_same_grid`], [`write_nifti`]: NIfTI-1 in and out,
+//!   with clear errors for everything patchflow cannot use.
+//! * [`preprocess()`]: crop to non-zero, normalise, resample and sample class locations as
+//!   nnU-Net v2 does, keeping source intensities where that is lossless (see the [`preprocess`
+//!   module](mod@crate::preprocess) for the stored representation rule).
+//! * [`foreground_samples`], [`CtStats`], [`median_spacing`], [`Modality`]: dataset-level
+//!   statistics for the planner.
+//! * [`phantom`], [`write_phantom_dataset`]: a deterministic synthetic CT dataset.
+
+mod error;
+mod label;
+mod locations;
+mod nifti;
+mod phantom;
+pub mod preprocess;
+mod resample;
+mod stats;
+mod types;
+
+pub use error::VolumeError;
+pub use label::{
+    GRID_RELATIVE_TOLERANCE, GRID_TRANSLATION_TOLERANCE_MM, check_same_grid, read_label,
+};
+pub use locations::{
+    ClassLocations, ClassVoxels, MAX_LOCATIONS_PER_CLASS, MIN_LOCATION_PERCENT, case_seed,
+    class_locations, foreground_samples, locations_to_keep,
+};
+pub use nifti::{NiftiImage, read_nifti, read_nifti_geometry, write_nifti};
+pub use phantom::{PHANTOM_LABELS, PhantomSpec, phantom, write_phantom_dataset};
+pub use preprocess::{
+    CaseInput, PreprocessPlan, PreprocessedCase, crop, load_case, narrow_for_storage, nonzero_bbox,
+    preprocess,
+};
+pub use resample::{
+    ANISOTROPY_THRESHOLD, Interp, Kernel, SPACING_TOLERANCE, low_resolution_axis, needs_resampling,
+    resample_f32, resample_labels, resampled_shape,
+};
+pub use stats::{CtStats, MIN_STD, Modality, median_spacing, percentile};
+pub use types::{DType, Element, Geometry, LabelData, NormScheme, Normalization, VoxelData};
