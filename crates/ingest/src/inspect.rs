@@ -1,0 +1,281 @@
+//! `patchflow inspect`: what a store holds, for people (a table) and programs (one JSON document).
+//!
+//! The JSON document (`--json`) has these fields:
+//! - `dataset` (string), `store` (path), `plan` (the dataset plan as stored in the manifest);
+//! - `cases`: one object per case with `id`, `file`, `shape` `[z,y,x]`, `spacing` `[z,y,x]` mm,
+//!   `original_shape` `[z,y,x]`, `original_spacing` `[z,y,x]`, `orientation` (e.g. `"RAS"`),
+//!   `crop_box` (`[[start,end)]` per axis in original voxels), `channels` (`name`, `dtype`,
+//!   `normalization`), `label_dtype`, `classes` (`value`, `name` or null, `voxels`),
+//!   `raw_bytes` (preprocessed arrays uncompressed), `stored_bytes` (case file),
+//!   `compression_ratio` (raw / stored), `input_bytes` (source NIfTI files; null if unknown);
+//! - `total`: `cases`, `raw_bytes`, `stored_bytes`, `input_bytes`, `compression_ratio`,
+//!   `size_vs_input` (stored / input).
+
+use std::path::{Path, PathBuf};
+
+use patchflow_store::{CaseReader, ChunkCache, Manifest};
+use serde::Serialize;
+
+use crate::pipeline::SourceRecord;
+use crate::IngestError;
+
+/// One channel of a case.
+#[derive(Clone, Debug, Serialize)]
+pub struct ChannelReport {
+    /// Channel name (modality).
+    pub name: String,
+    /// Stored element type.
+    pub dtype: String,
+    /// Normalisation applied when serving.
+    pub normalization: patchflow_volume::Normalization,
+}
+
+/// One class of a case.
+#[derive(Clone, Debug, Serialize)]
+pub struct ClassReport {
+    /// Class value.
+    pub value: u16,
+    /// Class name from the dataset, if named.
+    pub name: Option<String>,
+    /// Voxels of this class in the preprocessed label map.
+    pub voxels: u64,
+}
+
+/// One case.
+#[derive(Clone, Debug, Serialize)]
+pub struct CaseReport {
+    /// Case id.
+    pub id: String,
+    /// Case file, relative to the store.
+    pub file: String,
+    /// Preprocessed shape `[z, y, x]`.
+    pub shape: [usize; 3],
+    /// Preprocessed spacing `[z, y, x]` in mm.
+    pub spacing: [f64; 3],
+    /// Source shape `[z, y, x]`.
+    pub original_shape: [usize; 3],
+    /// Source spacing `[z, y, x]` in mm.
+    pub original_spacing: [f64; 3],
+    /// Source orientation code.
+    pub orientation: String,
+    /// Crop box in source voxels.
+    pub crop_box: [[usize; 2]; 3],
+    /// Image channels.
+    pub channels: Vec<ChannelReport>,
+    /// Label element type.
+    pub label_dtype: String,
+    /// Classes present with their voxel counts.
+    pub classes: Vec<ClassReport>,
+    /// Preprocessed bytes, uncompressed.
+    pub raw_bytes: u64,
+    /// Bytes of the case file.
+    pub stored_bytes: u64,
+    /// `raw_bytes / stored_bytes`.
+    pub compression_ratio: f64,
+    /// Bytes of the source files, when recorded.
+    pub input_bytes: Option<u64>,
+}
+
+/// Totals over the reported cases.
+#[derive(Clone, Debug, Serialize)]
+pub struct TotalReport {
+    /// Number of cases.
+    pub cases: usize,
+    /// Preprocessed bytes, uncompressed.
+    pub raw_bytes: u64,
+    /// Bytes of the case files.
+    pub stored_bytes: u64,
+    /// Bytes of the source files.
+    pub input_bytes: u64,
+    /// `raw_bytes / stored_bytes`.
+    pub compression_ratio: f64,
+    /// `stored_bytes / input_bytes`.
+    pub size_vs_input: f64,
+}
+
+/// The whole report.
+#[derive(Clone, Debug, Serialize)]
+pub struct StoreReport {
+    /// Dataset name.
+    pub dataset: String,
+    /// Store folder.
+    pub store: PathBuf,
+    /// The plan as stored in the manifest.
+    pub plan: serde_json::Value,
+    /// Cases.
+    pub cases: Vec<CaseReport>,
+    /// Totals.
+    pub total: TotalReport,
+}
+
+fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 { 0.0 } else { a as f64 / b as f64 }
+}
+
+/// Reads the store's manifest and case headers (and only those).
+pub fn inspect(store: &Path, case: Option<&str>) -> Result<StoreReport, IngestError> {
+    let manifest = Manifest::load(store)?.ok_or_else(|| IngestError::Input {
+        path: store.to_path_buf(),
+        reason: "not a patchflow store (no manifest.json)".into(),
+    })?;
+    if let Some(id) = case {
+        if !manifest.cases.iter().any(|c| c.id == id) {
+            return Err(IngestError::Input {
+                path: store.to_path_buf(),
+                reason: format!("no case {id:?} in this store"),
+            });
+        }
+    }
+    let cache = ChunkCache::new(0);
+    let mut cases = Vec::new();
+    for entry in manifest
+        .cases
+        .iter()
+        .filter(|c| case.is_none_or(|id| c.id == id))
+    {
+        let reader = CaseReader::open(&store.join(&entry.file), cache.clone())?;
+        let meta = reader.meta();
+        let stats = reader.stats();
+        let input_bytes = serde_json::from_value::<SourceRecord>(entry.source.clone())
+            .ok()
+            .map(|r| r.input_bytes);
+        cases.push(CaseReport {
+            id: meta.id.clone(),
+            file: entry.file.clone(),
+            shape: meta.shape,
+            spacing: meta.spacing,
+            original_shape: meta.original.shape,
+            original_spacing: meta.original.spacing,
+            orientation: meta.original.orientation(),
+            crop_box: meta.crop_box,
+            channels: meta
+                .channels
+                .iter()
+                .map(|c| ChannelReport {
+                    name: c.name.clone(),
+                    dtype: c.dtype.to_string(),
+                    normalization: c.norm,
+                })
+                .collect(),
+            label_dtype: meta.label_dtype.to_string(),
+            classes: meta
+                .class_voxels
+                .iter()
+                .map(|(&value, &voxels)| ClassReport {
+                    value,
+                    name: meta.label_names.get(&value).cloned(),
+                    voxels,
+                })
+                .collect(),
+            raw_bytes: stats.raw_bytes,
+            stored_bytes: stats.file_bytes,
+            compression_ratio: ratio(stats.raw_bytes, stats.file_bytes),
+            input_bytes,
+        });
+    }
+    let raw: u64 = cases.iter().map(|c| c.raw_bytes).sum();
+    let stored: u64 = cases.iter().map(|c| c.stored_bytes).sum();
+    let input: u64 = cases.iter().filter_map(|c| c.input_bytes).sum();
+    Ok(StoreReport {
+        dataset: manifest.dataset,
+        store: store.to_path_buf(),
+        plan: manifest.plan,
+        total: TotalReport {
+            cases: cases.len(),
+            raw_bytes: raw,
+            stored_bytes: stored,
+            input_bytes: input,
+            compression_ratio: ratio(raw, stored),
+            size_vs_input: ratio(stored, input),
+        },
+        cases,
+    })
+}
+
+fn mb(b: u64) -> f64 {
+    b as f64 / 1e6
+}
+
+/// Renders the report as text: one block per case, then totals.
+pub fn render_text(report: &StoreReport) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(s, "dataset {} ({})", report.dataset, report.store.display());
+    if let Some(t) = report.plan.get("target_spacing") {
+        let _ = writeln!(s, "target spacing [z,y,x] mm: {t}");
+    }
+    for c in &report.cases {
+        let _ = writeln!(
+            s,
+            "\n{}  shape {:?}  spacing [{:.3}, {:.3}, {:.3}] mm  (source {:?} {} at [{:.3}, {:.3}, {:.3}] mm)",
+            c.id,
+            c.shape,
+            c.spacing[0],
+            c.spacing[1],
+            c.spacing[2],
+            c.original_shape,
+            c.orientation,
+            c.original_spacing[0],
+            c.original_spacing[1],
+            c.original_spacing[2],
+        );
+        for ch in &c.channels {
+            let _ = writeln!(s, "  channel {:<8} {}  normalisation {:?}", ch.name, ch.dtype, ch.normalization.scheme);
+        }
+        let _ = writeln!(
+            s,
+            "  stored {:.2} MB, raw {:.2} MB, compression {:.1}x{}",
+            mb(c.stored_bytes),
+            mb(c.raw_bytes),
+            c.compression_ratio,
+            c.input_bytes
+                .map(|i| format!(", input {:.2} MB", mb(i)))
+                .unwrap_or_default()
+        );
+        let _ = writeln!(s, "  classes ({}, label {}):", c.classes.len(), c.label_dtype);
+        for k in &c.classes {
+            let _ = writeln!(
+                s,
+                "    {:>5}  {:<24} {:>12} voxels",
+                k.value,
+                k.name.as_deref().unwrap_or("-"),
+                k.voxels
+            );
+        }
+    }
+    let t = &report.total;
+    let _ = writeln!(
+        s,
+        "\n{} cases: stored {:.2} MB, raw {:.2} MB (compression {:.1}x), input {:.2} MB (store/input {:.2})",
+        t.cases,
+        mb(t.stored_bytes),
+        mb(t.raw_bytes),
+        t.compression_ratio,
+        mb(t.input_bytes),
+        t.size_vs_input
+    );
+    s
+}
+
+/// Checks every chunk checksum of every case (or of one case). Returns `(case id, error)` for
+/// each case that fails; an empty list means the store is intact.
+pub fn verify(store: &Path, case: Option<&str>) -> Result<Vec<(String, String)>, IngestError> {
+    let manifest = Manifest::load(store)?.ok_or_else(|| IngestError::Input {
+        path: store.to_path_buf(),
+        reason: "not a patchflow store (no manifest.json)".into(),
+    })?;
+    let cache = ChunkCache::new(0);
+    let mut failures = Vec::new();
+    for entry in manifest
+        .cases
+        .iter()
+        .filter(|c| case.is_none_or(|id| c.id == id))
+    {
+        let result = CaseReader::open(&store.join(&entry.file), cache.clone())
+            .and_then(|reader| reader.verify());
+        if let Err(e) = result {
+            failures.push((entry.id.clone(), e.to_string()));
+        }
+    }
+    Ok(failures)
+}

@@ -1,0 +1,23 @@
+//! The ingest pipeline: discovers cases, plans the dataset, preprocesses in parallel and writes
+//! the store.
+//!
+//! `patchflow ingest` is a thin wrapper over [`ingest`] and [`watch`]; `patchflow inspect` over
+//! [`inspect()`]. The volume crate knows images, the store crate knows the file format; this crate
+//! knows datasets: which files form a case, the plan shared by all cases, what is already done,
+//! and how to report what happened.
+
+mod discover;
+mod error;
+pub mod inspect;
+mod pipeline;
+mod plan;
+mod watch;
+
+pub use discover::{CaseSource, DatasetSource, InputKind, discover, sanitize_id};
+pub use error::IngestError;
+pub use inspect::{StoreReport, inspect, render_text, verify};
+pub use pipeline::{
+    CaseOutcome, IngestOptions, IngestReport, SourceRecord, ingest,
+};
+pub use plan::{CtPlan, DatasetPlan, PlanSettings};
+pub use watch::watch;

@@ -1,0 +1,595 @@
+//! Running ingest: plan the dataset, preprocess the cases in parallel, write the store.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use patchflow_store::{
+    CaseData, CaseMeta, ChannelMeta, MANIFEST_FORMAT, Manifest, ManifestCase, WriteOptions,
+    case_file_name, is_temp_file_name,
+};
+use patchflow_volume::{CaseInput, NormScheme, median_spacing};
+use serde::{Deserialize, Serialize};
+
+use crate::discover::{CaseSource, DatasetSource, discover};
+use crate::plan::{CtPlan, DatasetPlan, PlanSettings, scheme_for};
+use crate::IngestError;
+
+/// Foreground intensity samples drawn per CT case for the dataset statistics (as nnU-Net).
+const CT_SAMPLES_PER_CASE: usize = 10_000;
+
+/// How to run ingest.
+#[derive(Clone, Debug)]
+pub struct IngestOptions {
+    /// Cases processed at once.
+    pub jobs: usize,
+    /// Settings that shape the plan.
+    pub settings: PlanSettings,
+    /// Make a new plan even if the store has one.
+    pub replan: bool,
+    /// Draw progress bars on stderr.
+    pub progress: bool,
+}
+
+impl Default for IngestOptions {
+    fn default() -> Self {
+        IngestOptions {
+            jobs: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            settings: PlanSettings {
+                keep_spacing: false,
+                target_spacing: None,
+                interp: "cubic".into(),
+                chunk_shape: patchflow_store::DEFAULT_CHUNK_SHAPE,
+                zstd_level: patchflow_store::DEFAULT_ZSTD_LEVEL,
+                seed: 1234,
+            },
+            replan: false,
+            progress: true,
+        }
+    }
+}
+
+/// What happened to one case.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CaseOutcome {
+    /// Case id.
+    pub id: String,
+    /// Bytes of the input files.
+    pub input_bytes: u64,
+    /// Bytes of the stored case file.
+    pub stored_bytes: u64,
+    /// Bytes of the preprocessed arrays, uncompressed.
+    pub raw_bytes: u64,
+}
+
+/// The result of one ingest run.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct IngestReport {
+    /// Dataset name.
+    pub dataset: String,
+    /// Cases written in this run.
+    pub ingested: Vec<CaseOutcome>,
+    /// Cases already in the store and unchanged.
+    pub skipped: Vec<String>,
+    /// Cases that failed, with the reason.
+    pub failed: Vec<(String, String)>,
+    /// Non-fatal findings (e.g. a label without foreground).
+    pub warnings: Vec<String>,
+    /// Whether a new plan was made.
+    pub replanned: bool,
+    /// Wall time in seconds.
+    pub seconds: f64,
+}
+
+impl IngestReport {
+    /// Bytes of input read for the ingested cases.
+    pub fn input_bytes(&self) -> u64 {
+        self.ingested.iter().map(|c| c.input_bytes).sum()
+    }
+
+    /// One-paragraph human summary.
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "{}: {} ingested, {} unchanged, {} failed in {:.1} s",
+            self.dataset,
+            self.ingested.len(),
+            self.skipped.len(),
+            self.failed.len(),
+            self.seconds
+        );
+        if !self.ingested.is_empty() && self.seconds > 0.0 {
+            let mb = self.input_bytes() as f64 / 1e6;
+            s.push_str(&format!(" ({:.1} MB of input, {:.1} MB/s)", mb, mb / self.seconds));
+        }
+        for w in &self.warnings {
+            s.push_str(&format!("\nwarning: {w}"));
+        }
+        for (id, e) in &self.failed {
+            s.push_str(&format!("\nfailed: {id}: {e}"));
+        }
+        s
+    }
+}
+
+/// Provenance of a stored case, kept in the manifest to skip unchanged cases.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SourceRecord {
+    /// Image files, per channel.
+    pub images: Vec<PathBuf>,
+    /// Label file.
+    pub label: PathBuf,
+    /// xxh3-64 over the contents of all files, hex.
+    pub fingerprint: String,
+    /// Digest of the plan the case was preprocessed with, hex.
+    pub plan: String,
+    /// Bytes of the input files.
+    pub input_bytes: u64,
+}
+
+/// Ingests `input` (nnU-Net folder or TSV) into the store folder `out`.
+///
+/// Cases already stored from identical files with the same plan are skipped. Failing cases are
+/// reported and the others still ingested. `stop` is polled between cases: when it becomes true
+/// no new case is started, finished ones are kept, and the run returns what it has done.
+pub fn ingest(
+    input: &Path,
+    out: &Path,
+    opts: &IngestOptions,
+    stop: &AtomicBool,
+) -> Result<IngestReport, IngestError> {
+    let source = discover(input)?;
+    let mut session = Session::open(out, &source)?;
+    session.run(&source, &source.cases, opts, stop)
+}
+
+/// An open store folder being written: holds the writer lock and the manifest.
+pub(crate) struct Session {
+    out: PathBuf,
+    _lock: std::fs::File,
+    pub(crate) manifest: Manifest,
+}
+
+impl Session {
+    /// Opens (creating) the store folder, takes its writer lock and loads the manifest.
+    pub(crate) fn open(out: &Path, source: &DatasetSource) -> Result<Session, IngestError> {
+        std::fs::create_dir_all(out).map_err(|e| IngestError::io(out, e))?;
+        let lock_path = out.join(".ingest.lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| IngestError::io(&lock_path, e))?;
+        if lock.try_lock().is_err() {
+            return Err(IngestError::Input {
+                path: out.to_path_buf(),
+                reason: "another ingest is writing this store (its lock file .ingest.lock is held)"
+                    .into(),
+            });
+        }
+        remove_stale_temp_files(out);
+        let manifest = match Manifest::load(out)? {
+            Some(m) => m,
+            None => Manifest {
+                format: MANIFEST_FORMAT,
+                dataset: source.name.clone(),
+                plan: serde_json::Value::Null,
+                cases: Vec::new(),
+            },
+        };
+        Ok(Session {
+            out: out.to_path_buf(),
+            _lock: lock,
+            manifest,
+        })
+    }
+
+    /// Plans if needed and ingests `cases` (a subset of `source.cases`).
+    pub(crate) fn run(
+        &mut self,
+        source: &DatasetSource,
+        cases: &[CaseSource],
+        opts: &IngestOptions,
+        stop: &AtomicBool,
+    ) -> Result<IngestReport, IngestError> {
+        let started = Instant::now();
+        let mut report = IngestReport {
+            dataset: self.manifest.dataset.clone(),
+            ..IngestReport::default()
+        };
+        for (id, e) in &source.problems {
+            report.failed.push((id.clone(), e.to_string()));
+        }
+
+        let stored_plan: Option<DatasetPlan> = serde_json::from_value(self.manifest.plan.clone()).ok();
+        let plan = match stored_plan {
+            Some(p) if !opts.replan && p.settings == opts.settings => p,
+            previous => {
+                if previous.is_some() {
+                    tracing::info!("settings changed or --replan given: making a new plan");
+                }
+                let (plan, failures) = make_plan(cases, opts, stop)?;
+                report.failed.extend(failures);
+                report.replanned = true;
+                self.manifest.plan = serde_json::to_value(&plan).unwrap_or_default();
+                self.manifest.format = MANIFEST_FORMAT;
+                self.manifest.save(&self.out)?;
+                plan
+            }
+        };
+        let plan_digest = format!("{:016x}", plan.digest());
+        let failed_in_planning: std::collections::HashSet<String> =
+            report.failed.iter().map(|(id, _)| id.clone()).collect();
+
+        // Decide what needs work.
+        let existing: HashMap<String, SourceRecord> = self
+            .manifest
+            .cases
+            .iter()
+            .filter_map(|c| Some((c.id.clone(), serde_json::from_value(c.source.clone()).ok()?)))
+            .collect();
+        let mut todo = Vec::new();
+        for case in cases {
+            if failed_in_planning.contains(&case.id) {
+                continue;
+            }
+            let fingerprint = match fingerprint_files(case) {
+                Ok(f) => f,
+                Err(e) => {
+                    report.failed.push((case.id.clone(), e.to_string()));
+                    continue;
+                }
+            };
+            let unchanged = existing.get(&case.id).is_some_and(|r| {
+                r.fingerprint == fingerprint.0
+                    && r.plan == plan_digest
+                    && case_file_ok(&self.out.join(case_file_name(&case.id)))
+            });
+            if unchanged {
+                report.skipped.push(case.id.clone());
+            } else {
+                todo.push((case.clone(), fingerprint));
+            }
+        }
+
+        let bar = progress_bar(opts.progress, todo.len() as u64, "ingest");
+        let write_opts = WriteOptions {
+            chunk_shape: plan.settings.chunk_shape,
+            zstd_level: plan.settings.zstd_level,
+        };
+        let label_names = &source.label_names;
+        let jobs = opts.jobs.max(1).min(todo.len().max(1));
+        let (work_tx, work_rx) = crossbeam_channel::unbounded();
+        for item in todo {
+            let _ = work_tx.send(item);
+        }
+        drop(work_tx);
+        let (done_tx, done_rx) = crossbeam_channel::unbounded();
+        std::thread::scope(|scope| -> Result<(), IngestError> {
+            for _ in 0..jobs {
+                let work_rx = work_rx.clone();
+                let done_tx = done_tx.clone();
+                let plan = &plan;
+                let write_opts = &write_opts;
+                let out = &self.out;
+                let bar = &bar;
+                scope.spawn(move || {
+                    while let Ok((case, (fingerprint, input_bytes))) = work_rx.recv() {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        bar.set_message(case.id.clone());
+                        let result =
+                            ingest_case(&case, plan, label_names, write_opts, out, input_bytes);
+                        let _ = done_tx.send((case, fingerprint, input_bytes, result));
+                    }
+                });
+            }
+            drop(done_tx);
+            for (case, fingerprint, input_bytes, result) in done_rx.iter() {
+                bar.inc(1);
+                match result {
+                    Ok((outcome, warnings)) => {
+                        for w in warnings {
+                            bar.suspend(|| tracing::warn!("{w}"));
+                            report.warnings.push(w);
+                        }
+                        let record = SourceRecord {
+                            images: case.images.clone(),
+                            label: case.label.clone(),
+                            fingerprint,
+                            plan: plan_digest.clone(),
+                            input_bytes,
+                        };
+                        self.manifest.cases.retain(|c| c.id != case.id);
+                        self.manifest.cases.push(ManifestCase {
+                            id: case.id.clone(),
+                            file: case_file_name(&case.id),
+                            stored_bytes: outcome.stored_bytes,
+                            source: serde_json::to_value(&record).unwrap_or_default(),
+                        });
+                        self.manifest.cases.sort_by(|a, b| a.id.cmp(&b.id));
+                        self.manifest.save(&self.out)?;
+                        report.ingested.push(outcome);
+                    }
+                    Err(e) => {
+                        bar.suspend(|| tracing::error!("case {}: {e}", case.id));
+                        report.failed.push((case.id.clone(), e.to_string()));
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        bar.finish_and_clear();
+        if stop.load(Ordering::Relaxed) {
+            tracing::warn!("stopped by signal: cases not started are left for the next run");
+        }
+        report.failed.sort();
+        report.seconds = started.elapsed().as_secs_f64();
+        Ok(report)
+    }
+}
+
+/// Makes the dataset plan: target spacing and CT statistics. Returns cases that failed to read.
+fn make_plan(
+    cases: &[CaseSource],
+    opts: &IngestOptions,
+    stop: &AtomicBool,
+) -> Result<(DatasetPlan, Vec<(String, String)>), IngestError> {
+    let settings = opts.settings.clone();
+    let bar = progress_bar(opts.progress, cases.len() as u64, "plan");
+    let results = parallel_map(cases, opts.jobs, stop, |case| {
+        let r = fingerprint_case(case, settings.seed);
+        bar.inc(1);
+        r
+    });
+    bar.finish_and_clear();
+    let mut spacings = Vec::new();
+    let mut samples: BTreeMap<usize, Vec<f32>> = BTreeMap::new();
+    let mut failures = Vec::new();
+    for (case, result) in cases.iter().zip(results) {
+        match result {
+            Some(Ok((spacing, ct))) => {
+                spacings.push(spacing);
+                for (c, s) in ct {
+                    samples.entry(c).or_default().extend(s);
+                }
+            }
+            Some(Err(e)) => failures.push((case.id.clone(), e.to_string())),
+            None => {}
+        }
+    }
+    if stop.load(Ordering::Relaxed) {
+        return Err(IngestError::Interrupted);
+    }
+    let target_spacing = if settings.keep_spacing {
+        None
+    } else if let Some(t) = settings.target_spacing {
+        Some(t)
+    } else if spacings.is_empty() {
+        None
+    } else {
+        Some(median_spacing(&spacings))
+    };
+    let ct_stats = samples
+        .into_iter()
+        .filter_map(|(c, s)| {
+            patchflow_volume::CtStats::from_samples(&s).map(|st| (c, CtPlan::from(st)))
+        })
+        .collect();
+    Ok((
+        DatasetPlan {
+            settings,
+            target_spacing,
+            ct_stats,
+            planned_from_cases: spacings.len(),
+        },
+        failures,
+    ))
+}
+
+type Fingerprint = ([f64; 3], Vec<(usize, Vec<f32>)>);
+
+/// Reads what planning needs from one case: its spacing and CT foreground samples.
+fn fingerprint_case(case: &CaseSource, seed: u64) -> Result<Fingerprint, IngestError> {
+    let ct_channels: Vec<usize> = case
+        .channel_names
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| scheme_for(n) == NormScheme::Ct)
+        .map(|(c, _)| c)
+        .collect();
+    if ct_channels.is_empty() {
+        let geometry = patchflow_volume::read_nifti_geometry(&case.images[0])?;
+        return Ok((geometry.spacing, Vec::new()));
+    }
+    let (label_geometry, label) = patchflow_volume::read_label(&case.label)?;
+    let mut spacing = label_geometry.spacing;
+    let mut out = Vec::new();
+    for c in ct_channels {
+        let image = patchflow_volume::read_nifti(&case.images[c])?;
+        patchflow_volume::check_same_grid(
+            &image.geometry,
+            &label_geometry,
+            &case.images[c],
+            &case.label,
+        )?;
+        spacing = image.geometry.spacing;
+        let s = patchflow_volume::foreground_samples(
+            &image.data,
+            &label,
+            CT_SAMPLES_PER_CASE,
+            seed ^ xxhash_rust::xxh3::xxh3_64(case.id.as_bytes()),
+        );
+        out.push((c, s));
+    }
+    Ok((spacing, out))
+}
+
+/// Reads, checks, preprocesses and writes one case.
+fn ingest_case(
+    case: &CaseSource,
+    plan: &DatasetPlan,
+    label_names: &BTreeMap<u16, String>,
+    write_opts: &WriteOptions,
+    out: &Path,
+    input_bytes: u64,
+) -> Result<(CaseOutcome, Vec<String>), IngestError> {
+    let mut warnings = Vec::new();
+    let (label_geometry, label) = patchflow_volume::read_label(&case.label)?;
+    let mut channels = Vec::with_capacity(case.images.len());
+    for path in &case.images {
+        let image = patchflow_volume::read_nifti(path)?;
+        patchflow_volume::check_same_grid(&image.geometry, &label_geometry, path, &case.label)?;
+        channels.push(image);
+    }
+    let input = CaseInput {
+        id: case.id.clone(),
+        channels,
+        channel_names: case.channel_names.clone(),
+        label,
+        label_geometry,
+    };
+    let pre = patchflow_volume::preprocess(&input, &plan.case_plan(&case.channel_names))?;
+    drop(input);
+    if pre.class_voxels.keys().all(|&c| c == 0) {
+        warnings.push(format!(
+            "case {}: label {} has no foreground voxels; it is stored, but foreground \
+             oversampling will crop it uniformly",
+            case.id,
+            case.label.display()
+        ));
+    }
+    let meta = CaseMeta {
+        id: pre.id.clone(),
+        shape: pre.shape,
+        spacing: pre.spacing,
+        original: pre.original.clone(),
+        crop_box: pre.crop_box,
+        channels: pre
+            .channels
+            .iter()
+            .zip(&pre.norms)
+            .zip(&pre.channel_names)
+            .map(|((data, norm), name)| ChannelMeta {
+                name: name.clone(),
+                dtype: data.dtype(),
+                norm: *norm,
+            })
+            .collect(),
+        label_dtype: pre.label.dtype(),
+        label_names: label_names.clone(),
+        class_voxels: pre.class_voxels.clone(),
+        ignore_label: None,
+    };
+    let path = out.join(case_file_name(&case.id));
+    let written = patchflow_store::write_case(
+        &path,
+        &CaseData {
+            meta: &meta,
+            channels: &pre.channels,
+            label: &pre.label,
+            class_locations: &pre.class_locations,
+        },
+        write_opts,
+    )?;
+    Ok((
+        CaseOutcome {
+            id: case.id.clone(),
+            input_bytes,
+            stored_bytes: written.stored_bytes,
+            raw_bytes: written.raw_bytes,
+        },
+        warnings,
+    ))
+}
+
+/// xxh3-64 over the contents of every file of the case (hex) and their total size.
+fn fingerprint_files(case: &CaseSource) -> Result<(String, u64), IngestError> {
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    let mut total = 0u64;
+    for path in case.files() {
+        let bytes = std::fs::read(path).map_err(|e| IngestError::io(path, e))?;
+        total += bytes.len() as u64;
+        hasher.update(&(bytes.len() as u64).to_le_bytes());
+        hasher.update(&bytes);
+    }
+    Ok((format!("{:016x}", hasher.digest()), total))
+}
+
+/// Whether a stored case file exists and opens (header and index valid).
+fn case_file_ok(path: &Path) -> bool {
+    let cache = patchflow_store::ChunkCache::new(0);
+    patchflow_store::CaseReader::open(path, cache).is_ok()
+}
+
+/// Removes temporary files a killed writer may have left (`.NAME.tmp.*`).
+fn remove_stale_temp_files(out: &Path) {
+    let Ok(entries) = std::fs::read_dir(out) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if is_temp_file_name(&name) {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => tracing::info!("removed temporary file {name} left by an interrupted run"),
+                Err(e) => tracing::warn!("could not remove temporary file {name}: {e}"),
+            }
+        }
+    }
+}
+
+/// Maps `f` over `items` on `jobs` threads, keeping order; `None` for items skipped after `stop`.
+fn parallel_map<T: Sync, R: Send>(
+    items: &[T],
+    jobs: usize,
+    stop: &AtomicBool,
+    f: impl Fn(&T) -> R + Sync,
+) -> Vec<Option<R>> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<std::sync::Mutex<Option<R>>> =
+        items.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..jobs.max(1).min(items.len().max(1)) {
+            scope.spawn(|| {
+                loop {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(item) = items.get(i) else { break };
+                    let r = f(item);
+                    if let Ok(mut slot) = results[i].lock() {
+                        *slot = Some(r);
+                    }
+                }
+            });
+        }
+    });
+    results
+        .into_iter()
+        .map(|m| m.into_inner().ok().flatten())
+        .collect()
+}
+
+/// A progress bar on stderr, or a hidden one.
+pub(crate) fn progress_bar(visible: bool, len: u64, prefix: &'static str) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(
+        Some(len),
+        if visible {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        },
+    );
+    let style = ProgressStyle::with_template(
+        "{prefix:>6} [{elapsed_precise}] {bar:30.cyan/blue} {pos}/{len} cases ({eta} left) {msg}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar.set_prefix(prefix);
+    bar
+}

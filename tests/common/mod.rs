@@ -1,0 +1,108 @@
+//! Helpers shared by the end-to-end tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use patchflow_ingest::DatasetPlan;
+use patchflow_volume::{CaseInput, read_label, read_nifti};
+use std::process::{Command, Output};
+
+/// The real data folder `../shared/data`, or `None` (with a message) when it is absent.
+pub fn shared_data(test: &str) -> Option<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data");
+    if dir.join("pairs.tsv").is_file() {
+        Some(dir)
+    } else {
+        eprintln!("skipping {test}: {} not found", dir.display());
+        None
+    }
+}
+
+/// The `patchflow` binary built for these tests.
+pub fn patchflow() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_patchflow"));
+    cmd.arg("--quiet");
+    cmd
+}
+
+/// Runs `patchflow ARGS` and returns its output.
+pub fn run(args: &[&str]) -> Output {
+    patchflow().args(args).output().expect("patchflow runs")
+}
+
+/// Runs `patchflow ARGS`, asserting success; returns stdout.
+pub fn run_ok(args: &[&str]) -> String {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "patchflow {args:?} failed: {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Path as &str for argument lists.
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// `patchflow inspect STORE --json`, parsed.
+pub fn inspect_json(store: &Path) -> serde_json::Value {
+    serde_json::from_str(&run_ok(&["inspect", s(store), "--json"])).expect("inspect prints JSON")
+}
+
+/// The rows of `pairs.tsv`: (image, label, modality).
+pub fn pairs(data: &Path) -> Vec<(String, String, String)> {
+    let text = std::fs::read_to_string(data.join("pairs.tsv")).unwrap();
+    text.lines()
+        .skip(1)
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            (f[0].to_string(), f[1].to_string(), f[2].to_string())
+        })
+        .collect()
+}
+
+/// The case id ingest gives an image path.
+pub fn case_id(image: &str) -> String {
+    let file = Path::new(image).file_name().unwrap().to_str().unwrap();
+    file.trim_end_matches(".gz").trim_end_matches(".nii").to_string()
+}
+
+/// Reads the whole preprocessed case again in memory, exactly as ingest did, using the stored plan.
+pub fn preprocess_in_memory(data: &Path, image: &str, label: &str, modality: &str, plan: &DatasetPlan) -> patchflow_volume::PreprocessedCase {
+    let img = read_nifti(&data.join(image)).unwrap();
+    let (label_geometry, lab) = read_label(&data.join(label)).unwrap();
+    let names = vec![modality.to_string()];
+    let input = CaseInput {
+        id: case_id(image),
+        channels: vec![img],
+        channel_names: names.clone(),
+        label: lab,
+        label_geometry,
+    };
+    patchflow_volume::preprocess(&input, &plan.case_plan(&names)).unwrap()
+}
+
+/// Naive crop with padding of a C-order volume.
+pub fn crop_ref<T: Copy>(src: &[T], shape: [usize; 3], origin: [i64; 3], size: [usize; 3], pad: T) -> Vec<T> {
+    let mut out = Vec::with_capacity(size.iter().product());
+    for z in 0..size[0] as i64 {
+        for y in 0..size[1] as i64 {
+            for x in 0..size[2] as i64 {
+                let p = [origin[0] + z, origin[1] + y, origin[2] + x];
+                let inside = (0..3).all(|a| p[a] >= 0 && (p[a] as usize) < shape[a]);
+                out.push(if inside {
+                    src[(p[0] as usize * shape[1] + p[1] as usize) * shape[2] + p[2] as usize]
+                } else {
+                    pad
+                });
+            }
+        }
+    }
+    out
+}
+
