@@ -1,0 +1,364 @@
+//! A store folder opened for sampling.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use patchflow_store::{ArrayId, CaseReader, ChunkCache, MANIFEST_FILE, Manifest};
+use patchflow_volume::{DType, Normalization};
+
+use crate::SamplerError;
+use crate::plan::CaseView;
+
+/// Ignore label served with `u8` labels (every class below 255).
+pub const IGNORE_U8: u16 = 255;
+/// Ignore label served with `u16` labels.
+pub const IGNORE_U16: u16 = u16::MAX;
+
+/// What the sampler precomputes about one case at open time.
+#[derive(Clone, Debug)]
+pub(crate) struct CaseInfo {
+    /// Foreground classes with stored locations, ascending (no 0, no ignore label).
+    pub fg_classes: Vec<u16>,
+    /// Whether the case has background voxels.
+    pub has_background: bool,
+    /// Stored element type and normalisation per channel.
+    pub channels: Vec<(DType, Normalization)>,
+    /// Stored label element type.
+    pub label_dtype: DType,
+    /// The case's own ignore label, mapped to the dataset's where they differ.
+    pub label_remap: Option<(u16, u16)>,
+}
+
+/// A store folder opened for sampling: its manifest's cases, each a [`CaseReader`] sharing one
+/// [`ChunkCache`].
+pub struct Dataset {
+    name: String,
+    dir: PathBuf,
+    cases: Vec<Arc<CaseReader>>,
+    info: Vec<CaseInfo>,
+    num_channels: usize,
+    label_names: BTreeMap<u16, String>,
+    label_dtype: DType,
+    ignore_label: u16,
+    classes: Vec<u16>,
+}
+
+impl std::fmt::Debug for Dataset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dataset")
+            .field("name", &self.name)
+            .field("dir", &self.dir)
+            .field("cases", &self.cases.len())
+            .field("num_channels", &self.num_channels)
+            .field("label_dtype", &self.label_dtype)
+            .field("classes", &self.classes)
+            .finish()
+    }
+}
+
+/// Rejects manifest file entries that would leave the store folder.
+fn case_path(dir: &Path, file: &str) -> Result<PathBuf, SamplerError> {
+    let rel = Path::new(file);
+    let plain = !file.is_empty()
+        && rel
+            .components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+    if !plain {
+        return Err(SamplerError::Dataset {
+            path: dir.join(MANIFEST_FILE),
+            reason: format!("case file {file:?} is not a relative path inside the store folder"),
+        });
+    }
+    Ok(dir.join(rel))
+}
+
+impl Dataset {
+    /// Opens the store folder `store_dir`: reads its manifest, opens every case (sharing
+    /// `cache`) and checks that the cases form one dataset (same number of image channels,
+    /// `u8`/`u16` labels, no class value that collides with the ignore label).
+    pub fn open(
+        name: &str,
+        store_dir: &Path,
+        cache: Arc<ChunkCache>,
+    ) -> Result<Dataset, SamplerError> {
+        let manifest = Manifest::load(store_dir)?.ok_or_else(|| {
+            SamplerError::NotFound(format!(
+                "no {MANIFEST_FILE} in store folder {}",
+                store_dir.display()
+            ))
+        })?;
+        if manifest.cases.is_empty() {
+            return Err(SamplerError::Dataset {
+                path: store_dir.join(MANIFEST_FILE),
+                reason: "the manifest lists no cases".into(),
+            });
+        }
+        let mut entries: Vec<_> = manifest.cases.iter().collect();
+        entries.sort_by(|a, b| a.id.cmp(&b.id));
+        for pair in entries.windows(2) {
+            if pair[0].id == pair[1].id {
+                return Err(SamplerError::Dataset {
+                    path: store_dir.join(MANIFEST_FILE),
+                    reason: format!("case {:?} is listed twice", pair[0].id),
+                });
+            }
+        }
+
+        let mut cases = Vec::with_capacity(entries.len());
+        for entry in &entries {
+            let path = case_path(store_dir, &entry.file)?;
+            let reader = CaseReader::open(&path, Arc::clone(&cache))?;
+            if reader.meta().id != entry.id {
+                return Err(SamplerError::Dataset {
+                    path,
+                    reason: format!(
+                        "the manifest lists case {:?} but the file holds case {:?}",
+                        entry.id,
+                        reader.meta().id
+                    ),
+                });
+            }
+            cases.push(Arc::new(reader));
+        }
+
+        // Channels: every case must have the same count; names should agree.
+        let first = cases[0].meta();
+        let num_channels = first.channels.len();
+        for reader in &cases {
+            let meta = reader.meta();
+            if meta.channels.len() != num_channels {
+                return Err(SamplerError::Dataset {
+                    path: reader.path().to_path_buf(),
+                    reason: format!(
+                        "case {} has {} image channel(s), case {} has {}",
+                        meta.id,
+                        meta.channels.len(),
+                        first.id,
+                        num_channels
+                    ),
+                });
+            }
+            for (c, (a, b)) in meta.channels.iter().zip(&first.channels).enumerate() {
+                if a.name != b.name {
+                    tracing::warn!(
+                        case = %meta.id, channel = c, name = %a.name, expected = %b.name,
+                        "channel names differ between cases"
+                    );
+                }
+            }
+            if !matches!(meta.label_dtype, DType::U8 | DType::U16) {
+                return Err(SamplerError::Dataset {
+                    path: reader.path().to_path_buf(),
+                    reason: format!(
+                        "case {}: labels are stored as {}, expected u8 or u16",
+                        meta.id, meta.label_dtype
+                    ),
+                });
+            }
+        }
+
+        // Classes in use (excluding each case's own ignore label) decide the served label type.
+        let mut used: BTreeSet<u16> = BTreeSet::new();
+        let mut label_names = BTreeMap::new();
+        for reader in &cases {
+            let meta = reader.meta();
+            for (&class, &count) in &meta.class_voxels {
+                if count > 0 && Some(class) != meta.ignore_label {
+                    used.insert(class);
+                }
+            }
+            for (class, label) in &meta.label_names {
+                label_names.entry(*class).or_insert_with(|| label.clone());
+            }
+        }
+        if used.contains(&IGNORE_U16) {
+            return Err(SamplerError::Dataset {
+                path: store_dir.to_path_buf(),
+                reason: format!(
+                    "class {IGNORE_U16} is used, but it is reserved as the ignore label of u16 labels"
+                ),
+            });
+        }
+        let (label_dtype, ignore_label) = if used.iter().any(|&c| c >= IGNORE_U8) {
+            (DType::U16, IGNORE_U16)
+        } else {
+            (DType::U8, IGNORE_U8)
+        };
+
+        let mut info = Vec::with_capacity(cases.len());
+        let mut classes = BTreeSet::new();
+        for reader in &cases {
+            let meta = reader.meta();
+            let fg_classes: Vec<u16> = {
+                let mut v: Vec<u16> = reader
+                    .classes_with_locations()
+                    .into_iter()
+                    .filter(|&c| {
+                        c != 0
+                            && Some(c) != meta.ignore_label
+                            && !reader.class_locations(c).is_empty()
+                    })
+                    .collect();
+                v.sort_unstable();
+                v.dedup();
+                v
+            };
+            classes.extend(fg_classes.iter().copied());
+            let label_remap = match meta.ignore_label {
+                Some(own) if own != ignore_label => Some((own, ignore_label)),
+                _ => None,
+            };
+            let channels = (0..num_channels)
+                .map(|c| {
+                    let dtype = reader.dtype(ArrayId::Image(c))?;
+                    let norm = meta
+                        .channels
+                        .get(c)
+                        .map_or(Normalization::IDENTITY, |m| m.norm);
+                    Ok((dtype, norm))
+                })
+                .collect::<Result<Vec<_>, SamplerError>>()?;
+            info.push(CaseInfo {
+                fg_classes,
+                has_background: meta.class_voxels.get(&0).is_some_and(|&n| n > 0),
+                channels,
+                label_dtype: meta.label_dtype,
+                label_remap,
+            });
+        }
+
+        tracing::info!(
+            dataset = name,
+            dir = %store_dir.display(),
+            cases = cases.len(),
+            channels = num_channels,
+            label_dtype = %label_dtype,
+            classes = ?classes,
+            "dataset opened"
+        );
+        Ok(Dataset {
+            name: name.to_string(),
+            dir: store_dir.to_path_buf(),
+            cases,
+            info,
+            num_channels,
+            label_names,
+            label_dtype,
+            ignore_label,
+            classes: classes.into_iter().collect(),
+        })
+    }
+
+    /// The name the dataset was opened under.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The store folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The cases, ordered by case id.
+    pub fn cases(&self) -> &[Arc<CaseReader>] {
+        &self.cases
+    }
+
+    /// Index of the case with identifier `id`.
+    pub fn case_index(&self, id: &str) -> Option<usize> {
+        self.cases
+            .binary_search_by(|c| c.meta().id.as_str().cmp(id))
+            .ok()
+    }
+
+    /// Number of image channels (the same in every case).
+    pub fn num_channels(&self) -> usize {
+        self.num_channels
+    }
+
+    /// Class names, merged over the cases (the first case naming a class wins).
+    pub fn label_names(&self) -> &BTreeMap<u16, String> {
+        &self.label_names
+    }
+
+    /// Value of padded label voxels: 255 when every class is at most 254 (`u8` labels), else
+    /// 65535 (`u16` labels).
+    pub fn ignore_label(&self) -> u16 {
+        self.ignore_label
+    }
+
+    /// Element type of served labels: `U8`, or `U16` when any class exceeds 254.
+    pub fn label_dtype(&self) -> DType {
+        self.label_dtype
+    }
+
+    /// Foreground classes with stored locations in at least one case, ascending.
+    pub fn classes(&self) -> Vec<u16> {
+        self.classes.clone()
+    }
+
+    /// Foreground classes with stored locations in case `case`, ascending (empty when out of range).
+    pub fn case_classes(&self, case: usize) -> &[u16] {
+        self.info.get(case).map_or(&[], |i| i.fg_classes.as_slice())
+    }
+
+    /// Whether any case has background (class 0) voxels.
+    pub fn has_background(&self) -> bool {
+        self.info.iter().any(|i| i.has_background)
+    }
+
+    pub(crate) fn view(&self, case: usize) -> Option<CaseRef<'_>> {
+        Some(CaseRef {
+            reader: self.cases.get(case)?,
+            info: self.info.get(case)?,
+        })
+    }
+}
+
+/// A case of a dataset as placement sees it.
+#[derive(Copy, Clone)]
+pub(crate) struct CaseRef<'a> {
+    pub reader: &'a CaseReader,
+    pub info: &'a CaseInfo,
+}
+
+impl CaseView for CaseRef<'_> {
+    fn id(&self) -> &str {
+        &self.reader.meta().id
+    }
+
+    fn shape(&self) -> [usize; 3] {
+        self.reader.meta().shape
+    }
+
+    fn foreground_classes(&self) -> &[u16] {
+        &self.info.fg_classes
+    }
+
+    fn locations(&self, class: u16) -> &[[u32; 3]] {
+        self.reader.class_locations(class)
+    }
+
+    fn has_background(&self) -> bool {
+        self.info.has_background
+    }
+
+    fn label_at(&self, voxel: [usize; 3]) -> Result<u16, SamplerError> {
+        let origin = voxel.map(|v| i64::try_from(v).unwrap_or(i64::MAX));
+        match self.info.label_dtype {
+            DType::U16 => {
+                let mut out = [0u16; 1];
+                self.reader
+                    .read_box(ArrayId::Label, origin, [1, 1, 1], u16::MAX, &mut out)?;
+                Ok(out[0])
+            }
+            _ => {
+                let mut out = [0u8; 1];
+                self.reader
+                    .read_box(ArrayId::Label, origin, [1, 1, 1], u8::MAX, &mut out)?;
+                Ok(u16::from(out[0]))
+            }
+        }
+    }
+}

@@ -1,0 +1,32 @@
+//! Class-balanced patch placement, padding and batch assembly, deterministic from a seed.
+//!
+//! A trainer of a 3D segmentation network does not want whole volumes: it wants batches of
+//! patches, most of them random, some centred on rare foreground classes, padded where they hang
+//! over the volume, normalised and in the element type the network eats. This crate turns a chunk
+//! store ([`patchflow_store`]) into exactly that, the way nnU-Net's data loader and MONAI's
+//! `RandCropByLabelClasses` place their crops, without their CPU cost:
+//!
+//! * placement follows nnU-Net v2 (crop bounds, forced-foreground items, class locations) or
+//!   MONAI's class weights ([`Policy`]);
+//! * every stored run of voxels is converted once, straight into the batch buffer, with the
+//!   channel's normalisation fused in ([`convert`]);
+//! * items are filled in parallel on the caller's rayon pool;
+//! * batch `index` of a stream depends only on the dataset, the request and `index`: the random
+//!   streams are defined in this crate (SplitMix64-keyed xoshiro256++) and never change, so any
+//!   thread count, machine or restart reproduces the same batches.
+
+pub mod convert;
+mod dataset;
+mod error;
+pub mod placement;
+mod plan;
+mod request;
+mod rng;
+mod sampler;
+
+pub use convert::OutputDType;
+pub use dataset::{Dataset, IGNORE_U8, IGNORE_U16};
+pub use error::SamplerError;
+pub use plan::BACKGROUND_TRIES;
+pub use request::{Batch, BatchRequest, ItemMeta, Limits, MAX_PATCH_AXIS, Policy};
+pub use sampler::Sampler;

@@ -1,0 +1,461 @@
+//! Batch assembly: validation, placement of every item, and the parallel fill of the batch
+//! buffers straight from the store's chunks.
+
+use std::sync::Arc;
+
+use patchflow_store::{ArrayId, BoxRun, CaseReader, StoreError};
+use patchflow_volume::DType;
+use rayon::prelude::*;
+
+use crate::SamplerError;
+use crate::convert::{ImageRuns, LabelRuns, RunConvert};
+use crate::dataset::{CaseRef, Dataset};
+use crate::placement::{cases_per_batch, is_forced, slot_of_item};
+use crate::plan::{CaseView, place_item, present_weights};
+use crate::request::{Batch, BatchRequest, ItemMeta, Limits, MAX_PATCH_AXIS, Policy};
+use crate::rng::{Rng, StreamKind};
+
+/// Assembles batches from a [`Dataset`].
+///
+/// Batch `index` of a stream depends only on `(dataset, request, index)`: every decision draws
+/// from a random stream keyed by `(seed, index, slot or item)`, and the voxels of an item do not
+/// depend on which thread converts them.
+///
+/// A batch draws `ceil(batch / crops_per_case)` cases uniformly with replacement from the
+/// request's case list (all cases by default), as nnU-Net does; item `i` comes from draw
+/// `i / crops_per_case`. Each item then draws its class, voxel and origin from its own stream.
+#[derive(Clone, Debug)]
+pub struct Sampler {
+    dataset: Arc<Dataset>,
+}
+
+/// One unit of parallel work: one image channel or the label of one item.
+struct FillTask<'a> {
+    item: usize,
+    array: ArrayId,
+    out: &'a mut [u8],
+}
+
+impl Sampler {
+    /// A sampler over `dataset`.
+    pub fn new(dataset: Arc<Dataset>) -> Sampler {
+        Sampler { dataset }
+    }
+
+    /// The dataset sampled from.
+    pub fn dataset(&self) -> &Arc<Dataset> {
+        &self.dataset
+    }
+
+    /// Checks `req` against the dataset and against `limits`.
+    ///
+    /// Errors are [`SamplerError::InvalidRequest`] (naming the field) or
+    /// [`SamplerError::LimitExceeded`] (naming the measure and the limit). A request that passes
+    /// can be served by [`Sampler::sample`] for every batch index, barring I/O errors.
+    pub fn validate(&self, req: &BatchRequest, limits: &Limits) -> Result<(), SamplerError> {
+        self.check_shape(req)?;
+        if req.batch > limits.max_batch {
+            return Err(SamplerError::LimitExceeded {
+                what: "batch",
+                value: req.batch as u64,
+                limit: limits.max_batch as u64,
+            });
+        }
+        let voxels = patch_voxels(req.patch);
+        if voxels > limits.max_patch_voxels {
+            return Err(SamplerError::LimitExceeded {
+                what: "patch voxels",
+                value: voxels,
+                limit: limits.max_patch_voxels,
+            });
+        }
+        let bytes = self.batch_bytes(req);
+        if bytes > limits.max_batch_bytes {
+            return Err(SamplerError::LimitExceeded {
+                what: "batch bytes",
+                value: bytes,
+                limit: limits.max_batch_bytes,
+            });
+        }
+        self.check_policy(req)
+    }
+
+    /// Bytes of image plus label of one batch of `req` (saturating at `u64::MAX`).
+    pub fn batch_bytes(&self, req: &BatchRequest) -> u64 {
+        let voxels = u128::from(patch_voxels(req.patch));
+        let per_item = voxels
+            * (self.dataset.num_channels() as u128 * req.dtype.size() as u128
+                + self.dataset.label_dtype().size() as u128);
+        u64::try_from(per_item * req.batch as u128).unwrap_or(u64::MAX)
+    }
+
+    /// Assembles batch number `index` of a stream with `req`.
+    ///
+    /// Deterministic: the result depends only on (dataset, `req`, `index`), never on the thread
+    /// count. Items are placed and filled in parallel on the current rayon pool (callers install
+    /// their own pool). Limits are not checked here; servers call [`Sampler::validate`] first.
+    pub fn sample(&self, req: &BatchRequest, index: u64) -> Result<Batch, SamplerError> {
+        let items = self.plan(req, index)?;
+        let ds = &*self.dataset;
+        let voxels = usize::try_from(patch_voxels(req.patch)).map_err(|_| too_large(self, req))?;
+        let channels = ds.num_channels();
+        let osize = req.dtype.size();
+        let lsize = ds.label_dtype().size();
+        let image_channel_bytes = voxels
+            .checked_mul(osize)
+            .ok_or_else(|| too_large(self, req))?;
+        let label_item_bytes = voxels
+            .checked_mul(lsize)
+            .ok_or_else(|| too_large(self, req))?;
+        let image_bytes = image_channel_bytes
+            .checked_mul(channels)
+            .and_then(|b| b.checked_mul(req.batch))
+            .ok_or_else(|| too_large(self, req))?;
+        let label_bytes = label_item_bytes
+            .checked_mul(req.batch)
+            .ok_or_else(|| too_large(self, req))?;
+
+        let mut image = vec![0u8; image_bytes];
+        let mut label = vec![0u8; label_bytes];
+        let mut tasks: Vec<FillTask<'_>> = Vec::with_capacity(req.batch * (channels + 1));
+        if image_channel_bytes > 0 {
+            for (k, out) in image.chunks_mut(image_channel_bytes).enumerate() {
+                tasks.push(FillTask {
+                    item: k / channels.max(1),
+                    array: ArrayId::Image(k % channels.max(1)),
+                    out,
+                });
+            }
+        }
+        if label_item_bytes > 0 {
+            for (item, out) in label.chunks_mut(label_item_bytes).enumerate() {
+                tasks.push(FillTask {
+                    item,
+                    array: ArrayId::Label,
+                    out,
+                });
+            }
+        }
+        tasks
+            .into_par_iter()
+            .try_for_each(|task| self.fill(req, &items, task))?;
+
+        tracing::trace!(
+            index,
+            items = items.len(),
+            image_bytes,
+            label_bytes,
+            "batch assembled"
+        );
+        Ok(Batch {
+            index,
+            patch: req.patch,
+            dtype: req.dtype,
+            label_dtype: ds.label_dtype(),
+            image,
+            label,
+            items,
+        })
+    }
+
+    /// The placement of batch `index` without reading voxels (except the single label voxels
+    /// that a weighted background crop probes).
+    pub fn plan(&self, req: &BatchRequest, index: u64) -> Result<Vec<ItemMeta>, SamplerError> {
+        self.check_shape(req)?;
+        let ds = &*self.dataset;
+        let slots = cases_per_batch(req.batch, req.crops_per_case);
+        let pool_len = req.cases.as_ref().map_or(ds.cases().len(), Vec::len);
+        let chosen: Vec<usize> = (0..slots)
+            .map(|slot| {
+                let k = Rng::stream(req.seed, index, StreamKind::Case, slot as u64).index(pool_len);
+                match &req.cases {
+                    Some(list) => list.get(k).copied().unwrap_or(0),
+                    None => k,
+                }
+            })
+            .collect();
+        let fraction = match req.policy {
+            Policy::ForegroundOversample { fraction } => fraction,
+            _ => 0.0,
+        };
+        (0..req.batch)
+            .into_par_iter()
+            .map(|item| {
+                let case = chosen
+                    .get(slot_of_item(item, req.crops_per_case))
+                    .copied()
+                    .unwrap_or(0);
+                let view = self.case(case)?;
+                let mut rng = Rng::stream(req.seed, index, StreamKind::Item, item as u64);
+                let forced = is_forced(item, req.batch, fraction);
+                let p = place_item(&view, req.patch, &req.policy, forced, &mut rng)?;
+                Ok(ItemMeta {
+                    case,
+                    case_id: view.id().to_string(),
+                    origin: p.origin,
+                    forced_foreground: p.forced_foreground,
+                    class: p.class,
+                })
+            })
+            .collect()
+    }
+
+    fn case(&self, case: usize) -> Result<CaseRef<'_>, SamplerError> {
+        self.dataset.view(case).ok_or_else(|| {
+            SamplerError::invalid(
+                "cases",
+                format!(
+                    "case index {case} is out of range (the dataset has {} cases)",
+                    self.dataset.cases().len()
+                ),
+            )
+        })
+    }
+
+    /// Fills one channel or label of one item through `visit_box`: each stored run is converted
+    /// straight into the batch buffer.
+    fn fill(
+        &self,
+        req: &BatchRequest,
+        items: &[ItemMeta],
+        task: FillTask<'_>,
+    ) -> Result<(), SamplerError> {
+        let meta = items.get(task.item).ok_or_else(|| {
+            SamplerError::invalid("batch", format!("item {} has no placement", task.item))
+        })?;
+        let view = self.case(meta.case)?;
+        let reader = view.reader;
+        let (origin, patch, out) = (meta.origin, req.patch, task.out);
+        let result = match task.array {
+            ArrayId::Image(c) => {
+                let Some(&(stored, norm)) = view.info.channels.get(c) else {
+                    return Err(SamplerError::Case {
+                        case: meta.case_id.clone(),
+                        reason: format!("no image channel {c}"),
+                    });
+                };
+                macro_rules! image {
+                    ($t:ty) => {
+                        visit_into(
+                            reader,
+                            task.array,
+                            origin,
+                            patch,
+                            out,
+                            &ImageRuns::<$t>::new(norm, req.dtype),
+                        )
+                    };
+                }
+                match stored {
+                    DType::U8 => image!(u8),
+                    DType::I8 => image!(i8),
+                    DType::U16 => image!(u16),
+                    DType::I16 => image!(i16),
+                    DType::U32 => image!(u32),
+                    DType::I32 => image!(i32),
+                    DType::F32 => image!(f32),
+                    DType::F64 => image!(f64),
+                }
+            }
+            ArrayId::Label => {
+                let runs = LabelRuns {
+                    stored: view.info.label_dtype,
+                    out: self.dataset.label_dtype(),
+                    remap: view.info.label_remap,
+                };
+                visit_into(reader, task.array, origin, patch, out, &runs)
+            }
+        };
+        result?.map_err(|reason| SamplerError::Case {
+            case: meta.case_id.clone(),
+            reason: format!("reading {}: {reason}", task.array),
+        })
+    }
+
+    /// Structural checks that need no limits: sizes, counts, the policy's numbers, case indices.
+    fn check_shape(&self, req: &BatchRequest) -> Result<(), SamplerError> {
+        for (axis, &p) in ["z", "y", "x"].iter().zip(&req.patch) {
+            if p == 0 || p > MAX_PATCH_AXIS {
+                return Err(SamplerError::invalid(
+                    "patch",
+                    format!("patch {axis} = {p}; each axis must be in 1..={MAX_PATCH_AXIS}"),
+                ));
+            }
+        }
+        if req.batch == 0 {
+            return Err(SamplerError::invalid("batch", "batch must be at least 1"));
+        }
+        if req.crops_per_case == 0 {
+            return Err(SamplerError::invalid(
+                "crops_per_case",
+                "crops_per_case must be at least 1",
+            ));
+        }
+        match &req.policy {
+            Policy::Uniform => {}
+            Policy::ForegroundOversample { fraction } => {
+                if !(0.0..=1.0).contains(fraction) {
+                    return Err(SamplerError::invalid(
+                        "policy.fraction",
+                        format!("foreground fraction {fraction} is outside [0, 1]"),
+                    ));
+                }
+            }
+            Policy::ClassWeights { weights } => {
+                if weights.is_empty() {
+                    return Err(SamplerError::invalid(
+                        "policy.weights",
+                        "class weights are empty",
+                    ));
+                }
+                for (class, w) in weights {
+                    if !w.is_finite() || *w < 0.0 {
+                        return Err(SamplerError::invalid(
+                            "policy.weights",
+                            format!(
+                                "weight of class {class} is {w}; weights must be finite and >= 0"
+                            ),
+                        ));
+                    }
+                }
+                if !weights.values().any(|&w| w > 0.0) {
+                    return Err(SamplerError::invalid(
+                        "policy.weights",
+                        "every class weight is 0",
+                    ));
+                }
+            }
+        }
+        let n = self.dataset.cases().len();
+        if let Some(list) = &req.cases {
+            if list.is_empty() {
+                return Err(SamplerError::invalid("cases", "the case list is empty"));
+            }
+            if let Some(&bad) = list.iter().find(|&&c| c >= n) {
+                return Err(SamplerError::invalid(
+                    "cases",
+                    format!("case index {bad} is out of range (the dataset has {n} cases)"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks of the policy against the dataset's classes: weighted classes must exist, and every
+    /// case the request may draw must hold at least one positively weighted class.
+    fn check_policy(&self, req: &BatchRequest) -> Result<(), SamplerError> {
+        let Policy::ClassWeights { weights } = &req.policy else {
+            return Ok(());
+        };
+        let ds = &*self.dataset;
+        let known = ds.classes();
+        for &class in weights.keys() {
+            let exists = if class == 0 {
+                ds.has_background()
+            } else {
+                known.binary_search(&class).is_ok()
+            };
+            if !exists {
+                return Err(SamplerError::invalid(
+                    "policy.weights",
+                    format!("class {class} is not present in any case (classes: 0 and {known:?})"),
+                ));
+            }
+        }
+        let all: Vec<usize>;
+        let pool: &[usize] = match &req.cases {
+            Some(list) => list,
+            None => {
+                all = (0..ds.cases().len()).collect();
+                &all
+            }
+        };
+        for &case in pool {
+            let view = self.case(case)?;
+            if present_weights(&view, weights).is_empty() {
+                return Err(SamplerError::invalid(
+                    "policy.weights",
+                    format!(
+                        "case {} ({case}) holds none of the classes with a positive weight",
+                        view.id()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `patch[0] * patch[1] * patch[2]`, saturating.
+fn patch_voxels(patch: [usize; 3]) -> u64 {
+    patch
+        .iter()
+        .fold(1u64, |acc, &p| acc.saturating_mul(p as u64))
+}
+
+/// A batch whose size does not fit in this machine's address space.
+fn too_large(sampler: &Sampler, req: &BatchRequest) -> SamplerError {
+    SamplerError::LimitExceeded {
+        what: "batch bytes",
+        value: sampler.batch_bytes(req),
+        limit: isize::MAX as u64,
+    }
+}
+
+/// Visits the box at `origin` of `array` and converts every run into `out` with `conv`.
+///
+/// The outer error is the store's; the inner one says how the runs broke the `visit_box`
+/// contract (a run outside the box, a source of the wrong length, voxels not covered).
+fn visit_into<C: RunConvert>(
+    reader: &CaseReader,
+    array: ArrayId,
+    origin: [i64; 3],
+    patch: [usize; 3],
+    out: &mut [u8],
+    conv: &C,
+) -> Result<Result<(), String>, StoreError> {
+    let (isz, osz) = (conv.in_size(), conv.out_size());
+    let total = out.len();
+    let mut covered = 0usize;
+    let mut failure: Option<String> = None;
+    let mut visit = |run: BoxRun<'_>| {
+        let range = run
+            .dst
+            .checked_add(run.len)
+            .and_then(|end| Some(run.dst.checked_mul(osz)?..end.checked_mul(osz)?));
+        let Some(dst) = range.and_then(|r| out.get_mut(r)) else {
+            failure.get_or_insert_with(|| {
+                format!(
+                    "run of {} elements at {} lies outside the box",
+                    run.len, run.dst
+                )
+            });
+            return;
+        };
+        covered += dst.len();
+        match run.src {
+            None => conv.pad(dst),
+            Some(src) if src.len() == run.len * isz => conv.convert(src, dst),
+            Some(src) => {
+                failure.get_or_insert_with(|| {
+                    format!(
+                        "run of {} elements brought {} bytes, expected {}",
+                        run.len,
+                        src.len(),
+                        run.len * isz
+                    )
+                });
+            }
+        }
+    };
+    reader.visit_box(array, origin, patch, &mut visit)?;
+    if let Some(reason) = failure {
+        return Ok(Err(reason));
+    }
+    if covered != total {
+        return Ok(Err(format!(
+            "the store covered {covered} of {total} bytes of the box"
+        )));
+    }
+    Ok(Ok(()))
+}

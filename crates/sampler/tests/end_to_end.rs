@@ -1,0 +1,726 @@
+//! Batches served from a store written in a temporary folder, compared with naive crops of the
+//! in-memory arrays the store was written from.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Arc;
+
+use half::{bf16, f16};
+use patchflow_sampler::{
+    Batch, BatchRequest, Dataset, ItemMeta, Limits, OutputDType, Policy, Sampler, SamplerError,
+};
+use patchflow_store::{
+    CaseData, CaseMeta, ChannelMeta, ChunkCache, Manifest, ManifestCase, WriteOptions,
+    case_file_name, write_case,
+};
+use patchflow_volume::{DType, Geometry, LabelData, NormScheme, Normalization, VoxelData};
+
+/// A small deterministic generator for test data (independent of the sampler's).
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+}
+
+/// One synthetic case kept in memory next to its stored copy.
+struct MemCase {
+    meta: CaseMeta,
+    channels: Vec<VoxelData>,
+    label: LabelData,
+}
+
+impl MemCase {
+    fn label_at(&self, z: i64, y: i64, x: i64) -> Option<u16> {
+        self.index(z, y, x).map(|i| self.label.get(i))
+    }
+
+    fn index(&self, z: i64, y: i64, x: i64) -> Option<usize> {
+        let s = self.meta.shape;
+        if z < 0 || y < 0 || x < 0 || z >= s[0] as i64 || y >= s[1] as i64 || x >= s[2] as i64 {
+            return None;
+        }
+        Some((z as usize * s[1] + y as usize) * s[2] + x as usize)
+    }
+}
+
+fn ct_norm() -> Normalization {
+    Normalization {
+        scheme: NormScheme::Ct,
+        clip: Some([-200.0, 400.0]),
+        mean: 35.5,
+        inv_std: 1.0 / 91.25,
+    }
+}
+
+fn mr_norm() -> Normalization {
+    Normalization {
+        scheme: NormScheme::ZScore,
+        clip: None,
+        mean: 0.37,
+        inv_std: 2.5,
+    }
+}
+
+/// A case with an `i16` CT-like channel and an `f32` channel; labels: a box of class 1 and,
+/// when `with_class2`, a small box of class 2 (or of `big_class` when given); background
+/// elsewhere.
+fn make_case(
+    id: &str,
+    shape: [usize; 3],
+    seed: u64,
+    with_class2: bool,
+    big_class: Option<u16>,
+) -> MemCase {
+    let n: usize = shape.iter().product();
+    let mut rng = Lcg(seed);
+    let ch0: Vec<i16> = (0..n).map(|_| (rng.next() % 1400) as i16 - 700).collect();
+    let ch1: Vec<f32> = (0..n)
+        .map(|_| (rng.next() % 100_000) as f32 / 1000.0 - 50.0)
+        .collect();
+    let second = big_class.unwrap_or(2);
+    let mut labels = vec![0u16; n];
+    for z in 0..shape[0] {
+        for y in 0..shape[1] {
+            for x in 0..shape[2] {
+                let i = (z * shape[1] + y) * shape[2] + x;
+                if (1..4).contains(&z) && (2..6).contains(&y) && (3..7).contains(&x) {
+                    labels[i] = 1;
+                } else if with_class2 && z + 2 >= shape[0] && y + 3 >= shape[1] && x + 2 >= shape[2]
+                {
+                    labels[i] = second;
+                }
+            }
+        }
+    }
+    let mut class_voxels = BTreeMap::new();
+    for &l in &labels {
+        *class_voxels.entry(l).or_insert(0u64) += 1;
+    }
+    let label = if labels.iter().all(|&l| l < 256) {
+        LabelData::U8(labels.iter().map(|&l| l as u8).collect())
+    } else {
+        LabelData::U16(labels)
+    };
+    let meta = CaseMeta {
+        id: id.to_string(),
+        shape,
+        spacing: [1.0, 1.0, 1.0],
+        original: Geometry {
+            shape,
+            spacing: [1.0, 1.0, 1.0],
+            affine: [
+                [1.0, 0.0, 0.0, 0.0],
+                [0.0, 1.0, 0.0, 0.0],
+                [0.0, 0.0, 1.0, 0.0],
+                [0.0, 0.0, 0.0, 1.0],
+            ],
+        },
+        crop_box: [[0, shape[0]], [0, shape[1]], [0, shape[2]]],
+        channels: vec![
+            ChannelMeta {
+                name: "CT".into(),
+                dtype: DType::I16,
+                norm: ct_norm(),
+            },
+            ChannelMeta {
+                name: "T2".into(),
+                dtype: DType::F32,
+                norm: mr_norm(),
+            },
+        ],
+        label_dtype: label.dtype(),
+        label_names: [(0u16, "background".to_string()), (1, "organ".to_string())].into(),
+        class_voxels,
+        ignore_label: None,
+    };
+    MemCase {
+        meta,
+        channels: vec![VoxelData::I16(ch0), VoxelData::F32(ch1)],
+        label,
+    }
+}
+
+/// All voxels of each foreground class, as `[z, y, x]`.
+fn locations(case: &MemCase) -> BTreeMap<u16, Vec<[u32; 3]>> {
+    let s = case.meta.shape;
+    let mut out: BTreeMap<u16, Vec<[u32; 3]>> = BTreeMap::new();
+    for z in 0..s[0] {
+        for y in 0..s[1] {
+            for x in 0..s[2] {
+                let c = case.label.get((z * s[1] + y) * s[2] + x);
+                if c != 0 {
+                    out.entry(c)
+                        .or_default()
+                        .push([z as u32, y as u32, x as u32]);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Writes `cases` (small chunks so that boxes cross chunk borders) and a manifest.
+fn write_store(dir: &Path, cases: &[MemCase]) {
+    let opts = WriteOptions {
+        chunk_shape: [4, 5, 6],
+        ..WriteOptions::default()
+    };
+    let mut manifest = Manifest {
+        format: 1,
+        dataset: "synthetic".into(),
+        plan: serde_json::Value::Null,
+        cases: Vec::new(),
+    };
+    // Written in reverse id order: the dataset must sort by id.
+    for case in cases.iter().rev() {
+        let file = case_file_name(&case.meta.id);
+        let locs = locations(case);
+        let data = CaseData {
+            meta: &case.meta,
+            channels: &case.channels,
+            label: &case.label,
+            class_locations: &locs,
+        };
+        let report = write_case(&dir.join(&file), &data, &opts).expect("write case");
+        manifest.cases.push(ManifestCase {
+            id: case.meta.id.clone(),
+            file,
+            stored_bytes: report.stored_bytes,
+            source: serde_json::Value::Null,
+        });
+    }
+    manifest.save(dir).expect("save manifest");
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    cases: Vec<MemCase>,
+    sampler: Sampler,
+}
+
+/// Three cases of different shapes; case "c" has no class 2.
+fn fixture() -> Fixture {
+    let cases = vec![
+        make_case("a", [12, 20, 17], 1, true, None),
+        make_case("b", [9, 14, 22], 2, true, None),
+        make_case("c", [16, 11, 13], 3, false, None),
+    ];
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_store(dir.path(), &cases);
+    let ds = Dataset::open("synthetic", dir.path(), ChunkCache::new(1 << 20)).expect("open");
+    Fixture {
+        _dir: dir,
+        cases,
+        sampler: Sampler::new(Arc::new(ds)),
+    }
+}
+
+fn request(patch: [usize; 3], batch: usize, policy: Policy) -> BatchRequest {
+    BatchRequest {
+        patch,
+        batch,
+        policy,
+        crops_per_case: 1,
+        dtype: OutputDType::F32,
+        seed: 1234,
+        cases: None,
+    }
+}
+
+/// The naive reference: normalised f32 image `[C, Z, Y, X]` (0 outside) and labels (ignore
+/// outside) of one item.
+fn naive_crop(
+    case: &MemCase,
+    item: &ItemMeta,
+    patch: [usize; 3],
+    ignore: u16,
+) -> (Vec<f32>, Vec<u16>) {
+    let mut image = Vec::new();
+    for (c, data) in case.channels.iter().enumerate() {
+        let norm = case.meta.channels[c].norm;
+        for z in 0..patch[0] as i64 {
+            for y in 0..patch[1] as i64 {
+                for x in 0..patch[2] as i64 {
+                    let o = item.origin;
+                    image.push(match case.index(o[0] + z, o[1] + y, o[2] + x) {
+                        Some(i) => norm.apply(data.get_f64(i) as f32),
+                        None => 0.0,
+                    });
+                }
+            }
+        }
+    }
+    let mut label = Vec::new();
+    for z in 0..patch[0] as i64 {
+        for y in 0..patch[1] as i64 {
+            for x in 0..patch[2] as i64 {
+                let o = item.origin;
+                label.push(
+                    case.label_at(o[0] + z, o[1] + y, o[2] + x)
+                        .unwrap_or(ignore),
+                );
+            }
+        }
+    }
+    (image, label)
+}
+
+fn served_labels(batch: &Batch) -> Vec<u16> {
+    match batch.label_dtype {
+        DType::U16 => batch
+            .label
+            .chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .collect(),
+        _ => batch.label.iter().map(|&v| u16::from(v)).collect(),
+    }
+}
+
+/// Checks every item of `batch` against the naive crop, bit for bit.
+fn check_batch(fx: &Fixture, batch: &Batch) {
+    let ds = fx.sampler.dataset();
+    let patch = batch.patch;
+    let voxels: usize = patch.iter().product();
+    let channels = ds.num_channels();
+    let labels = served_labels(batch);
+    assert_eq!(labels.len(), batch.items.len() * voxels);
+    assert_eq!(
+        batch.image.len(),
+        batch.items.len() * channels * voxels * batch.dtype.size()
+    );
+    for (i, item) in batch.items.iter().enumerate() {
+        let case = &fx.cases[ds.case_index(&item.case_id).expect("known case")];
+        assert_eq!(ds.cases()[item.case].meta().id, item.case_id);
+        let (want_img, want_lab) = naive_crop(case, item, patch, ds.ignore_label());
+        let got_lab = &labels[i * voxels..(i + 1) * voxels];
+        assert_eq!(
+            got_lab,
+            want_lab.as_slice(),
+            "labels of item {i} ({item:?})"
+        );
+        let n = channels * voxels;
+        let start = i * n * batch.dtype.size();
+        let got = &batch.image[start..start + n * batch.dtype.size()];
+        for (k, want) in want_img.iter().enumerate() {
+            let bits_ok = match batch.dtype {
+                OutputDType::F32 => {
+                    let g = u32::from_le_bytes([
+                        got[4 * k],
+                        got[4 * k + 1],
+                        got[4 * k + 2],
+                        got[4 * k + 3],
+                    ]);
+                    g == want.to_bits()
+                }
+                OutputDType::F16 => {
+                    u16::from_le_bytes([got[2 * k], got[2 * k + 1]])
+                        == f16::from_f32(*want).to_bits()
+                }
+                OutputDType::BF16 => {
+                    u16::from_le_bytes([got[2 * k], got[2 * k + 1]])
+                        == bf16::from_f32(*want).to_bits()
+                }
+            };
+            assert!(
+                bits_ok,
+                "item {i} element {k} ({:?}): want {want}",
+                batch.dtype
+            );
+        }
+    }
+}
+
+#[test]
+fn served_patches_equal_naive_crops() {
+    let fx = fixture();
+    let weights: BTreeMap<u16, f64> = [(0, 1.0), (1, 1.0), (2, 1.0)].into();
+    let policies = [
+        Policy::Uniform,
+        Policy::ForegroundOversample { fraction: 0.5 },
+        Policy::ClassWeights { weights },
+    ];
+    // Patches smaller than, straddling and larger than the volumes, odd and even shortfalls.
+    let patches = [[4, 4, 4], [8, 16, 8], [13, 21, 23], [20, 7, 30], [1, 1, 1]];
+    for policy in &policies {
+        for patch in patches {
+            for dtype in [OutputDType::F32, OutputDType::F16, OutputDType::BF16] {
+                let mut req = request(patch, 3, policy.clone());
+                req.dtype = dtype;
+                for index in 0..4 {
+                    let batch = fx.sampler.sample(&req, index).expect("sample");
+                    assert_eq!(batch.index, index);
+                    assert_eq!(batch.patch, patch);
+                    assert_eq!(batch.items.len(), 3);
+                    check_batch(&fx, &batch);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn patch_larger_than_volume_is_centred() {
+    let fx = fixture();
+    let req = request([20, 30, 30], 2, Policy::Uniform);
+    for index in 0..20 {
+        for item in fx.sampler.plan(&req, index).expect("plan") {
+            let shape = fx.sampler.dataset().cases()[item.case].meta().shape;
+            for (a, &extent) in shape.iter().enumerate() {
+                let before = -item.origin[a];
+                let after = item.origin[a] + req.patch[a] as i64 - extent as i64;
+                assert!(before >= 0 && after >= 0, "{item:?}");
+                assert!((before - after).abs() <= 1, "{item:?} axis {a}");
+            }
+        }
+    }
+}
+
+#[test]
+fn thread_count_does_not_change_batches() {
+    let fx = fixture();
+    let mut req = request(
+        [9, 10, 11],
+        6,
+        Policy::ForegroundOversample { fraction: 0.33 },
+    );
+    req.crops_per_case = 2;
+    let run = |threads: usize| -> Vec<Batch> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .expect("pool");
+        pool.install(|| {
+            (0..8)
+                .map(|i| fx.sampler.sample(&req, i).expect("sample"))
+                .collect()
+        })
+    };
+    let one = run(1);
+    let four = run(4);
+    assert_eq!(one, four);
+}
+
+#[test]
+fn same_index_same_batch_other_index_other_plan() {
+    let fx = fixture();
+    let req = request([6, 6, 6], 4, Policy::ForegroundOversample { fraction: 0.5 });
+    let a = fx.sampler.sample(&req, 5).expect("sample");
+    let b = fx.sampler.sample(&req, 5).expect("sample");
+    assert_eq!(a, b);
+    let plans: BTreeSet<Vec<[i64; 3]>> = (0..20)
+        .map(|i| {
+            fx.sampler
+                .plan(&req, i)
+                .expect("plan")
+                .iter()
+                .map(|m| m.origin)
+                .collect()
+        })
+        .collect();
+    // 20 batches of 4 origins over volumes of ~1000 voxels: a repeat is very unlikely, and
+    // identical plans would mean the index is ignored.
+    assert!(plans.len() >= 19, "only {} distinct plans", plans.len());
+    let mut other_seed = req.clone();
+    other_seed.seed += 1;
+    assert_ne!(
+        fx.sampler.plan(&req, 0).expect("plan"),
+        fx.sampler.plan(&other_seed, 0).expect("plan")
+    );
+    // The plan is what sample serves.
+    assert_eq!(fx.sampler.plan(&req, 5).expect("plan"), a.items);
+}
+
+#[test]
+fn crops_per_case_groups_items() {
+    let fx = fixture();
+    let mut req = request([5, 5, 5], 7, Policy::Uniform);
+    req.crops_per_case = 3;
+    let mut multi_case_batches = 0;
+    for index in 0..40 {
+        let items = fx.sampler.plan(&req, index).expect("plan");
+        assert_eq!(items.len(), 7);
+        // ceil(7 / 3) = 3 groups: items 0-2, 3-5, 6.
+        for group in [0..3, 3..6, 6..7] {
+            let first = items[group.start].case;
+            assert!(items[group].iter().all(|m| m.case == first));
+        }
+        let distinct: BTreeSet<usize> = items.iter().map(|m| m.case).collect();
+        multi_case_batches += usize::from(distinct.len() > 1);
+    }
+    assert!(multi_case_batches > 0, "groups never drew different cases");
+    req.crops_per_case = 7;
+    for index in 0..10 {
+        let items = fx.sampler.plan(&req, index).expect("plan");
+        assert!(items.iter().all(|m| m.case == items[0].case));
+    }
+}
+
+#[test]
+fn case_restriction_is_respected() {
+    let fx = fixture();
+    let mut req = request([5, 5, 5], 4, Policy::Uniform);
+    req.cases = Some(vec![2, 0]);
+    let mut seen = BTreeSet::new();
+    for index in 0..30 {
+        for item in fx.sampler.plan(&req, index).expect("plan") {
+            assert!(item.case == 0 || item.case == 2, "{item:?}");
+            seen.insert(item.case);
+        }
+    }
+    assert_eq!(seen.len(), 2);
+}
+
+#[test]
+fn forced_share_and_forced_crops_contain_their_class() {
+    let fx = fixture();
+    let patch = [4, 4, 4];
+    let voxels: usize = patch.iter().product();
+    for (batch_size, fraction) in [(2usize, 0.33f64), (5, 0.5), (4, 1.0), (3, 0.0)] {
+        let req = request(patch, batch_size, Policy::ForegroundOversample { fraction });
+        let forced_per_batch =
+            batch_size - (batch_size as f64 * (1.0 - fraction)).round_ties_even() as usize;
+        let mut forced = 0;
+        for index in 0..30 {
+            let batch = fx.sampler.sample(&req, index).expect("sample");
+            let labels = served_labels(&batch);
+            for (i, item) in batch.items.iter().enumerate() {
+                // Every case has class 1, so every forced slot is centred on foreground.
+                assert_eq!(item.forced_foreground, i >= batch_size - forced_per_batch);
+                if item.forced_foreground {
+                    forced += 1;
+                    let class = item.class.expect("forced class");
+                    let crop = &labels[i * voxels..(i + 1) * voxels];
+                    assert!(crop.contains(&class), "{item:?}");
+                }
+            }
+        }
+        assert_eq!(
+            forced,
+            30 * forced_per_batch,
+            "batch {batch_size} fraction {fraction}"
+        );
+    }
+}
+
+#[test]
+fn class_weights_follow_weights_and_crops_contain_their_class() {
+    let fx = fixture();
+    let patch = [3, 3, 3];
+    let voxels: usize = patch.iter().product();
+    let weights: BTreeMap<u16, f64> = [(0, 1.0), (1, 2.0), (2, 3.0)].into();
+    let req = request(
+        patch,
+        8,
+        Policy::ClassWeights {
+            weights: weights.clone(),
+        },
+    );
+    let mut counts: BTreeMap<(usize, u16), usize> = BTreeMap::new();
+    let mut per_case: BTreeMap<usize, usize> = BTreeMap::new();
+    for index in 0..300 {
+        let batch = fx.sampler.sample(&req, index).expect("sample");
+        let labels = served_labels(&batch);
+        for (i, item) in batch.items.iter().enumerate() {
+            let class = item.class.expect("weighted class");
+            let crop = &labels[i * voxels..(i + 1) * voxels];
+            assert!(crop.contains(&class), "{item:?}");
+            *counts.entry((item.case, class)).or_default() += 1;
+            *per_case.entry(item.case).or_default() += 1;
+        }
+    }
+    // Per case, the class counts are multinomial with the renormalised weights (case "c", index
+    // 2, has no class 2). Pearson's chi-square with k-1 degrees of freedom must stay below the
+    // 0.9999 quantile (13.8 for 1 dof, 18.4 for 2): a false failure has probability < 1e-4.
+    for (&case, &n) in &per_case {
+        let present: Vec<(u16, f64)> = if case == 2 {
+            vec![(0, 1.0), (1, 2.0)]
+        } else {
+            weights.iter().map(|(c, w)| (*c, *w)).collect()
+        };
+        let total: f64 = present.iter().map(|p| p.1).sum();
+        let mut chi2 = 0.0;
+        for (class, w) in &present {
+            let expected = n as f64 * w / total;
+            let got = *counts.get(&(case, *class)).unwrap_or(&0) as f64;
+            chi2 += (got - expected).powi(2) / expected;
+        }
+        let bound = if present.len() == 2 { 13.8 } else { 18.4 };
+        assert!(
+            chi2 < bound,
+            "case {case}: chi2 {chi2} over {n} items, counts {counts:?}"
+        );
+        if case == 2 {
+            assert_eq!(counts.get(&(2, 2)), None);
+        }
+    }
+}
+
+#[test]
+fn validation_names_fields_and_limits() {
+    let fx = fixture();
+    let limits = Limits {
+        max_patch_voxels: 64 * 64 * 64,
+        max_batch_bytes: 10 << 20,
+        max_batch: 16,
+    };
+    let ok = request(
+        [8, 8, 8],
+        2,
+        Policy::ForegroundOversample { fraction: 0.33 },
+    );
+    fx.sampler.validate(&ok, &limits).expect("valid request");
+
+    let field_of = |req: &BatchRequest| match fx.sampler.validate(req, &limits) {
+        Err(SamplerError::InvalidRequest { field, reason }) => {
+            assert!(!reason.is_empty());
+            field
+        }
+        other => panic!("expected InvalidRequest, got {other:?}"),
+    };
+    let limit_of = |req: &BatchRequest| match fx.sampler.validate(req, &limits) {
+        Err(SamplerError::LimitExceeded { what, value, limit }) => {
+            assert!(value > limit);
+            what
+        }
+        other => panic!("expected LimitExceeded, got {other:?}"),
+    };
+    let with = |f: &dyn Fn(&mut BatchRequest)| {
+        let mut r = ok.clone();
+        f(&mut r);
+        r
+    };
+    assert_eq!(field_of(&with(&|r| r.patch = [8, 0, 8])), "patch");
+    assert_eq!(field_of(&with(&|r| r.patch = [8, 8, 5000])), "patch");
+    assert_eq!(field_of(&with(&|r| r.batch = 0)), "batch");
+    assert_eq!(field_of(&with(&|r| r.crops_per_case = 0)), "crops_per_case");
+    for fraction in [-0.1, 1.5, f64::NAN] {
+        let r = with(&|r| r.policy = Policy::ForegroundOversample { fraction });
+        assert_eq!(field_of(&r), "policy.fraction");
+    }
+    for weights in [
+        BTreeMap::new(),
+        [(1u16, f64::NAN)].into(),
+        [(1u16, -1.0)].into(),
+        [(1u16, f64::INFINITY)].into(),
+        [(1u16, 0.0)].into(),
+        [(1u16, 1.0), (77, 1.0)].into(),
+        // Case "c" holds neither class 2 nor anything else weighted.
+        [(2u16, 1.0)].into(),
+    ] {
+        let r = with(&|r| {
+            r.policy = Policy::ClassWeights {
+                weights: weights.clone(),
+            }
+        });
+        assert_eq!(field_of(&r), "policy.weights", "{weights:?}");
+    }
+    // Restricted to cases that hold class 2, the same weights are fine.
+    let mut only2 = with(&|r| {
+        r.policy = Policy::ClassWeights {
+            weights: [(2u16, 1.0)].into(),
+        }
+    });
+    only2.cases = Some(vec![0, 1]);
+    fx.sampler
+        .validate(&only2, &limits)
+        .expect("class 2 in cases 0 and 1");
+    assert_eq!(field_of(&with(&|r| r.cases = Some(vec![]))), "cases");
+    assert_eq!(field_of(&with(&|r| r.cases = Some(vec![0, 3]))), "cases");
+
+    assert_eq!(limit_of(&with(&|r| r.batch = 17)), "batch");
+    assert_eq!(limit_of(&with(&|r| r.patch = [65, 64, 64])), "patch voxels");
+    // 2 items × 64³ × (2 channels × 4 bytes + 1 label byte) = 4.7 MiB; 5 items (11.8 MB) exceed 10 MiB.
+    fx.sampler
+        .validate(&with(&|r| r.patch = [64, 64, 64]), &limits)
+        .expect("4.7 MiB batch");
+    let big = with(&|r| {
+        r.patch = [64, 64, 64];
+        r.batch = 5;
+    });
+    assert_eq!(limit_of(&big), "batch bytes");
+    assert_eq!(fx.sampler.batch_bytes(&big), 5 * 64 * 64 * 64 * (2 * 4 + 1));
+
+    // sample refuses structurally invalid requests too.
+    assert!(matches!(
+        fx.sampler.sample(&with(&|r| r.batch = 0), 0),
+        Err(SamplerError::InvalidRequest { field: "batch", .. })
+    ));
+}
+
+#[test]
+fn dataset_metadata() {
+    let fx = fixture();
+    let ds = fx.sampler.dataset();
+    assert_eq!(ds.name(), "synthetic");
+    let ids: Vec<&str> = ds.cases().iter().map(|c| c.meta().id.as_str()).collect();
+    assert_eq!(ids, ["a", "b", "c"]);
+    assert_eq!(ds.case_index("b"), Some(1));
+    assert_eq!(ds.case_index("zz"), None);
+    assert_eq!(ds.num_channels(), 2);
+    assert_eq!(ds.label_dtype(), DType::U8);
+    assert_eq!(ds.ignore_label(), 255);
+    assert_eq!(ds.classes(), vec![1, 2]);
+    assert_eq!(ds.label_names().get(&1).map(String::as_str), Some("organ"));
+}
+
+#[test]
+fn wide_classes_are_served_as_u16() {
+    let cases = vec![
+        make_case("p", [10, 12, 9], 7, true, Some(300)),
+        make_case("q", [8, 9, 10], 8, false, None),
+    ];
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_store(dir.path(), &cases);
+    let ds = Dataset::open("wide", dir.path(), ChunkCache::new(1 << 20)).expect("open");
+    assert_eq!(ds.label_dtype(), DType::U16);
+    assert_eq!(ds.ignore_label(), u16::MAX);
+    assert_eq!(ds.classes(), vec![1, 300]);
+    let fx = Fixture {
+        _dir: dir,
+        cases,
+        sampler: Sampler::new(Arc::new(ds)),
+    };
+    let weights: BTreeMap<u16, f64> = [(1, 1.0), (300, 1.0)].into();
+    let req = request([12, 5, 14], 4, Policy::ClassWeights { weights });
+    for index in 0..10 {
+        let batch = fx.sampler.sample(&req, index).expect("sample");
+        assert_eq!(batch.label.len(), 4 * 12 * 5 * 14 * 2);
+        check_batch(&fx, &batch);
+    }
+}
+
+#[test]
+fn open_rejects_inconsistent_stores() {
+    // No manifest.
+    let empty = tempfile::tempdir().expect("tempdir");
+    let err = Dataset::open("x", empty.path(), ChunkCache::new(0)).expect_err("no manifest");
+    assert!(matches!(err, SamplerError::NotFound(_)), "{err}");
+
+    // Different channel counts.
+    let mut one_channel = make_case("m", [5, 5, 5], 1, false, None);
+    one_channel.meta.channels.truncate(1);
+    one_channel.channels.truncate(1);
+    let two = make_case("n", [5, 5, 5], 2, false, None);
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_store(dir.path(), &[one_channel, two]);
+    let err = Dataset::open("x", dir.path(), ChunkCache::new(0)).expect_err("channel mismatch");
+    assert!(
+        matches!(&err, SamplerError::Dataset { reason, .. } if reason.contains("channel")),
+        "{err}"
+    );
+
+    // A class that collides with the u16 ignore label.
+    let clash = make_case("o", [5, 5, 5], 3, true, Some(u16::MAX));
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_store(dir.path(), &[clash]);
+    let err = Dataset::open("x", dir.path(), ChunkCache::new(0)).expect_err("class 65535");
+    assert!(
+        matches!(&err, SamplerError::Dataset { reason, .. } if reason.contains("65535")),
+        "{err}"
+    );
+}
