@@ -1,0 +1,190 @@
+//! What a client asks a stream for.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use patchflow_proto::v1 as pb;
+
+use crate::ClientError;
+use crate::batch::ImageDtype;
+
+/// How crops are placed (see the `SampleConfig` message).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Policy {
+    /// nnU-Net oversampling: the last `round(batch * fraction)` items of a batch are centred on
+    /// a foreground voxel.
+    ForegroundOversample {
+        /// Share of forced items in `[0, 1]`.
+        fraction: f64,
+    },
+    /// Class drawn by weight among those present in the case, crop centred on one of its voxels.
+    ClassWeights(BTreeMap<u16, f64>),
+    /// Uniform crop origin.
+    Uniform,
+}
+
+/// Configuration of a batch stream. Batch `k` depends only on the dataset, this configuration
+/// and `k`, on every daemon and across reconnections.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StreamConfig {
+    /// Dataset name.
+    pub dataset: String,
+    /// Patch size `[z, y, x]`.
+    pub patch: [i64; 3],
+    /// Items per batch.
+    pub batch_size: u32,
+    /// Crop placement.
+    pub policy: Policy,
+    /// Crops taken from each drawn case.
+    pub crops_per_case: u32,
+    /// Element type of image buffers.
+    pub dtype: ImageDtype,
+    /// Seed of the sequence.
+    pub seed: u64,
+    /// Restrict sampling to these case ids; empty = every case.
+    pub cases: Vec<String>,
+    /// Augmentation transforms (the daemon answers UNIMPLEMENTED to any for now).
+    pub augmentation: Vec<pb::Transform>,
+}
+
+impl StreamConfig {
+    /// A configuration with nnU-Net's defaults: foreground oversampling 0.33, one crop per
+    /// case, `f32` images, seed 0, every case.
+    pub fn new(dataset: impl Into<String>, patch: [i64; 3], batch_size: u32) -> StreamConfig {
+        StreamConfig {
+            dataset: dataset.into(),
+            patch,
+            batch_size,
+            policy: Policy::ForegroundOversample { fraction: 0.33 },
+            crops_per_case: 1,
+            dtype: ImageDtype::F32,
+            seed: 0,
+            cases: Vec::new(),
+            augmentation: Vec::new(),
+        }
+    }
+
+    /// The wire message for one daemon: batches `start, start + stride, ...`, tagged `config_id`.
+    pub(crate) fn to_wire(&self, start: u64, stride: u64, config_id: u64) -> pb::SampleConfig {
+        let policy = match &self.policy {
+            Policy::ForegroundOversample { fraction } => {
+                pb::sample_config::Policy::Foreground(pb::ForegroundOversample {
+                    fraction: *fraction,
+                })
+            }
+            Policy::ClassWeights(weights) => {
+                pb::sample_config::Policy::ClassWeights(pb::ClassWeights {
+                    weights: weights.iter().map(|(&c, &w)| (u32::from(c), w)).collect(),
+                })
+            }
+            Policy::Uniform => pb::sample_config::Policy::Uniform(pb::Uniform {}),
+        };
+        pb::SampleConfig {
+            dataset: self.dataset.clone(),
+            patch_size: self.patch.to_vec(),
+            batch_size: self.batch_size,
+            policy: Some(policy),
+            crops_per_case: self.crops_per_case,
+            augmentation: (!self.augmentation.is_empty()).then(|| pb::Augmentation {
+                transforms: self.augmentation.clone(),
+            }),
+            dtype: self.dtype as i32,
+            seed: self.seed,
+            cases: self.cases.clone(),
+            start_index: Some(start),
+            index_stride: stride,
+            config_id,
+        }
+    }
+}
+
+/// Client behaviour.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// Batches requested ahead from each daemon (credits in flight); capped by the daemon's
+    /// limit.
+    pub prefetch: u32,
+    /// Consecutive failed attempts to reach a daemon before a stream gives up.
+    pub max_attempts: u32,
+    /// Wait before the first reconnection; doubles with every failed attempt.
+    pub initial_backoff: Duration,
+    /// Longest wait between attempts.
+    pub max_backoff: Duration,
+    /// Timeout of one connection attempt.
+    pub connect_timeout: Duration,
+    /// Largest batch accepted from a daemon (image + label bytes).
+    pub max_batch_bytes: u64,
+}
+
+impl Default for ClientOptions {
+    fn default() -> ClientOptions {
+        ClientOptions {
+            prefetch: 4,
+            max_attempts: 10,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            max_batch_bytes: 4 << 30,
+        }
+    }
+}
+
+impl ClientOptions {
+    /// Wait before attempt `attempt` (1-based) of a reconnection.
+    pub(crate) fn backoff(&self, attempt: u32) -> Duration {
+        let factor = 1u32
+            .checked_shl(attempt.saturating_sub(1))
+            .unwrap_or(u32::MAX);
+        self.initial_backoff
+            .saturating_mul(factor)
+            .min(self.max_backoff)
+    }
+
+    pub(crate) fn check(&self) -> Result<(), ClientError> {
+        if self.prefetch == 0 {
+            return Err(ClientError::Config {
+                field: "prefetch",
+                reason: "must be at least 1".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let o = ClientOptions {
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(1),
+            ..ClientOptions::default()
+        };
+        let waits: Vec<u128> = (1..=6).map(|a| o.backoff(a).as_millis()).collect();
+        assert_eq!(waits, vec![100, 200, 400, 800, 1000, 1000]);
+        assert_eq!(o.backoff(200), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn wire_config_carries_every_field() {
+        let mut c = StreamConfig::new("ds", [32, 64, 64], 2);
+        c.policy = Policy::ClassWeights(BTreeMap::from([(0, 1.0), (3, 2.0)]));
+        c.cases = vec!["a".into()];
+        c.seed = 9;
+        let w = c.to_wire(5, 3, 7);
+        assert_eq!(w.patch_size, vec![32, 64, 64]);
+        assert_eq!(w.start_index, Some(5));
+        assert_eq!(w.index_stride, 3);
+        assert_eq!(w.config_id, 7);
+        assert_eq!(w.seed, 9);
+        assert!(w.augmentation.is_none());
+        match w.policy {
+            Some(pb::sample_config::Policy::ClassWeights(cw)) => {
+                assert_eq!(cw.weights.get(&3), Some(&2.0));
+            }
+            other => panic!("unexpected policy {other:?}"),
+        }
+    }
+}

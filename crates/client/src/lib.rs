@@ -1,0 +1,353 @@
+//! Rust client of the patchflow daemon: the training side of the pipeline.
+//!
+//! A trainer wants an endless, reproducible sequence of batches, delivered faster than the GPU
+//! eats them, from one or several storage nodes, surviving restarts of any of them. This crate
+//! provides exactly that, without linking any tensor library:
+//!
+//! * [`Client::connect`] to one or several endpoints (`http://host:port`, `host:port` or
+//!   `unix:/path`); [`Client::list_datasets`] and [`Client::describe`] for discovery;
+//! * [`Client::stream`] opens a [`BatchStream`]: batch `k` comes from daemon `k mod N`, batches
+//!   are handed out in index order, each daemon is asked `prefetch` batches ahead;
+//! * [`BatchStream::reconfigure`] changes patch size, batch size, policy, ... from the next
+//!   batch handed out (the PGPS curriculum does this at every stage);
+//! * a daemon that fails or restarts is reconnected with exponential backoff and asked to
+//!   continue where it stopped: nothing is skipped or repeated, because batch `k` depends only
+//!   on the dataset, the configuration and `k`;
+//! * each [`Batch`] holds its image and label as contiguous [`bytes::Bytes`] buffers with their
+//!   shapes and element types, ready to become tensors.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), patchflow_client::ClientError> {
+//! use patchflow_client::{Client, ClientOptions, StreamConfig};
+//! let client = Client::connect(["http://10.0.0.5:50051"], ClientOptions::default()).await?;
+//! let mut stream = client.stream(StreamConfig::new("Dataset001", [32, 32, 32], 2)).await?;
+//! let batch = stream.next().await?;
+//! assert_eq!(batch.image_shape()[2..], [32, 32, 32]);
+//! stream.reconfigure(StreamConfig::new("Dataset001", [64, 64, 64], 2))?;
+//! # Ok(()) }
+//! ```
+
+mod batch;
+mod config;
+mod error;
+mod link;
+
+use std::path::PathBuf;
+
+use hyper_util::rt::TokioIo;
+use patchflow_proto::v1 as pb;
+use patchflow_proto::v1::patchflow_client::PatchflowClient;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+pub use batch::{Batch, ImageDtype, Item, LabelDtype, image_dtype_size, label_dtype_size};
+pub use config::{ClientOptions, Policy, StreamConfig};
+pub use error::ClientError;
+pub use patchflow_proto::v1::{
+    DatasetDescription, DatasetSummary, ListDatasetsResponse, ServerLimits, Transform,
+};
+
+use link::{Command, Event, Link};
+
+/// Largest message accepted when a daemon does not say (it always does).
+const DEFAULT_MAX_MESSAGE: usize = 64 << 20;
+/// Room for the fields around a message's payload.
+const MESSAGE_SLACK: usize = 1 << 20;
+
+/// One daemon.
+#[derive(Clone)]
+struct Daemon {
+    endpoint: String,
+    client: PatchflowClient<Channel>,
+    limits: pb::ServerLimits,
+}
+
+/// A connection to one or several daemons serving the same dataset (or shards of it).
+#[derive(Clone)]
+pub struct Client {
+    daemons: Vec<Daemon>,
+    options: ClientOptions,
+}
+
+/// Builds a lazily connecting channel for `endpoint`.
+fn channel(endpoint: &str, options: &ClientOptions) -> Result<Channel, ClientError> {
+    let invalid = |reason: String| ClientError::InvalidEndpoint {
+        endpoint: endpoint.to_owned(),
+        reason,
+    };
+    if let Some(path) = endpoint.strip_prefix("unix:") {
+        let path = PathBuf::from(path.trim_start_matches("//"));
+        if !path.is_absolute() {
+            return Err(invalid("a Unix socket path must be absolute".into()));
+        }
+        // The authority is not used for Unix sockets but must form a valid URI.
+        let ep = Endpoint::from_static("http://localhost")
+            .connect_timeout(options.connect_timeout)
+            .http2_adaptive_window(true);
+        let connector = tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(stream))
+            }
+        });
+        return Ok(ep.connect_with_connector_lazy(connector));
+    }
+    let url = if endpoint.contains("://") {
+        endpoint.to_owned()
+    } else {
+        format!("http://{endpoint}")
+    };
+    let ep = Endpoint::from_shared(url)
+        .map_err(|e| invalid(e.to_string()))?
+        .connect_timeout(options.connect_timeout)
+        .tcp_nodelay(true)
+        .http2_adaptive_window(true);
+    Ok(ep.connect_lazy())
+}
+
+impl Client {
+    /// Connects to every endpoint and reads its limits. Unreachable daemons are retried with
+    /// the options' backoff; a daemon that stays unreachable fails the call.
+    pub async fn connect<I, S>(endpoints: I, options: ClientOptions) -> Result<Client, ClientError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        options.check()?;
+        let mut daemons = Vec::new();
+        for endpoint in endpoints {
+            let endpoint = endpoint.as_ref().to_owned();
+            let channel = channel(&endpoint, &options)?;
+            let mut client = PatchflowClient::new(channel);
+            let listing = with_retries(&endpoint, &options, || {
+                let mut client = client.clone();
+                async move { client.list_datasets(pb::ListDatasetsRequest {}).await }
+            })
+            .await?;
+            let limits = listing.limits.unwrap_or_default();
+            let max_message = usize::try_from(limits.max_message_bytes)
+                .ok()
+                .filter(|&m| m > 0)
+                .unwrap_or(DEFAULT_MAX_MESSAGE);
+            client = client.max_decoding_message_size(max_message.saturating_add(MESSAGE_SLACK));
+            daemons.push(Daemon {
+                endpoint,
+                client,
+                limits,
+            });
+        }
+        if daemons.is_empty() {
+            return Err(ClientError::NoEndpoints);
+        }
+        Ok(Client { daemons, options })
+    }
+
+    /// The endpoints, in the order batches are spread over them.
+    pub fn endpoints(&self) -> Vec<&str> {
+        self.daemons.iter().map(|d| d.endpoint.as_str()).collect()
+    }
+
+    /// The limits each daemon announced, in endpoint order.
+    pub fn limits(&self) -> Vec<&ServerLimits> {
+        self.daemons.iter().map(|d| &d.limits).collect()
+    }
+
+    /// The datasets served by the first daemon, with its limits.
+    pub async fn list_datasets(&self) -> Result<ListDatasetsResponse, ClientError> {
+        let daemon = self.first();
+        with_retries(&daemon.endpoint, &self.options, || {
+            let mut client = daemon.client.clone();
+            async move { client.list_datasets(pb::ListDatasetsRequest {}).await }
+        })
+        .await
+    }
+
+    /// Describes `dataset` as the first daemon serves it.
+    pub async fn describe(&self, dataset: &str) -> Result<DatasetDescription, ClientError> {
+        let daemon = self.first();
+        with_retries(&daemon.endpoint, &self.options, || {
+            let mut client = daemon.client.clone();
+            let dataset = dataset.to_owned();
+            async move {
+                client
+                    .describe_dataset(pb::DescribeDatasetRequest { dataset })
+                    .await
+            }
+        })
+        .await
+    }
+
+    /// Opens a stream of batches `0, 1, 2, ...` with `config`.
+    pub async fn stream(&self, config: StreamConfig) -> Result<BatchStream, ClientError> {
+        self.stream_from(config, 0).await
+    }
+
+    /// Opens a stream whose first batch is `start` (e.g. to resume a training run at a step).
+    pub async fn stream_from(
+        &self,
+        config: StreamConfig,
+        start: u64,
+    ) -> Result<BatchStream, ClientError> {
+        let links = self
+            .daemons
+            .iter()
+            .map(|d| {
+                let window = self
+                    .options
+                    .prefetch
+                    .min(d.limits.max_credits.max(1))
+                    .max(1);
+                Link::spawn(
+                    d.endpoint.clone(),
+                    d.client.clone(),
+                    self.options.clone(),
+                    window,
+                )
+            })
+            .collect();
+        let mut stream = BatchStream {
+            links,
+            next_index: start,
+            config_id: 0,
+            config: config.clone(),
+            failed: None,
+        };
+        stream.reconfigure(config)?;
+        Ok(stream)
+    }
+
+    fn first(&self) -> &Daemon {
+        // `connect` refuses an empty endpoint list.
+        &self.daemons[0]
+    }
+}
+
+/// Runs a unary call, retrying failures that reconnecting may cure.
+async fn with_retries<T, F, Fut>(
+    endpoint: &str,
+    options: &ClientOptions,
+    mut call: F,
+) -> Result<T, ClientError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let mut attempt = 0;
+    loop {
+        match call().await {
+            Ok(response) => return Ok(response.into_inner()),
+            Err(status) if error::is_retryable(&status) => {
+                attempt += 1;
+                if attempt > options.max_attempts {
+                    return Err(ClientError::GaveUp {
+                        endpoint: endpoint.to_owned(),
+                        attempts: attempt,
+                        last: status,
+                    });
+                }
+                tracing::debug!(%endpoint, attempt, %status, "call failed; retrying");
+                tokio::time::sleep(options.backoff(attempt)).await;
+            }
+            Err(status) => {
+                return Err(ClientError::Server {
+                    endpoint: endpoint.to_owned(),
+                    status,
+                });
+            }
+        }
+    }
+}
+
+/// An endless, ordered stream of batches. Dropping it closes every daemon's stream.
+pub struct BatchStream {
+    links: Vec<Link>,
+    next_index: u64,
+    config_id: u64,
+    config: StreamConfig,
+    failed: Option<ClientError>,
+}
+
+impl BatchStream {
+    /// Index of the batch the next call to [`BatchStream::next`] returns.
+    pub fn next_index(&self) -> u64 {
+        self.next_index
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &StreamConfig {
+        &self.config
+    }
+
+    /// The next batch, in index order. Errors are final for the current configuration (they
+    /// repeat on later calls) until [`BatchStream::reconfigure`] is called.
+    pub async fn next(&mut self) -> Result<Batch, ClientError> {
+        if let Some(err) = &self.failed {
+            return Err(err.clone());
+        }
+        let n = self.links.len() as u64;
+        let j = (self.next_index % n) as usize;
+        let Some(link) = self.links.get_mut(j) else {
+            return Err(ClientError::NoEndpoints);
+        };
+        loop {
+            let event = link
+                .events
+                .recv()
+                .await
+                .ok_or_else(|| ClientError::Closed {
+                    endpoint: link.endpoint.clone(),
+                })?;
+            match event {
+                Event::Batch { config_id, batch } if config_id == self.config_id => {
+                    if batch.index != self.next_index {
+                        let err = ClientError::Protocol {
+                            endpoint: link.endpoint.clone(),
+                            reason: format!(
+                                "expected batch {}, received batch {}",
+                                self.next_index, batch.index
+                            ),
+                        };
+                        self.failed = Some(err.clone());
+                        return Err(err);
+                    }
+                    self.next_index += 1;
+                    link.send(Command::Credit);
+                    return Ok(batch);
+                }
+                Event::Failed { config_id, error } if config_id == self.config_id => {
+                    self.failed = Some(error.clone());
+                    return Err(error);
+                }
+                // Left over from a previous configuration.
+                Event::Batch { .. } | Event::Failed { .. } => {}
+            }
+        }
+    }
+
+    /// Applies `config` from the next batch handed out ([`BatchStream::next_index`]) on: every
+    /// daemon is sent the new configuration with its first index, and batches of the previous
+    /// configuration already received are dropped. Clears a previous error.
+    pub fn reconfigure(&mut self, config: StreamConfig) -> Result<(), ClientError> {
+        if config.dataset.is_empty() {
+            return Err(ClientError::Config {
+                field: "dataset",
+                reason: "no dataset named".into(),
+            });
+        }
+        self.config_id += 1;
+        self.failed = None;
+        let n = self.links.len() as u64;
+        for (j, link) in self.links.iter_mut().enumerate() {
+            // The first index >= next_index that daemon j serves (index mod n == j).
+            let offset = (j as u64 + n - self.next_index % n) % n;
+            let start = self.next_index.saturating_add(offset);
+            link.send(Command::Configure(Box::new(config.to_wire(
+                start,
+                n,
+                self.config_id,
+            ))));
+        }
+        self.config = config;
+        Ok(())
+    }
+}

@@ -1,0 +1,282 @@
+//! The connection to one daemon of a stream: a background task that keeps the daemon's Sample
+//! stream open, grants credits as batches are consumed, reassembles batches and reconnects with
+//! exponential backoff, resuming at the next index it has not delivered.
+
+use patchflow_proto::v1 as pb;
+use patchflow_proto::v1::patchflow_client::PatchflowClient;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::Status;
+use tonic::transport::Channel;
+
+use crate::batch::{Assembler, Batch};
+use crate::error::is_retryable;
+use crate::{ClientError, ClientOptions};
+
+/// What the consumer tells a link.
+pub(crate) enum Command {
+    /// Use this configuration from now on (start index, stride and id included).
+    Configure(Box<pb::SampleConfig>),
+    /// One batch was consumed: ask for one more.
+    Credit,
+}
+
+/// What a link delivers.
+pub(crate) enum Event {
+    /// A batch of configuration `config_id`.
+    Batch { config_id: u64, batch: Batch },
+    /// Configuration `config_id` cannot be served.
+    Failed { config_id: u64, error: ClientError },
+}
+
+/// The consumer's handle on a link task.
+pub(crate) struct Link {
+    pub endpoint: String,
+    pub events: mpsc::UnboundedReceiver<Event>,
+    commands: mpsc::UnboundedSender<Command>,
+    task: JoinHandle<()>,
+}
+
+impl Link {
+    /// Starts the task for one daemon; it waits for a configuration.
+    pub fn spawn(
+        endpoint: String,
+        client: PatchflowClient<Channel>,
+        options: ClientOptions,
+        window: u32,
+    ) -> Link {
+        let (commands, command_rx) = mpsc::unbounded_channel();
+        let (event_tx, events) = mpsc::unbounded_channel();
+        let task = LinkTask {
+            endpoint: endpoint.clone(),
+            client,
+            options,
+            window,
+            commands: command_rx,
+            events: event_tx,
+            config: None,
+            outstanding: 0,
+            failures: 0,
+        };
+        Link {
+            endpoint,
+            events,
+            commands,
+            task: tokio::spawn(task.run()),
+        }
+    }
+
+    /// Sends a command (ignored if the task is gone; the next receive reports that).
+    pub fn send(&self, command: Command) {
+        let _ = self.commands.send(command);
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        // Ends the daemon's stream: dropping the call resets it, and the daemon frees it.
+        self.task.abort();
+    }
+}
+
+struct LinkTask {
+    endpoint: String,
+    client: PatchflowClient<Channel>,
+    options: ClientOptions,
+    window: u32,
+    commands: mpsc::UnboundedReceiver<Command>,
+    events: mpsc::UnboundedSender<Event>,
+    /// The configuration in force; its `start_index` is the next index to deliver.
+    config: Option<pb::SampleConfig>,
+    /// Batches the daemon owes: credits granted and not yet answered.
+    outstanding: u32,
+    /// Consecutive failed attempts.
+    failures: u32,
+}
+
+/// How a connection ended.
+enum End {
+    /// The consumer is gone.
+    Closed,
+    /// The connection failed with this status.
+    Failed(Status),
+    /// The configuration failed for good (already reported).
+    Reported,
+}
+
+impl LinkTask {
+    async fn run(mut self) {
+        loop {
+            if self.config.is_none() {
+                match self.commands.recv().await {
+                    None => return,
+                    Some(command) => {
+                        self.apply(command);
+                        continue;
+                    }
+                }
+            }
+            if self.failures > 0 {
+                let delay = self.options.backoff(self.failures);
+                tracing::info!(
+                    endpoint = %self.endpoint,
+                    attempt = self.failures,
+                    delay_ms = delay.as_millis() as u64,
+                    "reconnecting"
+                );
+                let sleep = tokio::time::sleep(delay);
+                tokio::pin!(sleep);
+                loop {
+                    tokio::select! {
+                        _ = &mut sleep => break,
+                        command = self.commands.recv() => match command {
+                            None => return,
+                            Some(command) => self.apply(command),
+                        },
+                    }
+                }
+                if self.config.is_none() {
+                    continue;
+                }
+            }
+            match self.connection().await {
+                End::Closed => return,
+                End::Reported => {}
+                End::Failed(status) => self.fail(status),
+            }
+        }
+    }
+
+    /// Applies a command while no stream is open.
+    fn apply(&mut self, command: Command) {
+        match command {
+            Command::Configure(config) => {
+                self.config = Some(*config);
+                self.outstanding = self.window;
+            }
+            Command::Credit => self.outstanding = self.outstanding.saturating_add(1),
+        }
+    }
+
+    /// Records a failure: retry later, or report it and wait for a new configuration.
+    fn fail(&mut self, status: Status) {
+        let config_id = self.config.as_ref().map_or(0, |c| c.config_id);
+        if is_retryable(&status) && self.failures < self.options.max_attempts {
+            self.failures += 1;
+            tracing::warn!(endpoint = %self.endpoint, %status, "stream failed");
+            return;
+        }
+        let error = if is_retryable(&status) {
+            ClientError::GaveUp {
+                endpoint: self.endpoint.clone(),
+                attempts: self.failures + 1,
+                last: status,
+            }
+        } else {
+            ClientError::Server {
+                endpoint: self.endpoint.clone(),
+                status,
+            }
+        };
+        self.report(config_id, error);
+    }
+
+    fn report(&mut self, config_id: u64, error: ClientError) {
+        tracing::warn!(endpoint = %self.endpoint, %error, "stream failed for good");
+        let _ = self.events.send(Event::Failed { config_id, error });
+        self.config = None;
+        self.failures = 0;
+    }
+
+    /// Opens one Sample stream and pumps it until it ends.
+    async fn connection(&mut self) -> End {
+        let Some(config) = self.config.clone() else {
+            return End::Reported;
+        };
+        let (requests, request_rx) = mpsc::unbounded_channel();
+        let _ = requests.send(pb::SampleRequest {
+            config: Some(config),
+            credits: self.outstanding,
+        });
+        let mut client = self.client.clone();
+        let mut inbound = match client
+            .sample(UnboundedReceiverStream::new(request_rx))
+            .await
+        {
+            Ok(response) => response.into_inner(),
+            Err(status) => return End::Failed(status),
+        };
+        let mut assembler = Assembler::new(self.options.max_batch_bytes);
+        loop {
+            tokio::select! {
+                command = self.commands.recv() => match command {
+                    None => return End::Closed,
+                    Some(Command::Credit) => {
+                        self.outstanding = self.outstanding.saturating_add(1);
+                        let _ = requests.send(pb::SampleRequest { config: None, credits: 1 });
+                    }
+                    Some(Command::Configure(config)) => {
+                        self.outstanding = self.window;
+                        self.config = Some((*config).clone());
+                        let _ = requests.send(pb::SampleRequest {
+                            config: Some(*config),
+                            credits: self.window,
+                        });
+                    }
+                },
+                message = inbound.message() => match message {
+                    Ok(Some(message)) => match assembler.push(message) {
+                        Ok(None) => {}
+                        Ok(Some((config_id, batch))) => {
+                            if let Err(reason) = self.deliver(config_id, batch) {
+                                let error = ClientError::Protocol {
+                                    endpoint: self.endpoint.clone(),
+                                    reason,
+                                };
+                                self.report(config_id, error);
+                                return End::Reported;
+                            }
+                        }
+                        Err(reason) => {
+                            let config_id = self.config.as_ref().map_or(0, |c| c.config_id);
+                            let error = ClientError::Protocol {
+                                endpoint: self.endpoint.clone(),
+                                reason,
+                            };
+                            self.report(config_id, error);
+                            return End::Reported;
+                        }
+                    },
+                    Ok(None) => {
+                        return End::Failed(Status::unavailable("the daemon closed the stream"));
+                    }
+                    Err(status) => return End::Failed(status),
+                },
+            }
+        }
+    }
+
+    /// Hands a batch to the consumer if it belongs to the configuration in force.
+    fn deliver(&mut self, config_id: u64, batch: Batch) -> Result<(), String> {
+        let Some(config) = self.config.as_mut() else {
+            return Ok(());
+        };
+        if config_id != config.config_id {
+            // Sent before the daemon saw the new configuration.
+            return Ok(());
+        }
+        let expected = config.start_index.unwrap_or(0);
+        if batch.index != expected {
+            return Err(format!(
+                "expected batch {expected}, received batch {}",
+                batch.index
+            ));
+        }
+        config.start_index = Some(expected.saturating_add(config.index_stride.max(1)));
+        self.outstanding = self.outstanding.saturating_sub(1);
+        self.failures = 0;
+        let _ = self.events.send(Event::Batch { config_id, batch });
+        Ok(())
+    }
+}

@@ -1,0 +1,366 @@
+//! Translation between the wire messages and the sampler's types: configurations in, batches
+//! (split into parts) out. Every rejection names the field and the reason.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use patchflow_proto::v1 as pb;
+use patchflow_sampler::{Batch, BatchRequest, MAX_PATCH_AXIS, OutputDType, Policy};
+use patchflow_store::MAX_CASE_ID_LEN;
+use prost::Message;
+use tonic::Status;
+
+use crate::error::sampler_status;
+use crate::registry::{Entry, Registry, label_dtype};
+use crate::{Limits, config::MIN_MESSAGE_BYTES};
+
+/// Foreground fraction used when a configuration names no policy (nnU-Net's default).
+pub const DEFAULT_FOREGROUND_FRACTION: f64 = 0.33;
+
+/// A validated stream configuration.
+#[derive(Clone)]
+pub(crate) struct StreamConfig {
+    /// The dataset.
+    pub entry: Arc<Entry>,
+    /// What the sampler is asked for.
+    pub request: Arc<BatchRequest>,
+    /// First batch index, if the client named one.
+    pub start_index: Option<u64>,
+    /// Distance between consecutive indices.
+    pub stride: u64,
+    /// Echoed in every batch.
+    pub config_id: u64,
+}
+
+fn invalid(field: &str, reason: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("invalid configuration: {field}: {reason}"))
+}
+
+/// Checks `config` against the registry and the limits and turns it into a sampler request.
+pub(crate) fn stream_config(
+    config: &pb::SampleConfig,
+    registry: &Registry,
+    limits: &Limits,
+) -> Result<StreamConfig, Status> {
+    let entry = registry.get(&config.dataset).ok_or_else(|| {
+        Status::not_found(format!(
+            "unknown dataset {:?} (served: {})",
+            config.dataset,
+            registry.names()
+        ))
+    })?;
+    let transforms = config
+        .augmentation
+        .as_ref()
+        .map_or(&[][..], |a| a.transforms.as_slice());
+    if !transforms.is_empty() {
+        let names: Vec<&str> = transforms.iter().map(|t| t.name.as_str()).collect();
+        return Err(Status::unimplemented(format!(
+            "augmentation is not available yet (requested: {})",
+            names.join(", ")
+        )));
+    }
+
+    if config.patch_size.len() != 3 {
+        return Err(invalid(
+            "patch_size",
+            format!(
+                "needs 3 values [z, y, x], got {} ({:?})",
+                config.patch_size.len(),
+                config.patch_size
+            ),
+        ));
+    }
+    let mut patch = [0usize; 3];
+    for (axis, (&v, out)) in config.patch_size.iter().zip(&mut patch).enumerate() {
+        if v < 1 {
+            return Err(invalid(
+                "patch_size",
+                format!("axis {axis} ([z, y, x]) is {v}, must be at least 1"),
+            ));
+        }
+        if v > MAX_PATCH_AXIS as i64 {
+            return Err(invalid(
+                "patch_size",
+                format!("axis {axis} ([z, y, x]) is {v}, the largest accepted is {MAX_PATCH_AXIS}"),
+            ));
+        }
+        *out = v as usize;
+    }
+    let batch = usize::try_from(config.batch_size).unwrap_or(usize::MAX);
+
+    let policy = match &config.policy {
+        None => Policy::ForegroundOversample {
+            fraction: DEFAULT_FOREGROUND_FRACTION,
+        },
+        Some(pb::sample_config::Policy::Foreground(f)) => Policy::ForegroundOversample {
+            fraction: f.fraction,
+        },
+        Some(pb::sample_config::Policy::Uniform(_)) => Policy::Uniform,
+        Some(pb::sample_config::Policy::ClassWeights(w)) => {
+            let mut weights = BTreeMap::new();
+            for (&class, &weight) in &w.weights {
+                let class = u16::try_from(class).map_err(|_| {
+                    invalid(
+                        "class_weights",
+                        format!("class {class} is beyond the largest label value 65535"),
+                    )
+                })?;
+                weights.insert(class, weight);
+            }
+            Policy::ClassWeights { weights }
+        }
+    };
+
+    let dtype = match pb::ImageDtype::try_from(config.dtype) {
+        Ok(pb::ImageDtype::Unspecified | pb::ImageDtype::F32) => OutputDType::F32,
+        Ok(pb::ImageDtype::F16) => OutputDType::F16,
+        Ok(pb::ImageDtype::Bf16) => OutputDType::BF16,
+        Err(_) => {
+            return Err(invalid(
+                "dtype",
+                format!("unknown image dtype {}", config.dtype),
+            ));
+        }
+    };
+
+    let dataset = entry.dataset();
+    let cases = if config.cases.is_empty() {
+        None
+    } else {
+        let mut indices = Vec::with_capacity(config.cases.len());
+        for id in &config.cases {
+            let index = dataset.case_index(id).ok_or_else(|| {
+                Status::not_found(format!("dataset {:?} has no case {id:?}", config.dataset))
+            })?;
+            indices.push(index);
+        }
+        Some(indices)
+    };
+
+    let request = BatchRequest {
+        patch,
+        batch,
+        policy,
+        crops_per_case: usize::try_from(config.crops_per_case.max(1)).unwrap_or(usize::MAX),
+        dtype,
+        seed: config.seed,
+        cases,
+    };
+    entry
+        .sampler
+        .validate(&request, &limits.sampler_limits())
+        .map_err(|e| sampler_status(&e))?;
+    // The batch header (one item description per item) travels in one message with payload.
+    let header_bound = request.batch.saturating_mul(ITEM_HEADER_BOUND) + 2 * PART_OVERHEAD;
+    if header_bound.saturating_mul(2) > limits.max_message_bytes {
+        return Err(Status::resource_exhausted(format!(
+            "limit exceeded: a batch of {} items needs messages of up to {} bytes, the limit is {}",
+            request.batch,
+            header_bound.saturating_mul(2),
+            limits.max_message_bytes
+        )));
+    }
+    Ok(StreamConfig {
+        entry: Arc::clone(entry),
+        request: Arc::new(request),
+        start_index: config.start_index,
+        stride: config.index_stride.max(1),
+        config_id: config.config_id,
+    })
+}
+
+/// A batch ready for the wire: its messages and its payload size.
+pub(crate) struct EncodedBatch {
+    /// Batch index.
+    pub index: u64,
+    /// Image + label bytes.
+    pub bytes: u64,
+    /// The messages, part 0 first.
+    pub parts: Vec<pb::SampleResponse>,
+}
+
+fn wire_dtype(dtype: OutputDType) -> pb::ImageDtype {
+    match dtype {
+        OutputDType::F32 => pb::ImageDtype::F32,
+        OutputDType::F16 => pb::ImageDtype::F16,
+        OutputDType::BF16 => pb::ImageDtype::Bf16,
+    }
+}
+
+/// Upper bound of the encoded size of one item description (case id of at most
+/// `MAX_CASE_ID_LEN` bytes, three origins, flags, tags and lengths).
+const ITEM_HEADER_BOUND: usize = MAX_CASE_ID_LEN + 64;
+
+/// Room reserved in every message for the fields around the payload (index, part numbers,
+/// field tags and lengths).
+const PART_OVERHEAD: usize = 64;
+
+/// Splits `batch` into messages of at most `max_message_bytes` each (buffers are shared, not
+/// copied).
+pub(crate) fn encode_batch(
+    batch: Batch,
+    channels: usize,
+    ignore_label: u16,
+    config_id: u64,
+    max_message_bytes: usize,
+) -> EncodedBatch {
+    let image = Bytes::from(batch.image);
+    let label = Bytes::from(batch.label);
+    let header = pb::BatchHeader {
+        patch_size: batch.patch.iter().map(|&p| p as u64).collect(),
+        batch_size: u32::try_from(batch.items.len()).unwrap_or(u32::MAX),
+        channels: u32::try_from(channels).unwrap_or(u32::MAX),
+        dtype: wire_dtype(batch.dtype) as i32,
+        label_dtype: label_dtype(batch.label_dtype) as i32,
+        ignore_label: u32::from(ignore_label),
+        image_bytes: image.len() as u64,
+        label_bytes: label.len() as u64,
+        items: batch
+            .items
+            .into_iter()
+            .map(|item| pb::ItemInfo {
+                case_id: item.case_id,
+                case_index: u32::try_from(item.case).unwrap_or(u32::MAX),
+                origin: item.origin.to_vec(),
+                forced_foreground: item.forced_foreground,
+                class_value: item.class.map(u32::from),
+            })
+            .collect(),
+    };
+    // The header travels in part 0 only, but sizing every part with it keeps the split simple.
+    let room = max_message_bytes
+        .max(MIN_MESSAGE_BYTES)
+        .saturating_sub(header.encoded_len() + PART_OVERHEAD)
+        .max(1);
+    let total = image.len() + label.len();
+    let parts = total.div_ceil(room).max(1);
+    let mut out = Vec::with_capacity(parts);
+    let mut header = Some(header);
+    for part in 0..parts {
+        let start = part * room;
+        let end = (start + room).min(total);
+        let img = image.slice(start.min(image.len())..end.min(image.len()));
+        let lab = label.slice(
+            start.saturating_sub(image.len()).min(label.len())
+                ..end.saturating_sub(image.len()).min(label.len()),
+        );
+        out.push(pb::SampleResponse {
+            index: batch.index,
+            config_id,
+            part: part as u32,
+            parts: parts as u32,
+            header: header.take(),
+            image: img,
+            label: lab,
+        });
+    }
+    EncodedBatch {
+        index: batch.index,
+        bytes: total as u64,
+        parts: out,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use patchflow_sampler::ItemMeta;
+    use patchflow_volume::DType;
+
+    fn batch(image: usize, label: usize) -> Batch {
+        Batch {
+            index: 7,
+            patch: [1, 2, 3],
+            dtype: OutputDType::F32,
+            label_dtype: DType::U8,
+            image: (0..image).map(|i| i as u8).collect(),
+            label: (0..label).map(|i| (i * 7) as u8).collect(),
+            items: vec![ItemMeta {
+                case: 0,
+                case_id: "c0".into(),
+                origin: [-1, 0, 2],
+                forced_foreground: true,
+                class: Some(2),
+            }],
+        }
+    }
+
+    fn reassemble(parts: &[pb::SampleResponse]) -> (Vec<u8>, Vec<u8>) {
+        let mut image = Vec::new();
+        let mut label = Vec::new();
+        for (i, p) in parts.iter().enumerate() {
+            assert_eq!(p.part as usize, i);
+            assert_eq!(p.parts as usize, parts.len());
+            assert_eq!(p.header.is_some(), i == 0);
+            image.extend_from_slice(&p.image);
+            label.extend_from_slice(&p.label);
+        }
+        (image, label)
+    }
+
+    #[test]
+    fn small_batches_are_one_message() {
+        let b = batch(1000, 300);
+        let (img, lab) = (b.image.clone(), b.label.clone());
+        let enc = encode_batch(b, 1, 255, 9, 1 << 20);
+        assert_eq!(enc.parts.len(), 1);
+        assert_eq!(enc.bytes, 1300);
+        let header = enc.parts[0].header.as_ref().unwrap();
+        assert_eq!(header.image_bytes, 1000);
+        assert_eq!(header.items[0].origin, vec![-1, 0, 2]);
+        assert_eq!(header.items[0].class_value, Some(2));
+        assert_eq!(enc.parts[0].config_id, 9);
+        assert_eq!(reassemble(&enc.parts), (img, lab));
+    }
+
+    #[test]
+    fn item_header_bound_holds_for_the_largest_item() {
+        let item = pb::ItemInfo {
+            case_id: "x".repeat(MAX_CASE_ID_LEN),
+            case_index: u32::MAX,
+            origin: vec![i64::MIN; 3],
+            forced_foreground: true,
+            class_value: Some(u32::from(u16::MAX)),
+        };
+        let header = pb::BatchHeader {
+            patch_size: vec![u64::MAX; 3],
+            batch_size: u32::MAX,
+            channels: u32::MAX,
+            dtype: 3,
+            label_dtype: 2,
+            ignore_label: 65535,
+            image_bytes: u64::MAX,
+            label_bytes: u64::MAX,
+            items: vec![item.clone(); 10],
+        };
+        // Repeated message field: tag + length prefix + body.
+        assert!(item.encoded_len() + 3 <= ITEM_HEADER_BOUND);
+        let fixed = pb::BatchHeader {
+            items: Vec::new(),
+            ..header.clone()
+        };
+        assert!(fixed.encoded_len() <= 2 * PART_OVERHEAD);
+        assert!(header.encoded_len() <= 10 * ITEM_HEADER_BOUND + 2 * PART_OVERHEAD);
+    }
+
+    #[test]
+    fn large_batches_split_within_the_limit_and_reassemble() {
+        for (image, label) in [
+            (300_000, 70_000),
+            (65_000, 200_000),
+            (0, 150_000),
+            (131_000, 1),
+        ] {
+            let b = batch(image, label);
+            let (img, lab) = (b.image.clone(), b.label.clone());
+            let enc = encode_batch(b, 1, 255, 0, MIN_MESSAGE_BYTES);
+            assert!(enc.parts.len() > 1, "{image}+{label}");
+            for p in &enc.parts {
+                assert!(p.encoded_len() <= MIN_MESSAGE_BYTES, "{}", p.encoded_len());
+            }
+            assert_eq!(reassemble(&enc.parts), (img, lab));
+        }
+    }
+}

@@ -1,0 +1,379 @@
+//! The patchflow daemon: serves chunk stores to training clients over gRPC.
+//!
+//! Trainers should not decode volumes: a storage node holds the chunk stores, cuts and
+//! normalises patches on its own cores and streams ready batches to as many GPU machines as it
+//! can feed. This crate is the thin network layer that makes that possible on top of
+//! [`patchflow_sampler`]:
+//!
+//! * the `patchflow.v1.Patchflow` service ([`patchflow_proto`]): dataset discovery and
+//!   bidirectional `Sample` streams with credit-based flow control, on TCP and/or a Unix socket;
+//! * sampling on a dedicated worker pool (never on the async threads), shared fairly by every
+//!   stream, with bounded memory per stream;
+//! * limits on patch, batch, message size, credits and concurrent streams, with clear statuses;
+//! * gRPC health checking, server reflection, and Prometheus metrics on a separate listener;
+//! * graceful shutdown.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), patchflow_server::ServerError> {
+//! let config = patchflow_server::ServerConfig {
+//!     stores: vec!["/data/stores".into()],
+//!     metrics: Some("127.0.0.1:9464".parse().unwrap()),
+//!     ..Default::default()
+//! };
+//! patchflow_server::serve(config, patchflow_server::shutdown_signal()).await
+//! # }
+//! ```
+
+mod config;
+mod convert;
+mod error;
+mod metrics;
+mod pool;
+mod registry;
+mod service;
+mod stream;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use patchflow_proto::v1::patchflow_server::PatchflowServer;
+use patchflow_store::ChunkCache;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::UnixListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+
+pub use config::{DEFAULT_PORT, Limits, MIN_MESSAGE_BYTES, ServerConfig};
+pub use convert::DEFAULT_FOREGROUND_FRACTION;
+pub use error::{ServerError, sampler_status, store_status};
+pub use metrics::MetricsSnapshot;
+
+use metrics::Metrics;
+use pool::WorkerPool;
+use registry::Registry;
+use service::PatchflowService;
+use stream::StreamContext;
+
+/// Largest client message accepted (configurations and credits are small).
+const MAX_REQUEST_BYTES: usize = 4 << 20;
+
+/// A started daemon. Dropping it stops the server without waiting; [`RunningServer::shutdown`]
+/// stops it and waits.
+pub struct RunningServer {
+    local_addr: Option<SocketAddr>,
+    unix_path: Option<PathBuf>,
+    metrics_addr: Option<SocketAddr>,
+    shutdown: CancellationToken,
+    tasks: Vec<(String, JoinHandle<Result<(), ServerError>>)>,
+    metrics: Arc<Metrics>,
+    health: tonic_health::server::HealthReporter,
+    grace: Duration,
+}
+
+impl RunningServer {
+    /// The bound TCP address (with the actual port when the configuration asked for port 0).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.local_addr
+    }
+
+    /// The Unix socket path, when listening on one.
+    pub fn unix_path(&self) -> Option<&Path> {
+        self.unix_path.as_deref()
+    }
+
+    /// The bound metrics address.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// Endpoint URL of the TCP listener for clients (`http://127.0.0.1:PORT`), or of the Unix
+    /// socket (`unix:/path`) when there is no TCP listener.
+    pub fn endpoint(&self) -> Option<String> {
+        match (&self.local_addr, &self.unix_path) {
+            (Some(addr), _) => Some(format!("http://{addr}")),
+            (None, Some(path)) => Some(format!("unix:{}", path.display())),
+            (None, None) => None,
+        }
+    }
+
+    /// The number of open Sample streams, as a watch channel (wait on it with `wait_for`).
+    pub fn live_streams(&self) -> watch::Receiver<usize> {
+        self.metrics.live_streams()
+    }
+
+    /// The main counters now.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.metrics.snapshot()
+    }
+
+    /// A token that stops the server when cancelled (the same as calling
+    /// [`RunningServer::shutdown`], without waiting).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Stops accepting, ends every open stream with UNAVAILABLE, and waits (at most the
+    /// configured grace period) for connections to close. Returns the first transport error
+    /// seen while serving, if any.
+    pub async fn shutdown(mut self) -> Result<(), ServerError> {
+        self.health
+            .set_not_serving::<PatchflowServer<PatchflowService>>()
+            .await;
+        self.shutdown.cancel();
+        let deadline = tokio::time::Instant::now() + self.grace;
+        let mut first_error = None;
+        for (name, mut task) in std::mem::take(&mut self.tasks) {
+            let outcome = match tokio::time::timeout_at(deadline, &mut task).await {
+                Ok(joined) => joined,
+                Err(_) => {
+                    tracing::warn!(task = %name, "shutdown grace period over; dropping connections");
+                    task.abort();
+                    continue;
+                }
+            };
+            let result = outcome.unwrap_or_else(|e| {
+                Err(ServerError::Task {
+                    task: name.clone(),
+                    reason: e.to_string(),
+                })
+            });
+            if let Err(e) = result {
+                first_error.get_or_insert(e);
+            }
+        }
+        if let Some(path) = &self.unix_path {
+            if let Err(e) = std::fs::remove_file(path) {
+                tracing::debug!(path = %path.display(), error = %e, "could not remove the socket file");
+            }
+        }
+        tracing::info!("server stopped");
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Starts a daemon: opens every store, starts the worker pool, binds the listeners and starts
+/// serving. Returns once everything is bound.
+pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
+    config.check()?;
+    let workers = config.worker_threads();
+    let cache = ChunkCache::new(config.cache_mb.saturating_mul(1 << 20));
+    let stores = config.stores.clone();
+    let registry_cache = Arc::clone(&cache);
+    let registry = tokio::task::spawn_blocking(move || Registry::open(&stores, &registry_cache))
+        .await
+        .map_err(|e| ServerError::Task {
+            task: "opening stores".into(),
+            reason: e.to_string(),
+        })??;
+    let metrics = Arc::new(Metrics::new(cache, workers));
+    let pool = WorkerPool::new(workers, Arc::clone(&metrics))?;
+    let shutdown = CancellationToken::new();
+    let ctx = Arc::new(StreamContext {
+        registry: Arc::new(registry),
+        pool: Arc::new(pool),
+        limits: config.limits.clone(),
+        metrics: Arc::clone(&metrics),
+        shutdown: shutdown.clone(),
+    });
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<PatchflowServer<PatchflowService>>()
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(patchflow_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(patchflow_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let service = PatchflowServer::new(PatchflowService::new(ctx))
+        .max_encoding_message_size(config.limits.max_message_bytes)
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let router = Server::builder()
+        .http2_adaptive_window(Some(true))
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(service);
+
+    let mut tasks = Vec::new();
+    let mut local_addr = None;
+    if let Some(addr) = config.listen {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServerError::Io {
+                what: "binding TCP address",
+                path: addr.to_string(),
+                source,
+            })?;
+        let bound = listener.local_addr().map_err(|source| ServerError::Io {
+            what: "reading bound address of",
+            path: addr.to_string(),
+            source,
+        })?;
+        local_addr = Some(bound);
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let name = format!("tcp {bound}");
+        let signal = shutdown.clone().cancelled_owned();
+        let router = router.clone();
+        let token = shutdown.clone();
+        let task_name = name.clone();
+        tasks.push((
+            name,
+            tokio::spawn(async move {
+                let result = router.serve_with_incoming_shutdown(incoming, signal).await;
+                finish_listener(task_name, result, &token)
+            }),
+        ));
+        tracing::info!(address = %bound, workers, "listening on TCP");
+    }
+    let mut unix_path = None;
+    if let Some(path) = &config.unix {
+        let listener = bind_unix(path)?;
+        unix_path = Some(path.clone());
+        let incoming = UnixListenerStream::new(listener);
+        let name = format!("unix {}", path.display());
+        let signal = shutdown.clone().cancelled_owned();
+        let token = shutdown.clone();
+        let task_name = name.clone();
+        tasks.push((
+            name,
+            tokio::spawn(async move {
+                let result = router.serve_with_incoming_shutdown(incoming, signal).await;
+                finish_listener(task_name, result, &token)
+            }),
+        ));
+        tracing::info!(path = %path.display(), workers, "listening on Unix socket");
+    }
+    let mut metrics_addr = None;
+    if let Some(addr) = config.metrics {
+        let listener = metrics::bind_metrics(addr)
+            .await
+            .map_err(|source| ServerError::Io {
+                what: "binding metrics address",
+                path: addr.to_string(),
+                source,
+            })?;
+        let bound = listener.local_addr().map_err(|source| ServerError::Io {
+            what: "reading bound address of",
+            path: addr.to_string(),
+            source,
+        })?;
+        metrics_addr = Some(bound);
+        let token = shutdown.clone();
+        let metrics = Arc::clone(&metrics);
+        tasks.push((
+            format!("metrics {bound}"),
+            tokio::spawn(async move {
+                metrics::serve_metrics(listener, metrics, token).await;
+                Ok(())
+            }),
+        ));
+        tracing::info!(address = %bound, "metrics on http://{bound}/metrics");
+    }
+
+    Ok(RunningServer {
+        local_addr,
+        unix_path,
+        metrics_addr,
+        shutdown,
+        tasks,
+        metrics,
+        health,
+        grace: config.shutdown_grace,
+    })
+}
+
+/// Runs a daemon until `signal` completes (or a listener fails), then shuts it down gracefully.
+pub async fn serve(
+    config: ServerConfig,
+    signal: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let server = start(config).await?;
+    let stopped = server.shutdown_token();
+    tokio::select! {
+        _ = signal => tracing::info!("shutdown requested"),
+        _ = stopped.cancelled() => {}
+    }
+    server.shutdown().await
+}
+
+/// Completes on SIGINT or SIGTERM (for [`serve`]). If the handlers cannot be installed it never
+/// completes and logs why.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(term), Ok(int)) => (term, int),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!(error = %e, "cannot install signal handlers");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// Turns a listener's end into the task result; a failing listener stops the whole server.
+fn finish_listener(
+    listener: String,
+    result: Result<(), tonic::transport::Error>,
+    shutdown: &CancellationToken,
+) -> Result<(), ServerError> {
+    result.map_err(|source| {
+        tracing::error!(%listener, error = %source, "listener failed; stopping the server");
+        shutdown.cancel();
+        ServerError::Transport { listener, source }
+    })
+}
+
+/// Binds a Unix socket at `path`, replacing a stale socket file left by a previous run.
+fn bind_unix(path: &Path) -> Result<UnixListener, ServerError> {
+    use std::os::unix::fs::FileTypeExt;
+    let io = |what, source| ServerError::Io {
+        what,
+        path: path.display().to_string(),
+        source,
+    };
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(io(
+                "refusing to replace",
+                std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "the path exists and is not a socket",
+                ),
+            ));
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(io(
+                "binding Unix socket",
+                std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    "another process is listening on it",
+                ),
+            ));
+        }
+        std::fs::remove_file(path).map_err(|e| io("removing stale socket", e))?;
+    }
+    UnixListener::bind(path).map_err(|e| io("binding Unix socket", e))
+}

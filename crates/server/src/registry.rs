@@ -1,0 +1,237 @@
+//! The datasets a daemon serves: store folders opened once at start-up, each with its sampler
+//! and its precomputed description.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use patchflow_proto::v1 as pb;
+use patchflow_sampler::{Dataset, Sampler};
+use patchflow_store::{ChunkCache, MANIFEST_FILE};
+use patchflow_volume::{DType, NormScheme, Normalization};
+
+use crate::ServerError;
+
+/// One served dataset.
+pub(crate) struct Entry {
+    /// The sampler over the dataset (holds the dataset).
+    pub sampler: Arc<Sampler>,
+    /// The store folder.
+    pub path: PathBuf,
+    /// The answer of DescribeDataset.
+    pub description: pb::DatasetDescription,
+}
+
+impl Entry {
+    /// The dataset.
+    pub fn dataset(&self) -> &Dataset {
+        self.sampler.dataset()
+    }
+}
+
+/// Every served dataset, by name.
+pub(crate) struct Registry {
+    entries: BTreeMap<String, Arc<Entry>>,
+}
+
+impl Registry {
+    /// Opens every store named by `paths` (a store, or a folder of stores) with one shared cache.
+    pub fn open(paths: &[PathBuf], cache: &Arc<ChunkCache>) -> Result<Registry, ServerError> {
+        let mut entries: BTreeMap<String, Arc<Entry>> = BTreeMap::new();
+        for path in paths {
+            for store in store_dirs(path)? {
+                let name = dataset_name(&store)?;
+                if let Some(first) = entries.get(&name) {
+                    return Err(ServerError::DuplicateDataset {
+                        name,
+                        first: first.path.clone(),
+                        second: store,
+                    });
+                }
+                let dataset =
+                    Dataset::open(&name, &store, Arc::clone(cache)).map_err(|source| {
+                        ServerError::Store {
+                            path: store.clone(),
+                            source,
+                        }
+                    })?;
+                let description = describe(&dataset);
+                tracing::info!(
+                    dataset = %name,
+                    path = %store.display(),
+                    cases = dataset.cases().len(),
+                    channels = dataset.num_channels(),
+                    "serving dataset"
+                );
+                let entry = Entry {
+                    sampler: Arc::new(Sampler::new(Arc::new(dataset))),
+                    path: store,
+                    description,
+                };
+                entries.insert(name, Arc::new(entry));
+            }
+        }
+        Ok(Registry { entries })
+    }
+
+    /// The dataset called `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<Entry>> {
+        self.entries.get(name)
+    }
+
+    /// Every dataset, ordered by name.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Arc<Entry>)> {
+        self.entries.iter()
+    }
+
+    /// Names of every dataset, comma-separated (for error messages).
+    pub fn names(&self) -> String {
+        let names: Vec<&str> = self.entries.keys().map(String::as_str).collect();
+        names.join(", ")
+    }
+}
+
+/// The store folders `path` stands for: itself when it holds a manifest, else its sub-folders
+/// that do (sorted).
+fn store_dirs(path: &Path) -> Result<Vec<PathBuf>, ServerError> {
+    let io = |what, source| ServerError::Io {
+        what,
+        path: path.display().to_string(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| io("reading store folder", e))?;
+    if !meta.is_dir() {
+        return Err(ServerError::NotAStore {
+            path: path.to_path_buf(),
+        });
+    }
+    if path.join(MANIFEST_FILE).is_file() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut stores = Vec::new();
+    for entry in std::fs::read_dir(path).map_err(|e| io("listing store folder", e))? {
+        let entry = entry.map_err(|e| io("listing store folder", e))?;
+        let sub = entry.path();
+        if sub.is_dir() && sub.join(MANIFEST_FILE).is_file() {
+            stores.push(sub);
+        }
+    }
+    if stores.is_empty() {
+        return Err(ServerError::NotAStore {
+            path: path.to_path_buf(),
+        });
+    }
+    stores.sort();
+    Ok(stores)
+}
+
+/// The dataset name of a store folder: the folder's own name.
+fn dataset_name(store: &Path) -> Result<String, ServerError> {
+    // A path like "." or "/data/x/.." has no usable file name: resolve it first.
+    let resolved = store.canonicalize().map_err(|source| ServerError::Io {
+        what: "resolving store folder",
+        path: store.display().to_string(),
+        source,
+    })?;
+    resolved
+        .file_name()
+        .and_then(|n| n.to_str())
+        .map(str::to_owned)
+        .ok_or_else(|| ServerError::NotAStore {
+            path: store.to_path_buf(),
+        })
+}
+
+fn scheme_name(scheme: NormScheme) -> &'static str {
+    match scheme {
+        NormScheme::Ct => "ct",
+        NormScheme::ZScore => "zscore",
+        NormScheme::None => "none",
+    }
+}
+
+fn normalization(norm: &Normalization) -> pb::Normalization {
+    let [clip_lo, clip_hi] = norm.clip.unwrap_or([0.0, 0.0]);
+    pb::Normalization {
+        scheme: scheme_name(norm.scheme).to_owned(),
+        has_clip: norm.clip.is_some(),
+        clip_lo,
+        clip_hi,
+        mean: norm.mean,
+        inv_std: norm.inv_std,
+    }
+}
+
+/// Wire form of a label element type.
+pub(crate) fn label_dtype(dtype: DType) -> pb::LabelDtype {
+    match dtype {
+        DType::U16 => pb::LabelDtype::U16,
+        _ => pb::LabelDtype::U8,
+    }
+}
+
+/// The DescribeDataset answer of `dataset`.
+fn describe(dataset: &Dataset) -> pb::DatasetDescription {
+    let label_names = dataset.label_names();
+    let mut classes: BTreeMap<u16, (u64, u32)> = BTreeMap::new();
+    let mut cases = Vec::with_capacity(dataset.cases().len());
+    for reader in dataset.cases() {
+        let meta = reader.meta();
+        for (&class, &voxels) in &meta.class_voxels {
+            let slot = classes.entry(class).or_insert((0, 0));
+            slot.0 = slot.0.saturating_add(voxels);
+            slot.1 += 1;
+        }
+        cases.push(pb::CaseInfo {
+            id: meta.id.clone(),
+            shape: meta.shape.iter().map(|&s| s as u64).collect(),
+            spacing: meta.spacing.to_vec(),
+            class_voxels: meta
+                .class_voxels
+                .iter()
+                .map(|(&c, &v)| (u32::from(c), v))
+                .collect(),
+            normalization: meta
+                .channels
+                .iter()
+                .map(|c| normalization(&c.norm))
+                .collect(),
+        });
+    }
+    let channels = dataset
+        .cases()
+        .first()
+        .map(|reader| {
+            reader
+                .meta()
+                .channels
+                .iter()
+                .map(|c| pb::ChannelInfo {
+                    name: c.name.clone(),
+                    stored_dtype: c.dtype.name().to_owned(),
+                    scheme: scheme_name(c.norm.scheme).to_owned(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    pb::DatasetDescription {
+        name: dataset.name().to_owned(),
+        cases,
+        channels,
+        classes: classes
+            .into_iter()
+            .map(|(value, (voxels, cases))| pb::ClassInfo {
+                value: u32::from(value),
+                name: label_names.get(&value).cloned().unwrap_or_default(),
+                voxels,
+                cases,
+            })
+            .collect(),
+        label_names: label_names
+            .iter()
+            .map(|(&c, n)| (u32::from(c), n.clone()))
+            .collect(),
+        ignore_label: u32::from(dataset.ignore_label()),
+        label_dtype: label_dtype(dataset.label_dtype()) as i32,
+    }
+}

@@ -1,0 +1,304 @@
+//! One Sample stream: a producer task driven by the client's credits.
+//!
+//! The task reads the client's messages (configurations and credits), keeps at most
+//! [`Limits::jobs_per_stream`] sampling jobs on the worker pool, and hands finished batches, in
+//! index order, to a bounded queue that the transport drains. Memory per stream is therefore
+//! bounded by `jobs_per_stream + 1 + queued_batches_per_stream` batches, whatever the client
+//! grants. The task ends, freeing everything, when the client goes away, when it closes its side
+//! and every credit has been served, on the first error (sent as the stream's status), or when
+//! the server shuts down (UNAVAILABLE).
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use futures_util::{Stream, StreamExt};
+use patchflow_proto::v1 as pb;
+use patchflow_sampler::SamplerError;
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Status, Streaming};
+
+use crate::Limits;
+use crate::convert::{EncodedBatch, StreamConfig, encode_batch, stream_config};
+use crate::error::sampler_status;
+use crate::metrics::{Metrics, StreamGuard, StreamStats, dec};
+use crate::pool::{JobHandle, WorkerPool};
+use crate::registry::Registry;
+
+/// What every stream shares.
+pub(crate) struct StreamContext {
+    pub registry: Arc<Registry>,
+    pub pool: Arc<WorkerPool>,
+    pub limits: Limits,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: CancellationToken,
+}
+
+/// The response stream handed to tonic.
+pub(crate) type ResponseStream =
+    Pin<Box<dyn Stream<Item = Result<pb::SampleResponse, Status>> + Send + 'static>>;
+
+/// What the producer puts in the queue.
+enum Outgoing {
+    Batch(EncodedBatch),
+    Error(Status),
+}
+
+/// Starts the producer task of a new stream and returns the stream tonic sends from.
+pub(crate) fn open(
+    ctx: Arc<StreamContext>,
+    inbound: Streaming<pb::SampleRequest>,
+    peer: String,
+    permit: OwnedSemaphorePermit,
+) -> ResponseStream {
+    let guard = ctx.metrics.open_stream(peer);
+    let stats = Arc::clone(guard.stats());
+    let (tx, rx) = mpsc::channel(ctx.limits.queued_batches_per_stream);
+    let metrics = Arc::clone(&ctx.metrics);
+    tokio::spawn(run(ctx, inbound, tx, guard, permit));
+    let stream = ReceiverStream::new(rx).flat_map(move |out| {
+        let messages: Vec<Result<pb::SampleResponse, Status>> = match out {
+            Outgoing::Batch(batch) => {
+                metrics.batch_sent(&stats, batch.bytes);
+                batch.parts.into_iter().map(Ok).collect()
+            }
+            Outgoing::Error(status) => vec![Err(status)],
+        };
+        futures_util::stream::iter(messages)
+    });
+    Box::pin(stream)
+}
+
+/// A sampling job of the stream.
+struct Job {
+    index: u64,
+    handle: JobHandle<Result<EncodedBatch, SamplerError>>,
+}
+
+/// The producer's state.
+struct Producer {
+    stats: Arc<StreamStats>,
+    active: Option<StreamConfig>,
+    credits: u64,
+    next_index: u64,
+    jobs: VecDeque<Job>,
+    ready: Option<EncodedBatch>,
+    inbound_done: bool,
+}
+
+/// What woke the producer up.
+enum Event<'a> {
+    Shutdown,
+    ClientGone,
+    Message(Result<Option<pb::SampleRequest>, Status>),
+    JobDone(Result<Result<EncodedBatch, SamplerError>, oneshot::error::RecvError>),
+    QueueSlot(Result<mpsc::Permit<'a, Outgoing>, mpsc::error::SendError<()>>),
+}
+
+/// Waits for the oldest job (never completes when there is none).
+async fn oldest(
+    jobs: &mut VecDeque<Job>,
+) -> Result<Result<EncodedBatch, SamplerError>, oneshot::error::RecvError> {
+    match jobs.front_mut() {
+        Some(job) => (&mut job.handle.result).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn run(
+    ctx: Arc<StreamContext>,
+    mut inbound: Streaming<pb::SampleRequest>,
+    tx: mpsc::Sender<Outgoing>,
+    guard: StreamGuard,
+    permit: OwnedSemaphorePermit,
+) {
+    let stats = Arc::clone(guard.stats());
+    tracing::debug!(stream = stats.id, peer = %stats.peer, "stream opened");
+    let mut producer = Producer {
+        stats: Arc::clone(&stats),
+        active: None,
+        credits: 0,
+        next_index: 0,
+        jobs: VecDeque::new(),
+        ready: None,
+        inbound_done: false,
+    };
+    let result = producer.drive(&ctx, &mut inbound, &tx).await;
+    producer.cancel_jobs();
+    match result {
+        Ok(()) => tracing::debug!(stream = stats.id, "stream closed"),
+        Err(status) => {
+            ctx.metrics.stream_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                stream = stats.id,
+                peer = %stats.peer,
+                code = ?status.code(),
+                message = status.message(),
+                "stream ended with an error"
+            );
+            // Deliver the status behind the queued batches, unless the server is shutting down
+            // and the client does not read.
+            tokio::select! {
+                biased;
+                _ = tx.send(Outgoing::Error(status)) => {}
+                _ = ctx.shutdown.cancelled() => {}
+            }
+        }
+    }
+    // The stream slot is free before the live gauge says so.
+    drop(permit);
+    drop(guard);
+}
+
+impl Producer {
+    async fn drive(
+        &mut self,
+        ctx: &StreamContext,
+        inbound: &mut Streaming<pb::SampleRequest>,
+        tx: &mpsc::Sender<Outgoing>,
+    ) -> Result<(), Status> {
+        loop {
+            self.fill(ctx)?;
+            if self.inbound_done && self.finished() {
+                return Ok(());
+            }
+            let take_job = self.ready.is_none() && !self.jobs.is_empty();
+            let has_ready = self.ready.is_some();
+            let reading = !self.inbound_done;
+            let event = tokio::select! {
+                biased;
+                _ = ctx.shutdown.cancelled() => Event::Shutdown,
+                _ = tx.closed() => Event::ClientGone,
+                permit = tx.reserve(), if has_ready => Event::QueueSlot(permit),
+                done = oldest(&mut self.jobs), if take_job => Event::JobDone(done),
+                msg = inbound.message(), if reading => Event::Message(msg),
+            };
+            match event {
+                Event::Shutdown => return Err(Status::unavailable("the server is shutting down")),
+                Event::ClientGone => return Ok(()),
+                Event::QueueSlot(Err(_)) => return Ok(()),
+                Event::QueueSlot(Ok(permit)) => {
+                    if let Some(batch) = self.ready.take() {
+                        self.stats.queued.fetch_add(1, Ordering::Relaxed);
+                        permit.send(Outgoing::Batch(batch));
+                    }
+                }
+                Event::JobDone(done) => {
+                    self.jobs.pop_front();
+                    dec(&self.stats.jobs);
+                    match done {
+                        Ok(Ok(batch)) => self.ready = Some(batch),
+                        Ok(Err(e)) => return Err(sampler_status(&e)),
+                        Err(_) => {
+                            return Err(Status::internal("a sampling worker dropped its job"));
+                        }
+                    }
+                }
+                Event::Message(Ok(Some(msg))) => self.apply(msg, ctx)?,
+                Event::Message(Ok(None)) => self.inbound_done = true,
+                Event::Message(Err(status)) => {
+                    // The client reset the stream or the connection broke.
+                    tracing::debug!(stream = self.stats.id, %status, "request stream failed");
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Whether nothing more can be produced without a new message.
+    fn finished(&self) -> bool {
+        (self.active.is_none() || self.credits == 0) && self.jobs.is_empty() && self.ready.is_none()
+    }
+
+    /// Applies a client message: configuration first, then credits.
+    fn apply(&mut self, msg: pb::SampleRequest, ctx: &StreamContext) -> Result<(), Status> {
+        if let Some(config) = msg.config {
+            let config = stream_config(&config, &ctx.registry, &ctx.limits)?;
+            // Without a start index, continue from the first batch not handed out yet.
+            let resume = self
+                .ready
+                .as_ref()
+                .map(|b| b.index)
+                .or_else(|| self.jobs.front().map(|j| j.index))
+                .unwrap_or(self.next_index);
+            self.cancel_jobs();
+            self.ready = None;
+            self.credits = 0;
+            self.next_index = match (config.start_index, &self.active) {
+                (Some(start), _) => start,
+                (None, Some(_)) => resume,
+                (None, None) => 0,
+            };
+            tracing::debug!(
+                stream = self.stats.id,
+                dataset = config.entry.dataset().name(),
+                patch = ?config.request.patch,
+                batch = config.request.batch,
+                start = self.next_index,
+                stride = config.stride,
+                config_id = config.config_id,
+                "stream configured"
+            );
+            if let Ok(mut name) = self.stats.dataset.lock() {
+                name.clear();
+                name.push_str(config.entry.dataset().name());
+            }
+            self.active = Some(config);
+        }
+        if msg.credits > 0 {
+            let balance = self.credits + u64::from(msg.credits);
+            if balance > u64::from(ctx.limits.max_credits) {
+                return Err(Status::resource_exhausted(format!(
+                    "credit balance would be {balance}, the limit is {} (grant credits as batches arrive)",
+                    ctx.limits.max_credits
+                )));
+            }
+            self.credits = balance;
+        }
+        self.stats.credits.store(self.credits, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Submits jobs while credits and the per-stream job limit allow.
+    fn fill(&mut self, ctx: &StreamContext) -> Result<(), Status> {
+        let Some(active) = &self.active else {
+            return Ok(());
+        };
+        while self.credits > 0 && self.jobs.len() < ctx.limits.jobs_per_stream {
+            let index = self.next_index;
+            let sampler = Arc::clone(&active.entry.sampler);
+            let request = Arc::clone(&active.request);
+            let channels = active.entry.dataset().num_channels();
+            let ignore = active.entry.dataset().ignore_label();
+            let config_id = active.config_id;
+            let max_message = ctx.limits.max_message_bytes;
+            let handle = ctx.pool.submit(move || {
+                sampler
+                    .sample(&request, index)
+                    .map(|batch| encode_batch(batch, channels, ignore, config_id, max_message))
+            });
+            self.jobs.push_back(Job { index, handle });
+            self.stats.jobs.fetch_add(1, Ordering::Relaxed);
+            self.credits -= 1;
+            self.next_index = index.checked_add(active.stride).ok_or_else(|| {
+                Status::out_of_range(format!(
+                    "batch index {index} + stride {} overflows",
+                    active.stride
+                ))
+            })?;
+        }
+        self.stats.credits.store(self.credits, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Drops every job of the stream (those not started yet are skipped by the pool).
+    fn cancel_jobs(&mut self) {
+        for job in self.jobs.drain(..) {
+            job.handle.cancel();
+        }
+        self.stats.jobs.store(0, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,351 @@
+//! Shared fixtures of the server tests: a synthetic store written in a temporary folder from
+//! arrays kept in memory, servers on ephemeral ports, and a naive reference crop.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use half::{bf16, f16};
+use patchflow_client::{Batch, ImageDtype, LabelDtype};
+use patchflow_server::{Limits, RunningServer, ServerConfig};
+use patchflow_store::{
+    CaseData, CaseMeta, ChannelMeta, Manifest, ManifestCase, WriteOptions, case_file_name,
+    write_case,
+};
+use patchflow_volume::{DType, Geometry, LabelData, NormScheme, Normalization, VoxelData};
+
+/// Upper bound for anything a test waits on, so that a bug fails the test instead of hanging it.
+pub const HANG_GUARD: Duration = Duration::from_secs(120);
+
+/// Awaits `fut`, failing the test if it does not complete within [`HANG_GUARD`].
+pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(HANG_GUARD, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("{what}: did not complete within {HANG_GUARD:?}"),
+    }
+}
+
+/// Deterministic source of test voxel values.
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+}
+
+/// A case as written to the store.
+pub struct MemCase {
+    pub meta: CaseMeta,
+    pub channels: Vec<VoxelData>,
+    pub label: LabelData,
+}
+
+impl MemCase {
+    fn index(&self, z: i64, y: i64, x: i64) -> Option<usize> {
+        let s = self.meta.shape;
+        if z < 0 || y < 0 || x < 0 || z >= s[0] as i64 || y >= s[1] as i64 || x >= s[2] as i64 {
+            return None;
+        }
+        Some((z as usize * s[1] + y as usize) * s[2] + x as usize)
+    }
+}
+
+fn ct_norm() -> Normalization {
+    Normalization {
+        scheme: NormScheme::Ct,
+        clip: Some([-300.0, 500.0]),
+        mean: 41.25,
+        inv_std: 1.0 / 87.5,
+    }
+}
+
+fn mr_norm(mean: f32) -> Normalization {
+    Normalization {
+        scheme: NormScheme::ZScore,
+        clip: None,
+        mean,
+        inv_std: 1.75,
+    }
+}
+
+/// A case with an `i16` CT-like channel and an `f32` channel; class 1 is a box, class 2 a
+/// corner blob (when `class2`), background elsewhere.
+fn make_case(id: &str, shape: [usize; 3], seed: u64, class2: bool) -> MemCase {
+    let n: usize = shape.iter().product();
+    let mut rng = Lcg(seed);
+    let ch0: Vec<i16> = (0..n).map(|_| (rng.next() % 1600) as i16 - 800).collect();
+    let ch1: Vec<f32> = (0..n)
+        .map(|_| (rng.next() % 200_000) as f32 / 1000.0 - 100.0)
+        .collect();
+    let mut labels = vec![0u8; n];
+    for z in 0..shape[0] {
+        for y in 0..shape[1] {
+            for x in 0..shape[2] {
+                let i = (z * shape[1] + y) * shape[2] + x;
+                if (2..6).contains(&z) && (3..8).contains(&y) && (1..5).contains(&x) {
+                    labels[i] = 1;
+                } else if class2 && z + 3 >= shape[0] && y + 2 >= shape[1] && x + 4 >= shape[2] {
+                    labels[i] = 2;
+                }
+            }
+        }
+    }
+    let mut class_voxels = BTreeMap::new();
+    for &l in &labels {
+        *class_voxels.entry(u16::from(l)).or_insert(0u64) += 1;
+    }
+    let meta = CaseMeta {
+        id: id.to_string(),
+        shape,
+        spacing: [2.5, 0.75, 0.75],
+        original: Geometry {
+            shape,
+            spacing: [2.5, 0.75, 0.75],
+            affine: [
+                [0.75, 0.0, 0.0, 0.0],
+                [0.0, 0.75, 0.0, 0.0],
+                [0.0, 0.0, 2.5, 0.0],
+                [0.0, 0.0, 0.0, 1.0],
+            ],
+        },
+        crop_box: [[0, shape[0]], [0, shape[1]], [0, shape[2]]],
+        channels: vec![
+            ChannelMeta {
+                name: "CT".into(),
+                dtype: DType::I16,
+                norm: ct_norm(),
+            },
+            ChannelMeta {
+                name: "T2".into(),
+                dtype: DType::F32,
+                norm: mr_norm(seed as f32 * 0.01),
+            },
+        ],
+        label_dtype: DType::U8,
+        label_names: [
+            (0u16, "background".to_string()),
+            (1, "liver".to_string()),
+            (2, "tumour".to_string()),
+        ]
+        .into(),
+        class_voxels,
+        ignore_label: None,
+    };
+    MemCase {
+        meta,
+        channels: vec![VoxelData::I16(ch0), VoxelData::F32(ch1)],
+        label: LabelData::U8(labels),
+    }
+}
+
+fn locations(case: &MemCase) -> BTreeMap<u16, Vec<[u32; 3]>> {
+    let s = case.meta.shape;
+    let mut out: BTreeMap<u16, Vec<[u32; 3]>> = BTreeMap::new();
+    for z in 0..s[0] {
+        for y in 0..s[1] {
+            for x in 0..s[2] {
+                let c = case.label.get((z * s[1] + y) * s[2] + x);
+                if c != 0 {
+                    out.entry(c)
+                        .or_default()
+                        .push([z as u32, y as u32, x as u32]);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A store folder with its in-memory copy.
+pub struct Fixture {
+    pub root: tempfile::TempDir,
+    /// The store folder; the dataset is named after it.
+    pub store: PathBuf,
+    pub name: String,
+    pub cases: BTreeMap<String, MemCase>,
+}
+
+/// Writes `cases` into `dir` (small chunks, so that patches cross chunk borders).
+fn write_store(dir: &Path, cases: &[&MemCase]) {
+    std::fs::create_dir_all(dir).unwrap();
+    let opts = WriteOptions {
+        chunk_shape: [4, 5, 6],
+        ..WriteOptions::default()
+    };
+    let mut manifest = Manifest {
+        format: patchflow_store::MANIFEST_FORMAT,
+        dataset: "synthetic".into(),
+        plan: serde_json::Value::Null,
+        cases: Vec::new(),
+    };
+    for case in cases {
+        let file = case_file_name(&case.meta.id);
+        let locs = locations(case);
+        let data = CaseData {
+            meta: &case.meta,
+            channels: &case.channels,
+            label: &case.label,
+            class_locations: &locs,
+        };
+        let report = write_case(&dir.join(&file), &data, &opts).unwrap();
+        manifest.cases.push(ManifestCase {
+            id: case.meta.id.clone(),
+            file,
+            stored_bytes: report.stored_bytes,
+            source: serde_json::Value::Null,
+        });
+    }
+    manifest.save(dir).unwrap();
+}
+
+impl Fixture {
+    /// Three cases of different shapes, two with class 2.
+    pub fn new() -> Fixture {
+        let root = tempfile::tempdir().unwrap();
+        let name = "Dataset900_Synthetic".to_string();
+        let store = root.path().join(&name);
+        let cases = [
+            make_case("case_a", [12, 14, 16], 11, true),
+            make_case("case_b", [10, 17, 13], 23, false),
+            make_case("case_c", [15, 9, 11], 37, true),
+        ];
+        write_store(&store, &cases.iter().collect::<Vec<_>>());
+        Fixture {
+            root,
+            store,
+            name,
+            cases: cases.into_iter().map(|c| (c.meta.id.clone(), c)).collect(),
+        }
+    }
+
+    /// Writes a second, one-case store named `name` next to the fixture's and returns its path.
+    pub fn add_store(&self, name: &str) -> PathBuf {
+        let dir = self.root.path().join(name);
+        let case = make_case("only", [8, 9, 10], 5, false);
+        write_store(&dir, &[&case]);
+        dir
+    }
+
+    /// Checks every voxel of `batch` against a naive crop of the in-memory arrays at the
+    /// origins the batch reports: normalisation applied, image padding 0, label padding the
+    /// ignore value.
+    pub fn check_batch(&self, batch: &Batch, patch: [usize; 3], batch_size: usize) {
+        assert_eq!(batch.patch, patch, "batch {}", batch.index);
+        assert_eq!(batch.batch_size, batch_size);
+        assert_eq!(batch.items.len(), batch_size);
+        assert_eq!(batch.channels, 2);
+        assert_eq!(batch.label_dtype, LabelDtype::U8);
+        assert_eq!(batch.ignore_label, 255);
+        let esize = match batch.dtype {
+            ImageDtype::F32 => 4,
+            ImageDtype::F16 | ImageDtype::Bf16 => 2,
+            ImageDtype::Unspecified => panic!("unspecified dtype"),
+        };
+        let voxels = patch.iter().product::<usize>();
+        assert_eq!(batch.image.len(), batch_size * 2 * voxels * esize);
+        assert_eq!(batch.label.len(), batch_size * voxels);
+        let mut padded = 0usize;
+        for (b, item) in batch.items.iter().enumerate() {
+            let case = self
+                .cases
+                .get(&item.case_id)
+                .unwrap_or_else(|| panic!("unknown case {}", item.case_id));
+            let sorted: Vec<&String> = self.cases.keys().collect();
+            assert_eq!(sorted[item.case_index], &item.case_id);
+            if item.forced_foreground {
+                assert!(matches!(item.class, Some(1 | 2)), "{item:?}");
+            }
+            let [oz, oy, ox] = item.origin;
+            let mut i = 0usize;
+            for z in 0..patch[0] as i64 {
+                for y in 0..patch[1] as i64 {
+                    for x in 0..patch[2] as i64 {
+                        let src = case.index(oz + z, oy + y, ox + x);
+                        let want_label = src.map_or(255u8, |s| case.label.get(s) as u8);
+                        assert_eq!(
+                            batch.label[b * voxels + i],
+                            want_label,
+                            "label of item {b} at {:?}",
+                            [z, y, x]
+                        );
+                        for (c, channel) in case.channels.iter().enumerate() {
+                            let want = src.map_or(0.0f32, |s| {
+                                case.meta.channels[c].norm.apply(channel.get_f64(s) as f32)
+                            });
+                            let at = ((b * 2 + c) * voxels + i) * esize;
+                            let got = &batch.image[at..at + esize];
+                            let want_bytes: Vec<u8> = match batch.dtype {
+                                ImageDtype::F32 => want.to_le_bytes().to_vec(),
+                                ImageDtype::F16 => f16::from_f32(want).to_le_bytes().to_vec(),
+                                _ => bf16::from_f32(want).to_le_bytes().to_vec(),
+                            };
+                            assert_eq!(
+                                got,
+                                want_bytes.as_slice(),
+                                "image of item {b} channel {c} at {:?} (origin {:?})",
+                                [z, y, x],
+                                item.origin
+                            );
+                        }
+                        padded += usize::from(src.is_none());
+                        i += 1;
+                    }
+                }
+            }
+        }
+        let _ = padded;
+    }
+}
+
+/// A server configuration for tests: ephemeral ports, small cache.
+pub fn config(stores: Vec<PathBuf>, workers: usize, limits: Limits) -> ServerConfig {
+    ServerConfig {
+        stores,
+        listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+        unix: None,
+        workers,
+        cache_mb: 8,
+        metrics: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+        limits,
+        shutdown_grace: Duration::from_secs(30),
+    }
+}
+
+/// Starts a server on the fixture's store.
+pub async fn serve(fx: &Fixture, workers: usize) -> RunningServer {
+    serve_with(fx, workers, Limits::default()).await
+}
+
+/// Starts a server on the fixture's store with `limits`.
+pub async fn serve_with(fx: &Fixture, workers: usize, limits: Limits) -> RunningServer {
+    patchflow_server::start(config(vec![fx.store.clone()], workers, limits))
+        .await
+        .expect("server starts")
+}
+
+/// Client options for tests: quick reconnection.
+pub fn client_options() -> patchflow_client::ClientOptions {
+    patchflow_client::ClientOptions {
+        prefetch: 3,
+        max_attempts: 20,
+        initial_backoff: Duration::from_millis(5),
+        max_backoff: Duration::from_millis(200),
+        ..patchflow_client::ClientOptions::default()
+    }
+}
+
+/// Waits until the server reports `n` live streams.
+pub async fn wait_live(server: &RunningServer, n: usize) {
+    let mut live = server.live_streams();
+    within("live streams gauge", live.wait_for(|&v| v == n))
+        .await
+        .expect("gauge channel open");
+}
