@@ -147,6 +147,7 @@ pub(crate) fn stream_config(
         dtype,
         seed: config.seed,
         cases,
+        augment: None,
     };
     entry
         .sampler
