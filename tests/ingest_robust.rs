@@ -229,3 +229,30 @@ fn watch_ingests_new_cases_and_stops_on_sigterm() {
     assert!(status.success(), "watch exits cleanly on SIGTERM: {status}");
     assert_eq!(assert_store_consistent(&store), 2);
 }
+
+#[test]
+fn a_flipped_byte_in_a_chunk_is_a_checksum_error_naming_case_and_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("raw");
+    let store = dir.path().join("store");
+    run_ok(&["phantom", s(&raw), "--cases", "2", "--shape", "32,48,48"]);
+    run_ok(&["ingest", s(&raw), "--out", s(&store), "--keep-spacing"]);
+    run_ok(&["inspect", s(&store), "--verify"]);
+    // Chunk payloads lie between the 128-byte preamble and the chunk index (FORMAT.md); the
+    // index offset is the u64 at byte 40 of the preamble.
+    let file = store.join("phantom_001.pfc");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let index_offset = u64::from_le_bytes(bytes[40..48].try_into().unwrap()) as usize;
+    let target = 128 + (index_offset - 128) / 3;
+    bytes[target] ^= 0x5a;
+    std::fs::write(&file, &bytes).unwrap();
+    let out = run(&["inspect", s(&store), "--verify"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a damaged store fails verification");
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("damaged: phantom_001"))
+        .unwrap_or_else(|| panic!("no damage report for phantom_001 in:\n{stderr}"));
+    assert!(line.contains("checksum") && line.contains("chunk"), "{line}");
+    assert!(!stderr.contains("damaged: phantom_000"), "{stderr}");
+}
