@@ -203,7 +203,9 @@ fn parse_triplet<T: std::str::FromStr + Copy>(s: &str) -> Result<[T; 3], String>
             Ok([v, v, v])
         }
         [a, b, c] => Ok([parse(a)?, parse(b)?, parse(c)?]),
-        _ => Err(format!("{s:?}: expected three comma-separated values z,y,x or one value")),
+        _ => Err(format!(
+            "{s:?}: expected three comma-separated values z,y,x or one value"
+        )),
     }
 }
 
@@ -242,7 +244,8 @@ fn stop_flag() -> Result<Arc<AtomicBool>> {
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register_conditional_shutdown(sig, 130, Arc::clone(&stop))
             .context("installing the signal handler")?;
-        signal_hook::flag::register(sig, Arc::clone(&stop)).context("installing the signal handler")?;
+        signal_hook::flag::register(sig, Arc::clone(&stop))
+            .context("installing the signal handler")?;
     }
     Ok(stop)
 }
@@ -311,10 +314,17 @@ fn inspect(a: InspectArgs) -> Result<ExitCode> {
         eprintln!("damaged: {id}: {e}");
     }
     if failures.is_empty() {
-        eprintln!("verified {} case(s): every chunk intact", report.cases.len());
+        eprintln!(
+            "verified {} case(s): every chunk intact",
+            report.cases.len()
+        );
         Ok(ExitCode::SUCCESS)
     } else {
-        eprintln!("{} of {} case(s) damaged", failures.len(), report.cases.len());
+        eprintln!(
+            "{} of {} case(s) damaged",
+            failures.len(),
+            report.cases.len()
+        );
         Ok(ExitCode::FAILURE)
     }
 }
@@ -352,7 +362,11 @@ fn serve(a: ServeArgs) -> Result<ExitCode> {
         unix: a.unix,
         workers: a.workers,
         cache_mb: a.cache_mb,
-        metrics: a.metrics.as_deref().map(|m| resolve("--metrics", m)).transpose()?,
+        metrics: a
+            .metrics
+            .as_deref()
+            .map(|m| resolve("--metrics", m))
+            .transpose()?,
         ..Default::default()
     };
     if let Some(v) = a.max_patch_voxels {

@@ -7,19 +7,27 @@ mod common;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use common::{case_id, crop_ref, inspect_json, pairs, preprocess_in_memory, run_ok, s, shared_data};
+use common::{
+    case_id, crop_ref, inspect_json, pairs, preprocess_in_memory, run_ok, s, shared_data,
+};
 use patchflow_ingest::DatasetPlan;
 use patchflow_store::{ArrayId, CaseReader, ChunkCache, Manifest};
 use patchflow_volume::{LabelData, VoxelData, read_label, read_nifti, with_voxels};
 use proptest::test_runner::{Config, TestRunner};
 
 /// Class counts of `label` inside `crop` (a plain loop).
-fn counts_in_box(label: &LabelData, shape: [usize; 3], crop: [[usize; 2]; 3]) -> BTreeMap<u16, u64> {
+fn counts_in_box(
+    label: &LabelData,
+    shape: [usize; 3],
+    crop: [[usize; 2]; 3],
+) -> BTreeMap<u16, u64> {
     let mut counts = BTreeMap::new();
     for z in crop[0][0]..crop[0][1] {
         for y in crop[1][0]..crop[1][1] {
             for x in crop[2][0]..crop[2][1] {
-                *counts.entry(label.get((z * shape[1] + y) * shape[2] + x)).or_insert(0u64) += 1;
+                *counts
+                    .entry(label.get((z * shape[1] + y) * shape[2] + x))
+                    .or_insert(0u64) += 1;
             }
         }
     }
@@ -55,33 +63,64 @@ fn every_pair_ingests_and_inspect_reports_true_counts() {
     };
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
-    run_ok(&["ingest", s(&data.join("pairs.tsv")), "--out", s(&store), "--keep-spacing"]);
+    run_ok(&[
+        "ingest",
+        s(&data.join("pairs.tsv")),
+        "--out",
+        s(&store),
+        "--keep-spacing",
+    ]);
     let report = inspect_json(&store);
     let cases = report["cases"].as_array().unwrap();
     let pairs = pairs(&data);
     assert_eq!(cases.len(), pairs.len());
     for (image, label, _) in &pairs {
         let id = case_id(image);
-        let case = cases.iter().find(|c| c["id"] == id.as_str()).unwrap_or_else(|| panic!("{id} missing"));
+        let case = cases
+            .iter()
+            .find(|c| c["id"] == id.as_str())
+            .unwrap_or_else(|| panic!("{id} missing"));
         let img = read_nifti(&data.join(image)).unwrap();
         let (geom, lab) = read_label(&data.join(label)).unwrap();
         let crop = nonzero_box(&img.data, geom.shape);
-        let reported_crop: [[usize; 2]; 3] = serde_json::from_value(case["crop_box"].clone()).unwrap();
+        let reported_crop: [[usize; 2]; 3] =
+            serde_json::from_value(case["crop_box"].clone()).unwrap();
         assert_eq!(reported_crop, crop, "{id}: crop box");
         let expected = counts_in_box(&lab, geom.shape, crop);
         let reported: BTreeMap<u16, u64> = case["classes"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|c| (c["value"].as_u64().unwrap() as u16, c["voxels"].as_u64().unwrap()))
+            .map(|c| {
+                (
+                    c["value"].as_u64().unwrap() as u16,
+                    c["voxels"].as_u64().unwrap(),
+                )
+            })
             .collect();
         assert_eq!(reported, expected, "{id}: class voxel counts");
         let shape: [usize; 3] = serde_json::from_value(case["shape"].clone()).unwrap();
-        assert_eq!(shape, [crop[0][1] - crop[0][0], crop[1][1] - crop[1][0], crop[2][1] - crop[2][0]]);
-        assert!(case["compression_ratio"].as_f64().unwrap() > 1.0, "{id}: compresses");
+        assert_eq!(
+            shape,
+            [
+                crop[0][1] - crop[0][0],
+                crop[1][1] - crop[1][0],
+                crop[2][1] - crop[2][0]
+            ]
+        );
+        assert!(
+            case["compression_ratio"].as_f64().unwrap() > 1.0,
+            "{id}: compresses"
+        );
     }
     // A second run finds nothing to do.
-    let out = common::run(&["ingest", s(&data.join("pairs.tsv")), "--out", s(&store), "--keep-spacing"]);
+    let out = common::run(&[
+        "ingest",
+        s(&data.join("pairs.tsv")),
+        "--out",
+        s(&store),
+        "--keep-spacing",
+    ]);
     assert!(out.status.success());
 }
 
@@ -111,7 +150,11 @@ fn check_store_equals_memory(keep_spacing: bool) {
         // The whole volume, then random boxes (partly or wholly outside included).
         let full = [0i64, 0, 0];
         check_box(&reader, &pre, full, shape);
-        let mut runner = TestRunner::new(Config { cases: 48, failure_persistence: None, ..Config::default() });
+        let mut runner = TestRunner::new(Config {
+            cases: 48,
+            failure_persistence: None,
+            ..Config::default()
+        });
         let strategy = (
             -40i64..shape[0] as i64 + 8,
             -40i64..shape[1] as i64 + 8,
@@ -129,7 +172,12 @@ fn check_store_equals_memory(keep_spacing: bool) {
     }
 }
 
-fn check_box(reader: &CaseReader, pre: &patchflow_volume::PreprocessedCase, origin: [i64; 3], size: [usize; 3]) {
+fn check_box(
+    reader: &CaseReader,
+    pre: &patchflow_volume::PreprocessedCase,
+    origin: [i64; 3],
+    size: [usize; 3],
+) {
     let n: usize = size.iter().product();
     with_voxels!(&pre.channels[0], v => {
         let zero = Default::default();
@@ -143,19 +191,38 @@ fn check_box(reader: &CaseReader, pre: &patchflow_volume::PreprocessedCase, orig
     match &pre.label {
         LabelData::U8(v) => {
             let mut out = vec![0u8; n];
-            reader.read_box(ArrayId::Label, origin, size, 255, &mut out).unwrap();
-            prop_assert_eq_helper(out == crop_ref(v, pre.shape, origin, size, 255), &pre.id, origin, size, "label");
+            reader
+                .read_box(ArrayId::Label, origin, size, 255, &mut out)
+                .unwrap();
+            prop_assert_eq_helper(
+                out == crop_ref(v, pre.shape, origin, size, 255),
+                &pre.id,
+                origin,
+                size,
+                "label",
+            );
         }
         LabelData::U16(v) => {
             let mut out = vec![0u16; n];
-            reader.read_box(ArrayId::Label, origin, size, u16::MAX, &mut out).unwrap();
-            prop_assert_eq_helper(out == crop_ref(v, pre.shape, origin, size, u16::MAX), &pre.id, origin, size, "label");
+            reader
+                .read_box(ArrayId::Label, origin, size, u16::MAX, &mut out)
+                .unwrap();
+            prop_assert_eq_helper(
+                out == crop_ref(v, pre.shape, origin, size, u16::MAX),
+                &pre.id,
+                origin,
+                size,
+                "label",
+            );
         }
     }
 }
 
 fn prop_assert_eq_helper(same: bool, id: &str, origin: [i64; 3], size: [usize; 3], what: &str) {
-    assert!(same, "{id}: {what} box at {origin:?} of size {size:?} differs from the in-memory volume");
+    assert!(
+        same,
+        "{id}: {what} box at {origin:?} of size {size:?} differs from the in-memory volume"
+    );
 }
 
 #[test]

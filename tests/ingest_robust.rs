@@ -23,7 +23,12 @@ fn small_spec(seed: u64) -> PhantomSpec {
 fn write_pair(dir: &Path, name: &str, seed: u64) -> (Geometry, VoxelData, LabelData) {
     let (g, img, lab) = phantom(&small_spec(seed));
     write_nifti(&dir.join(format!("{name}.nii.gz")), &g, &img).unwrap();
-    write_nifti(&dir.join(format!("{name}_seg.nii.gz")), &g, &lab.clone().into_voxels()).unwrap();
+    write_nifti(
+        &dir.join(format!("{name}_seg.nii.gz")),
+        &g,
+        &lab.clone().into_voxels(),
+    )
+    .unwrap();
     (g, img, lab)
 }
 
@@ -82,11 +87,21 @@ fn bad_inputs_fail_alone_with_clear_errors() {
 
     let store = d.join("store");
     let out = patchflow()
-        .args(["ingest", s(&d.join("cases.tsv")), "--out", s(&store), "--jobs", "2"])
+        .args([
+            "ingest",
+            s(&d.join("cases.tsv")),
+            "--out",
+            s(&store),
+            "--jobs",
+            "2",
+        ])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "a failed case makes the exit code non-zero");
+    assert!(
+        !out.status.success(),
+        "a failed case makes the exit code non-zero"
+    );
     for (file, reason) in [
         ("trunc.nii.gz", ""),
         ("text.nii.gz", ""),
@@ -102,9 +117,17 @@ fn bad_inputs_fail_alone_with_clear_errors() {
         assert!(line.contains(reason), "{file}: {line}");
     }
     assert!(stderr.contains("no foreground"), "{stderr}");
-    assert!(stderr.contains("2 ingested") && stderr.contains("6 failed"), "{stderr}");
+    assert!(
+        stderr.contains("2 ingested") && stderr.contains("6 failed"),
+        "{stderr}"
+    );
     let report = inspect_json(&store);
-    let ids: Vec<&str> = report["cases"].as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = report["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, ["empty", "good"]);
 }
 
@@ -143,7 +166,11 @@ fn assert_store_consistent(store: &Path) -> usize {
     }
     if let Some(m) = Manifest::load(store).unwrap() {
         for c in &m.cases {
-            assert!(store.join(&c.file).is_file(), "manifest lists {} but it is missing", c.file);
+            assert!(
+                store.join(&c.file).is_file(),
+                "manifest lists {} but it is missing",
+                c.file
+            );
         }
     }
     readable
@@ -156,7 +183,15 @@ fn killing_ingest_mid_write_leaves_no_partial_case() {
     let store = dir.path().join("store");
     run_ok(&["phantom", s(&raw), "--cases", "3", "--shape", "96,192,192"]);
     let mut child = patchflow()
-        .args(["ingest", s(&raw), "--out", s(&store), "--jobs", "1", "--keep-spacing"])
+        .args([
+            "ingest",
+            s(&raw),
+            "--out",
+            s(&store),
+            "--jobs",
+            "1",
+            "--keep-spacing",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -164,7 +199,8 @@ fn killing_ingest_mid_write_leaves_no_partial_case() {
     // Kill the moment a case is being written (its temporary file exists).
     let writing = || {
         std::fs::read_dir(&store).is_ok_and(|d| {
-            d.flatten().any(|e| e.file_name().to_string_lossy().contains(".tmp."))
+            d.flatten()
+                .any(|e| e.file_name().to_string_lossy().contains(".tmp."))
         })
     };
     let start = Instant::now();
@@ -181,11 +217,22 @@ fn killing_ingest_mid_write_leaves_no_partial_case() {
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    assert!(caught, "ingest finished before a write could be interrupted");
+    assert!(
+        caught,
+        "ingest finished before a write could be interrupted"
+    );
     let before = assert_store_consistent(&store);
     assert!(before < 3, "the kill happened during the writes");
     // A rerun completes the store and cleans up.
-    run_ok(&["ingest", s(&raw), "--out", s(&store), "--jobs", "1", "--keep-spacing"]);
+    run_ok(&[
+        "ingest",
+        s(&raw),
+        "--out",
+        s(&store),
+        "--jobs",
+        "1",
+        "--keep-spacing",
+    ]);
     assert_eq!(assert_store_consistent(&store), 3);
     let leftovers: Vec<_> = std::fs::read_dir(&store)
         .unwrap()
@@ -203,24 +250,55 @@ fn watch_ingests_new_cases_and_stops_on_sigterm() {
     let more = dir.path().join("more");
     let store = dir.path().join("store");
     run_ok(&["phantom", s(&raw), "--cases", "1", "--shape", "16,24,24"]);
-    run_ok(&["phantom", s(&more), "--cases", "2", "--shape", "16,24,24", "--seed", "99"]);
+    run_ok(&[
+        "phantom",
+        s(&more),
+        "--cases",
+        "2",
+        "--shape",
+        "16,24,24",
+        "--seed",
+        "99",
+    ]);
     let mut child = patchflow()
-        .args(["ingest", s(&raw), "--out", s(&store), "--watch", "--poll-seconds", "0.05"])
+        .args([
+            "ingest",
+            s(&raw),
+            "--out",
+            s(&store),
+            "--watch",
+            "--poll-seconds",
+            "0.05",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let cases = || Manifest::load(&store).ok().flatten().map_or(0, |m| m.cases.len());
+    let cases = || {
+        Manifest::load(&store)
+            .ok()
+            .flatten()
+            .map_or(0, |m| m.cases.len())
+    };
     wait_for(Duration::from_secs(60), "the first case", || cases() == 1);
     // A new case arrives: label first, then the image, each renamed into place.
     for (from, to) in [
         ("labelsTr/phantom_001.nii.gz", "labelsTr/late.nii.gz"),
-        ("imagesTr/phantom_001_0000.nii.gz", "imagesTr/late_0000.nii.gz"),
+        (
+            "imagesTr/phantom_001_0000.nii.gz",
+            "imagesTr/late_0000.nii.gz",
+        ),
     ] {
         std::fs::rename(more.join(from), raw.join(to)).unwrap();
     }
     wait_for(Duration::from_secs(60), "the new case", || cases() == 2);
-    let ids: Vec<String> = Manifest::load(&store).unwrap().unwrap().cases.into_iter().map(|c| c.id).collect();
+    let ids: Vec<String> = Manifest::load(&store)
+        .unwrap()
+        .unwrap()
+        .cases
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
     assert_eq!(ids, ["late", "phantom_000"]);
     // SAFETY: sending a signal to our own child process by its pid.
     let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
@@ -253,6 +331,9 @@ fn a_flipped_byte_in_a_chunk_is_a_checksum_error_naming_case_and_chunk() {
         .lines()
         .find(|l| l.starts_with("damaged: phantom_001"))
         .unwrap_or_else(|| panic!("no damage report for phantom_001 in:\n{stderr}"));
-    assert!(line.contains("checksum") && line.contains("chunk"), "{line}");
+    assert!(
+        line.contains("checksum") && line.contains("chunk"),
+        "{line}"
+    );
     assert!(!stderr.contains("damaged: phantom_000"), "{stderr}");
 }

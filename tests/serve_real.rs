@@ -14,6 +14,7 @@ use patchflow_store::Manifest;
 use patchflow_volume::{LabelData, PreprocessedCase, with_voxels};
 
 /// The expected f32 image of one item: normalised voxels, 0 outside the volume.
+#[allow(clippy::unnecessary_cast)] // `x as f32` is generic over every stored type, f32 included
 fn expected_image(pre: &PreprocessedCase, origin: [i64; 3], patch: [usize; 3]) -> Vec<f32> {
     let n: usize = patch.iter().product();
     let mut out = Vec::with_capacity(n * pre.channels.len());
@@ -30,7 +31,12 @@ fn expected_image(pre: &PreprocessedCase, origin: [i64; 3], patch: [usize; 3]) -
 }
 
 /// The expected label of one item as u16 values: ignore outside the volume.
-fn expected_label(pre: &PreprocessedCase, origin: [i64; 3], patch: [usize; 3], ignore: u16) -> Vec<u16> {
+fn expected_label(
+    pre: &PreprocessedCase,
+    origin: [i64; 3],
+    patch: [usize; 3],
+    ignore: u16,
+) -> Vec<u16> {
     match &pre.label {
         LabelData::U8(v) => {
             let wide: Vec<u16> = v.iter().map(|&x| u16::from(x)).collect();
@@ -42,19 +48,29 @@ fn expected_label(pre: &PreprocessedCase, origin: [i64; 3], patch: [usize; 3], i
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_batches_with_size_changes_equal_the_preprocessed_volumes() {
-    let Some(data) = shared_data("two_hundred_batches_with_size_changes_equal_the_preprocessed_volumes")
+    let Some(data) =
+        shared_data("two_hundred_batches_with_size_changes_equal_the_preprocessed_volumes")
     else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("pairs");
-    run_ok(&["ingest", s(&data.join("pairs.tsv")), "--out", s(&store), "--keep-spacing"]);
+    run_ok(&[
+        "ingest",
+        s(&data.join("pairs.tsv")),
+        "--out",
+        s(&store),
+        "--keep-spacing",
+    ]);
     let manifest = Manifest::load(&store).unwrap().unwrap();
     let plan: DatasetPlan = serde_json::from_value(manifest.plan.clone()).unwrap();
     let reference: HashMap<String, PreprocessedCase> = pairs(&data)
         .into_iter()
         .map(|(image, label, modality)| {
-            (case_id(&image), preprocess_in_memory(&data, &image, &label, &modality, &plan))
+            (
+                case_id(&image),
+                preprocess_in_memory(&data, &image, &label, &modality, &plan),
+            )
         })
         .collect();
 
@@ -110,10 +126,21 @@ async fn two_hundred_batches_with_size_changes_equal_the_preprocessed_volumes() 
             let pre = &reference[&item.case_id];
             let want = expected_image(pre, item.origin, patch);
             let got = &image[i * n * pre.channels.len()..(i + 1) * n * pre.channels.len()];
-            let same_bits = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(same_bits, "batch {b} item {i} ({} at {:?}): image differs", item.case_id, item.origin);
+            let same_bits = got
+                .iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(
+                same_bits,
+                "batch {b} item {i} ({} at {:?}): image differs",
+                item.case_id, item.origin
+            );
             let want = expected_label(pre, item.origin, patch, batch.ignore_label);
-            assert_eq!(&labels[i * n..(i + 1) * n], &want[..], "batch {b} item {i}: label differs");
+            assert_eq!(
+                &labels[i * n..(i + 1) * n],
+                &want[..],
+                "batch {b} item {i}: label differs"
+            );
             if item.forced_foreground {
                 forced += 1;
                 let class = item.class.unwrap();

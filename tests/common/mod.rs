@@ -69,11 +69,19 @@ pub fn pairs(data: &Path) -> Vec<(String, String, String)> {
 /// The case id ingest gives an image path.
 pub fn case_id(image: &str) -> String {
     let file = Path::new(image).file_name().unwrap().to_str().unwrap();
-    file.trim_end_matches(".gz").trim_end_matches(".nii").to_string()
+    file.trim_end_matches(".gz")
+        .trim_end_matches(".nii")
+        .to_string()
 }
 
 /// Reads the whole preprocessed case again in memory, exactly as ingest did, using the stored plan.
-pub fn preprocess_in_memory(data: &Path, image: &str, label: &str, modality: &str, plan: &DatasetPlan) -> patchflow_volume::PreprocessedCase {
+pub fn preprocess_in_memory(
+    data: &Path,
+    image: &str,
+    label: &str,
+    modality: &str,
+    plan: &DatasetPlan,
+) -> patchflow_volume::PreprocessedCase {
     let img = read_nifti(&data.join(image)).unwrap();
     let (label_geometry, lab) = read_label(&data.join(label)).unwrap();
     let names = vec![modality.to_string()];
@@ -88,7 +96,13 @@ pub fn preprocess_in_memory(data: &Path, image: &str, label: &str, modality: &st
 }
 
 /// Naive crop with padding of a C-order volume.
-pub fn crop_ref<T: Copy>(src: &[T], shape: [usize; 3], origin: [i64; 3], size: [usize; 3], pad: T) -> Vec<T> {
+pub fn crop_ref<T: Copy>(
+    src: &[T],
+    shape: [usize; 3],
+    origin: [i64; 3],
+    size: [usize; 3],
+    pad: T,
+) -> Vec<T> {
     let mut out = Vec::with_capacity(size.iter().product());
     for z in 0..size[0] as i64 {
         for y in 0..size[1] as i64 {
@@ -105,4 +119,3 @@ pub fn crop_ref<T: Copy>(src: &[T], shape: [usize; 3], origin: [i64; 3], size: [
     }
     out
 }
-

@@ -170,7 +170,11 @@ fn discover_nnunet(root: &Path) -> Result<DatasetSource, IngestError> {
     let mut channels_by_case: BTreeMap<String, BTreeMap<usize, PathBuf>> = BTreeMap::new();
     let mut problems = Vec::new();
     for entry in read_dir_sorted(&images_dir)? {
-        let Some(name) = entry.file_name().and_then(|n| n.to_str()).map(str::to_owned) else {
+        let Some(name) = entry
+            .file_name()
+            .and_then(|n| n.to_str())
+            .map(str::to_owned)
+        else {
             continue;
         };
         if is_transient(&name) || !name.ends_with(&ending) {
@@ -340,10 +344,7 @@ fn discover_tsv(path: &Path) -> Result<DatasetSource, IngestError> {
         seen.insert(id.clone());
         let image = base.join(image);
         let label = base.join(label);
-        let modality = modality_col
-            .and_then(get)
-            .unwrap_or("unknown")
-            .to_string();
+        let modality = modality_col.and_then(get).unwrap_or("unknown").to_string();
         if !image.is_file() {
             problems.push((
                 id.clone(),
@@ -423,7 +424,10 @@ mod tests {
         assert_eq!(ds.problems.len(), 1);
         assert_eq!(ds.problems[0].0, "a_2");
         let msg = ds.problems[0].1.to_string();
-        assert!(msg.contains("missing label") && msg.contains("missing.nii.gz"), "{msg}");
+        assert!(
+            msg.contains("missing label") && msg.contains("missing.nii.gz"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 use patchflow_store::{CaseReader, ChunkCache, Manifest};
 use serde::Serialize;
 
-use crate::pipeline::SourceRecord;
 use crate::IngestError;
+use crate::pipeline::SourceRecord;
 
 /// One channel of a case.
 #[derive(Clone, Debug, Serialize)]
@@ -220,7 +220,11 @@ pub fn render_text(report: &StoreReport) -> String {
             c.original_spacing[2],
         );
         for ch in &c.channels {
-            let _ = writeln!(s, "  channel {:<8} {}  normalisation {:?}", ch.name, ch.dtype, ch.normalization.scheme);
+            let _ = writeln!(
+                s,
+                "  channel {:<8} {}  normalisation {:?}",
+                ch.name, ch.dtype, ch.normalization.scheme
+            );
         }
         let _ = writeln!(
             s,
@@ -232,7 +236,12 @@ pub fn render_text(report: &StoreReport) -> String {
                 .map(|i| format!(", input {:.2} MB", mb(i)))
                 .unwrap_or_default()
         );
-        let _ = writeln!(s, "  classes ({}, label {}):", c.classes.len(), c.label_dtype);
+        let _ = writeln!(
+            s,
+            "  classes ({}, label {}):",
+            c.classes.len(),
+            c.label_dtype
+        );
         for k in &c.classes {
             let _ = writeln!(
                 s,

@@ -13,9 +13,9 @@ use patchflow_store::{
 use patchflow_volume::{CaseInput, NormScheme, median_spacing};
 use serde::{Deserialize, Serialize};
 
+use crate::IngestError;
 use crate::discover::{CaseSource, DatasetSource, discover};
 use crate::plan::{CtPlan, DatasetPlan, PlanSettings, scheme_for};
-use crate::IngestError;
 
 /// Foreground intensity samples drawn per CT case for the dataset statistics (as nnU-Net).
 const CT_SAMPLES_PER_CASE: usize = 10_000;
@@ -101,7 +101,11 @@ impl IngestReport {
         );
         if !self.ingested.is_empty() && self.seconds > 0.0 {
             let mb = self.input_bytes() as f64 / 1e6;
-            s.push_str(&format!(" ({:.1} MB of input, {:.1} MB/s)", mb, mb / self.seconds));
+            s.push_str(&format!(
+                " ({:.1} MB of input, {:.1} MB/s)",
+                mb,
+                mb / self.seconds
+            ));
         }
         for w in &self.warnings {
             s.push_str(&format!("\nwarning: {w}"));
@@ -203,7 +207,8 @@ impl Session {
             report.failed.push((id.clone(), e.to_string()));
         }
 
-        let stored_plan: Option<DatasetPlan> = serde_json::from_value(self.manifest.plan.clone()).ok();
+        let stored_plan: Option<DatasetPlan> =
+            serde_json::from_value(self.manifest.plan.clone()).ok();
         let plan = match stored_plan {
             Some(p) if !opts.replan && p.settings == opts.settings => p,
             previous => {
@@ -535,7 +540,9 @@ fn remove_stale_temp_files(out: &Path) {
         let name = name.to_string_lossy();
         if is_temp_file_name(&name) {
             match std::fs::remove_file(entry.path()) {
-                Ok(()) => tracing::info!("removed temporary file {name} left by an interrupted run"),
+                Ok(()) => {
+                    tracing::info!("removed temporary file {name} left by an interrupted run")
+                }
                 Err(e) => tracing::warn!("could not remove temporary file {name}: {e}"),
             }
         }

@@ -12,9 +12,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::IngestError;
 use crate::discover::{CaseSource, discover};
 use crate::pipeline::{IngestOptions, IngestReport, Session};
-use crate::IngestError;
 
 /// Size and modification time of a file: its state as far as completeness goes.
 type FileState = (u64, Option<SystemTime>);
@@ -55,7 +55,9 @@ pub fn watch(
         let mut ready = Vec::new();
         let mut now_seen = HashMap::new();
         for case in &source.cases {
-            let Some(state) = case_state(case) else { continue };
+            let Some(state) = case_state(case) else {
+                continue;
+            };
             for (p, s) in case.files().zip(&state) {
                 now_seen.insert(p.clone(), *s);
             }
