@@ -89,10 +89,10 @@ impl TempFile {
 
 impl Drop for TempFile {
     fn drop(&mut self) {
-        if self.armed {
-            if let Err(e) = std::fs::remove_file(&self.tmp) {
-                tracing::warn!(path = %self.tmp.display(), error = %e, "could not remove temporary file");
-            }
+        if self.armed
+            && let Err(e) = std::fs::remove_file(&self.tmp)
+        {
+            tracing::warn!(path = %self.tmp.display(), error = %e, "could not remove temporary file");
         }
     }
 }

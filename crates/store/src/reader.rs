@@ -523,13 +523,12 @@ impl CaseReader {
                     let src = self.chunk(a, c)?;
                     let bx = x0 - lo[2] + b0[2];
                     // Neighbouring constant chunks of one value make one run per row.
-                    if let (ChunkSrc::Const(bits), Some(last)) = (&src, band.last_mut()) {
-                        if matches!(last.src, ChunkSrc::Const(b) if b == *bits)
-                            && last.bx + last.xn == bx
-                        {
-                            last.xn += x1 - x0;
-                            continue;
-                        }
+                    if let (ChunkSrc::Const(bits), Some(last)) = (&src, band.last_mut())
+                        && matches!(last.src, ChunkSrc::Const(b) if b == *bits)
+                        && last.bx + last.xn == bx
+                    {
+                        last.xn += x1 - x0;
+                        continue;
                     }
                     band.push(BandChunk {
                         src,
@@ -1046,8 +1045,8 @@ fn is_primitive<T: 'static>() -> bool {
 fn cast_elems<T: 'static>(bytes: &[u8]) -> Option<&[T]> {
     let size = std::mem::size_of::<T>();
     if size == 0
-        || bytes.len() % size != 0
-        || (bytes.as_ptr() as usize) % std::mem::align_of::<T>() != 0
+        || !bytes.len().is_multiple_of(size)
+        || !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>())
         || !is_primitive::<T>()
     {
         return None;

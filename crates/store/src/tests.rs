@@ -35,7 +35,7 @@ fn gen_bytes(shape: [usize; 3], es: usize, seed: u64) -> Vec<u8> {
     for z in 0..shape[0] {
         for y in 0..shape[1] {
             for x in 0..shape[2] {
-                let busy = (z / block + y / block + x / block) % 3 == 0;
+                let busy = (z / block + y / block + x / block).is_multiple_of(3);
                 let v = if busy { rng.next() } else { background };
                 out.extend_from_slice(&v.to_le_bytes()[..es]);
             }

@@ -500,10 +500,10 @@ impl<'f> Out<'f> {
 
     fn write(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
         #[cfg(test)]
-        if let Some(limit) = FAIL_AFTER_BYTES.with(|f| f.get()) {
-            if self.pos + bytes.len() as u64 > limit {
-                return Err(self.err(std::io::Error::other("injected write failure")));
-            }
+        if let Some(limit) = FAIL_AFTER_BYTES.with(|f| f.get())
+            && self.pos + bytes.len() as u64 > limit
+        {
+            return Err(self.err(std::io::Error::other("injected write failure")));
         }
         self.w.write_all(bytes).map_err(|e| self.err(e))?;
         self.pos += bytes.len() as u64;

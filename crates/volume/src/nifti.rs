@@ -170,8 +170,8 @@ pub fn read_nifti_geometry(path: &Path) -> Result<Geometry, VolumeError> {
         Source::Plain(reader)
     };
     let mut header = [0u8; HEADER_LEN];
-    let got = read_full(&mut source, &mut header)
-        .map_err(|e| classify_read_error(path, is_gzip, e))?;
+    let got =
+        read_full(&mut source, &mut header).map_err(|e| classify_read_error(path, is_gzip, e))?;
     let parsed = parse_header(path, &header[..got], is_gzip, VolumeKind::Image)?;
     Ok(Geometry {
         shape: parsed.shape,
