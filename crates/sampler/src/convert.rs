@@ -213,11 +213,11 @@ fn normalise<T: Stored>(src: &[u8], norm: &Normalization, out: &mut [f32]) {
 
 #[inline(always)]
 fn convert_typed<T: Stored>(src: &[u8], norm: &Normalization, out: OutputDType, dst: &mut [u8]) {
-    if out == OutputDType::F32 {
-        if let Ok(d) = bytemuck::try_cast_slice_mut::<u8, f32>(dst) {
-            normalise::<T>(src, norm, d);
-            return;
-        }
+    if out == OutputDType::F32
+        && let Ok(d) = bytemuck::try_cast_slice_mut::<u8, f32>(dst)
+    {
+        normalise::<T>(src, norm, d);
+        return;
     }
     let elem = size_of::<T>();
     let mut wide = [0f32; BLOCK];
@@ -247,6 +247,30 @@ where
     let buf = &mut buf[..wide.len()];
     buf.convert_from_f32_slice(wide);
     dst.copy_from_slice(bytemuck::cast_slice(buf));
+}
+
+/// Writes `src` (`f32` values already in the output space) into `dst` as `out`
+/// (`dst.len() == src.len() * out.size()`), rounding half precision to nearest even.
+pub(crate) fn write_f32(src: &[f32], out: OutputDType, dst: &mut [u8]) {
+    match out {
+        OutputDType::F32 => match bytemuck::try_cast_slice_mut::<u8, f32>(dst) {
+            Ok(d) => d.copy_from_slice(src),
+            Err(_) => {
+                for (d, v) in dst.chunks_exact_mut(4).zip(src) {
+                    d.copy_from_slice(&v.to_le_bytes());
+                }
+            }
+        },
+        OutputDType::F16 | OutputDType::BF16 => {
+            for (w, d) in src.chunks(BLOCK).zip(dst.chunks_mut(BLOCK * 2)) {
+                if out == OutputDType::F16 {
+                    narrow::<f16>(w, d);
+                } else {
+                    narrow::<bf16>(w, d);
+                }
+            }
+        }
+    }
 }
 
 /// Fills image padding (`0.0` in every output type is all-zero bytes).
@@ -390,6 +414,28 @@ mod tests {
         );
         check!(f32, DType::F32, vec![-1e9, -0.5, 0.0, 3.25, 1e9]);
         check!(f64, DType::F64, vec![-1e9, -0.5, 0.0, 3.25, 1e9]);
+    }
+
+    #[test]
+    fn write_f32_rounds_like_half() {
+        let vals: Vec<f32> = (0..300).map(|i| (i as f32 - 150.0) * 0.0137).collect();
+        for out in [OutputDType::F32, OutputDType::F16, OutputDType::BF16] {
+            // Aligned and unaligned destinations.
+            let mut buf = vec![0u8; vals.len() * out.size() + 1];
+            for start in [0usize, 1] {
+                let dst = &mut buf[start..start + vals.len() * out.size()];
+                write_f32(&vals, out, dst);
+                for (i, v) in vals.iter().enumerate() {
+                    let got: Vec<u8> = dst[i * out.size()..(i + 1) * out.size()].to_vec();
+                    let want = match out {
+                        OutputDType::F32 => v.to_le_bytes().to_vec(),
+                        OutputDType::F16 => f16::from_f32(*v).to_le_bytes().to_vec(),
+                        OutputDType::BF16 => bf16::from_f32(*v).to_le_bytes().to_vec(),
+                    };
+                    assert_eq!(got, want, "{out} at {i}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -10,11 +10,14 @@
 //!   MONAI's class weights ([`Policy`]);
 //! * every stored run of voxels is converted once, straight into the batch buffer, with the
 //!   channel's normalisation fused in ([`convert`]);
+//! * optional training augmentation ([`AugmentSpec`], nnU-Net's defaults as a preset) runs per
+//!   item from a source region read once, see [`patchflow_augment`];
 //! * items are filled in parallel on the caller's rayon pool;
 //! * batch `index` of a stream depends only on the dataset, the request and `index`: the random
 //!   streams are defined in this crate (SplitMix64-keyed xoshiro256++) and never change, so any
 //!   thread count, machine or restart reproduces the same batches.
 
+mod augmented;
 pub mod convert;
 mod dataset;
 mod error;
@@ -27,6 +30,7 @@ mod sampler;
 pub use convert::OutputDType;
 pub use dataset::{Dataset, IGNORE_U8, IGNORE_U16};
 pub use error::SamplerError;
+pub use patchflow_augment::{AugmentParams, AugmentSpec};
 pub use plan::BACKGROUND_TRIES;
 pub use request::{Batch, BatchRequest, ItemMeta, Limits, MAX_PATCH_AXIS, Policy};
 pub use sampler::Sampler;

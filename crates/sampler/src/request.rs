@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use patchflow_augment::{AugmentParams, AugmentSpec};
 use patchflow_volume::DType;
 
 use crate::convert::OutputDType;
@@ -49,6 +50,10 @@ pub struct BatchRequest {
     pub seed: u64,
     /// Restrict sampling to these case indices (shards); `None` = every case.
     pub cases: Option<Vec<usize>>,
+    /// Training augmentation applied to every item (e.g. [`AugmentSpec::nnunet_default`]);
+    /// `None` serves plain crops. Parameters are drawn per item from `(seed, batch index, item)`
+    /// in a stream apart from placement, so turning augmentation on does not move the crops.
+    pub augment: Option<AugmentSpec>,
 }
 
 /// Resource limits a server applies to requests (see [`crate::Sampler::validate`]).
@@ -89,6 +94,9 @@ pub struct ItemMeta {
     /// The class the crop was placed for: the class drawn for a forced or weighted item (`0` for a
     /// weighted background crop), `None` for uniform items.
     pub class: Option<u16>,
+    /// The augmentation drawn for the item (`None` when the request has none). The patch is
+    /// centred where the plain crop would be; rotation and scaling act about that centre.
+    pub augment: Option<AugmentParams>,
 }
 
 /// One assembled batch: image `[B, C, Z, Y, X]` and label `[B, 1, Z, Y, X]`, row-major,
@@ -103,9 +111,11 @@ pub struct Batch {
     pub dtype: OutputDType,
     /// Element type of `label` (`U8` or `U16`).
     pub label_dtype: DType,
-    /// Image bytes, `B * C * Z * Y * X` elements of `dtype`; padding is `0.0`.
+    /// Image bytes, `B * C * Z * Y * X` elements of `dtype`; padding is `0.0` (before any
+    /// intensity augmentation).
     pub image: Vec<u8>,
-    /// Label bytes, `B * Z * Y * X` elements of `label_dtype`; padding is the ignore label.
+    /// Label bytes, `B * Z * Y * X` elements of `label_dtype`; padding (and, with augmentation,
+    /// voxels sampled from outside the volume) is the ignore label.
     pub label: Vec<u8>,
     /// Placement of each item.
     pub items: Vec<ItemMeta>,

@@ -44,6 +44,9 @@ pub(crate) enum StreamKind {
     Case = 1,
     /// Placement of one item (class, voxel, origin).
     Item = 2,
+    /// Augmentation parameters of one item (a domain apart from placement, so enabling
+    /// augmentation never moves a crop).
+    Augment = 3,
 }
 
 /// xoshiro256++ generator.
@@ -55,11 +58,16 @@ pub(crate) struct Rng {
 impl Rng {
     /// The stream for `(seed, batch, kind, slot)`.
     pub(crate) fn stream(seed: u64, batch: u64, kind: StreamKind, slot: u64) -> Rng {
+        Rng::from_seed(Rng::key(seed, batch, kind, slot))
+    }
+
+    /// The 64-bit key of the stream `(seed, batch, kind, slot)`, for generators seeded elsewhere
+    /// (the augmentation draws from its own generator seeded with this key).
+    pub(crate) fn key(seed: u64, batch: u64, kind: StreamKind, slot: u64) -> u64 {
         let mut k = mix(seed);
         k = mix(k ^ batch);
         k = mix(k ^ kind as u64);
-        k = mix(k ^ slot);
-        Rng::from_seed(k)
+        mix(k ^ slot)
     }
 
     /// A generator seeded from one word through SplitMix64.
@@ -181,6 +189,10 @@ mod tests {
         assert_ne!(base, Rng::stream(7, 4, StreamKind::Item, 1).next_u64());
         assert_ne!(base, Rng::stream(7, 3, StreamKind::Case, 1).next_u64());
         assert_ne!(base, Rng::stream(7, 3, StreamKind::Item, 2).next_u64());
+        assert_ne!(
+            Rng::key(7, 3, StreamKind::Item, 1),
+            Rng::key(7, 3, StreamKind::Augment, 1)
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@ use patchflow_volume::DType;
 use rayon::prelude::*;
 
 use crate::SamplerError;
+use crate::augmented::{ItemTask, ScratchPool};
 use crate::convert::{ImageRuns, LabelRuns, RunConvert};
 use crate::dataset::{CaseRef, Dataset};
 use crate::placement::{cases_per_batch, is_forced, slot_of_item};
@@ -24,9 +25,14 @@ use crate::rng::{Rng, StreamKind};
 /// A batch draws `ceil(batch / crops_per_case)` cases uniformly with replacement from the
 /// request's case list (all cases by default), as nnU-Net does; item `i` comes from draw
 /// `i / crops_per_case`. Each item then draws its class, voxel and origin from its own stream.
+///
+/// With augmentation ([`BatchRequest::augment`]), each item reads the larger source region its
+/// rotation and scaling need, normalised to `f32`, applies the drawn transforms and converts the
+/// result to the served type; the working buffers are pooled and reused across batches.
 #[derive(Clone, Debug)]
 pub struct Sampler {
     dataset: Arc<Dataset>,
+    pool: Arc<ScratchPool>,
 }
 
 /// One unit of parallel work: one image channel or the label of one item.
@@ -39,7 +45,10 @@ struct FillTask<'a> {
 impl Sampler {
     /// A sampler over `dataset`.
     pub fn new(dataset: Arc<Dataset>) -> Sampler {
-        Sampler { dataset }
+        Sampler {
+            dataset,
+            pool: Arc::default(),
+        }
     }
 
     /// The dataset sampled from.
@@ -49,9 +58,12 @@ impl Sampler {
 
     /// Checks `req` against the dataset and against `limits`.
     ///
-    /// Errors are [`SamplerError::InvalidRequest`] (naming the field) or
-    /// [`SamplerError::LimitExceeded`] (naming the measure and the limit). A request that passes
-    /// can be served by [`Sampler::sample`] for every batch index, barring I/O errors.
+    /// Errors are [`SamplerError::InvalidRequest`] (naming the field; for the augmentation
+    /// `"augment"`, with the offending sub-field and its limits in the reason) or
+    /// [`SamplerError::LimitExceeded`] (naming the measure and the limit). With augmentation, the
+    /// largest source region an item can need (all channels as `f32` plus labels) must also fit
+    /// `max_batch_bytes`: each worker holds one. A request that passes can be served by
+    /// [`Sampler::sample`] for every batch index, barring I/O errors.
     pub fn validate(&self, req: &BatchRequest, limits: &Limits) -> Result<(), SamplerError> {
         self.check_shape(req)?;
         if req.batch > limits.max_batch {
@@ -76,6 +88,20 @@ impl Sampler {
                 value: bytes,
                 limit: limits.max_batch_bytes,
             });
+        }
+        if let Some(spec) = &req.augment {
+            // Each worker holds one item's source region; it must fit the batch byte budget.
+            let region = patch_voxels(spec.max_source_shape(req.patch));
+            let per_voxel =
+                self.dataset.num_channels() as u64 * 4 + self.dataset.label_dtype().size() as u64;
+            let bytes = region.saturating_mul(per_voxel);
+            if bytes > limits.max_batch_bytes {
+                return Err(SamplerError::LimitExceeded {
+                    what: "augmentation source region bytes",
+                    value: bytes,
+                    limit: limits.max_batch_bytes,
+                });
+            }
         }
         self.check_policy(req)
     }
@@ -117,6 +143,33 @@ impl Sampler {
 
         let mut image = vec![0u8; image_bytes];
         let mut label = vec![0u8; label_bytes];
+        if req.augment.is_some() {
+            let item_image_bytes = image_channel_bytes * channels;
+            let mut images: Vec<&mut [u8]> = if item_image_bytes == 0 {
+                (0..req.batch).map(|_| <&mut [u8]>::default()).collect()
+            } else {
+                image.chunks_mut(item_image_bytes).collect()
+            };
+            let tasks: Vec<ItemTask<'_>> = images
+                .drain(..)
+                .zip(label.chunks_mut(label_item_bytes.max(1)))
+                .zip(&items)
+                .map(|((image, label), meta)| ItemTask { meta, image, label })
+                .collect();
+            tasks
+                .into_par_iter()
+                .try_for_each(|task| self.fill_augmented(req, task))?;
+            tracing::trace!(index, items = items.len(), "augmented batch assembled");
+            return Ok(Batch {
+                index,
+                patch: req.patch,
+                dtype: req.dtype,
+                label_dtype: ds.label_dtype(),
+                image,
+                label,
+                items,
+            });
+        }
         let mut tasks: Vec<FillTask<'_>> = Vec::with_capacity(req.batch * (channels + 1));
         if image_channel_bytes > 0 {
             for (k, out) in image.chunks_mut(image_channel_bytes).enumerate() {
@@ -159,7 +212,7 @@ impl Sampler {
     }
 
     /// The placement of batch `index` without reading voxels (except the single label voxels
-    /// that a weighted background crop probes).
+    /// that a weighted background crop probes), with each item's drawn augmentation.
     pub fn plan(&self, req: &BatchRequest, index: u64) -> Result<Vec<ItemMeta>, SamplerError> {
         self.check_shape(req)?;
         let ds = &*self.dataset;
@@ -189,18 +242,23 @@ impl Sampler {
                 let mut rng = Rng::stream(req.seed, index, StreamKind::Item, item as u64);
                 let forced = is_forced(item, req.batch, fraction);
                 let p = place_item(&view, req.patch, &req.policy, forced, &mut rng)?;
+                let augment = req.augment.as_ref().map(|spec| {
+                    let key = Rng::key(req.seed, index, StreamKind::Augment, item as u64);
+                    patchflow_augment::draw(spec, key, req.patch, ds.num_channels())
+                });
                 Ok(ItemMeta {
                     case,
                     case_id: view.id().to_string(),
                     origin: p.origin,
                     forced_foreground: p.forced_foreground,
                     class: p.class,
+                    augment,
                 })
             })
             .collect()
     }
 
-    fn case(&self, case: usize) -> Result<CaseRef<'_>, SamplerError> {
+    pub(crate) fn case(&self, case: usize) -> Result<CaseRef<'_>, SamplerError> {
         self.dataset.view(case).ok_or_else(|| {
             SamplerError::invalid(
                 "cases",
@@ -210,6 +268,14 @@ impl Sampler {
                 ),
             )
         })
+    }
+
+    /// Fills one augmented item with a pooled scratch.
+    fn fill_augmented(&self, req: &BatchRequest, task: ItemTask<'_>) -> Result<(), SamplerError> {
+        let mut scratch = self.pool.take();
+        let result = crate::augmented::fill_item(self, req, task, &mut scratch);
+        self.pool.give(scratch);
+        result
     }
 
     /// Fills one channel or label of one item through `visit_box`: each stored run is converted
@@ -326,6 +392,10 @@ impl Sampler {
                 }
             }
         }
+        if let Some(spec) = &req.augment {
+            spec.validate()
+                .map_err(|e| SamplerError::invalid("augment", e.to_string()))?;
+        }
         let n = self.dataset.cases().len();
         if let Some(list) = &req.cases {
             if list.is_empty() {
@@ -387,7 +457,7 @@ impl Sampler {
 }
 
 /// `patch[0] * patch[1] * patch[2]`, saturating.
-fn patch_voxels(patch: [usize; 3]) -> u64 {
+pub(crate) fn patch_voxels(patch: [usize; 3]) -> u64 {
     patch
         .iter()
         .fold(1u64, |acc, &p| acc.saturating_mul(p as u64))
@@ -406,7 +476,7 @@ fn too_large(sampler: &Sampler, req: &BatchRequest) -> SamplerError {
 ///
 /// The outer error is the store's; the inner one says how the runs broke the `visit_box`
 /// contract (a run outside the box, a source of the wrong length, voxels not covered).
-fn visit_into<C: RunConvert>(
+pub(crate) fn visit_into<C: RunConvert>(
     reader: &CaseReader,
     array: ArrayId,
     origin: [i64; 3],

@@ -229,6 +229,7 @@ fn request(patch: [usize; 3], batch: usize, policy: Policy) -> BatchRequest {
         dtype: OutputDType::F32,
         seed: 1234,
         cases: None,
+        augment: None,
     }
 }
 
@@ -723,4 +724,318 @@ fn open_rejects_inconsistent_stores() {
         matches!(&err, SamplerError::Dataset { reason, .. } if reason.contains("65535")),
         "{err}"
     );
+}
+
+// ---- Augmentation ----
+
+use patchflow_augment::{
+    AugmentSpec, BlurSpec, GammaSpec, MirrorSpec, NoiseSpec, RotationSpec, ScalingSpec,
+};
+
+fn augmented(patch: [usize; 3], batch: usize, spec: AugmentSpec) -> BatchRequest {
+    let mut req = request(patch, batch, Policy::ForegroundOversample { fraction: 0.5 });
+    req.augment = Some(spec);
+    req
+}
+
+/// Image values of a batch as `f32`, whatever the served dtype.
+fn served_image(batch: &Batch) -> Vec<f32> {
+    match batch.dtype {
+        OutputDType::F32 => batch
+            .image
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        OutputDType::F16 => batch
+            .image
+            .chunks_exact(2)
+            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        OutputDType::BF16 => batch
+            .image
+            .chunks_exact(2)
+            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+    }
+}
+
+/// Label values present in a case.
+fn case_classes(case: &MemCase) -> BTreeSet<u16> {
+    (0..case.label.len()).map(|i| case.label.get(i)).collect()
+}
+
+/// Checks shapes, finiteness and label values (the case's classes and the ignore label only).
+fn check_augmented(fx: &Fixture, batch: &Batch) {
+    let ds = fx.sampler.dataset();
+    let voxels: usize = batch.patch.iter().product();
+    let n = batch.items.len();
+    assert_eq!(
+        batch.image.len(),
+        n * ds.num_channels() * voxels * batch.dtype.size()
+    );
+    assert_eq!(batch.label.len(), n * voxels * ds.label_dtype().size());
+    assert!(served_image(batch).iter().all(|v| v.is_finite()));
+    let labels = served_labels(batch);
+    for (i, item) in batch.items.iter().enumerate() {
+        assert!(item.augment.is_some(), "{item:?}");
+        let case = &fx.cases[ds.case_index(&item.case_id).expect("known case")];
+        let mut allowed = case_classes(case);
+        allowed.insert(ds.ignore_label());
+        for &l in &labels[i * voxels..(i + 1) * voxels] {
+            assert!(
+                allowed.contains(&l),
+                "label {l} in item {i} of case {}",
+                item.case_id
+            );
+        }
+    }
+}
+
+#[test]
+fn identity_augmentation_serves_the_plain_crop() {
+    let fx = fixture();
+    for dtype in [OutputDType::F32, OutputDType::F16, OutputDType::BF16] {
+        for patch in [[4, 4, 4], [13, 21, 23], [20, 7, 30]] {
+            let mut plain = request(patch, 3, Policy::ForegroundOversample { fraction: 0.5 });
+            plain.dtype = dtype;
+            let mut aug = plain.clone();
+            aug.augment = Some(AugmentSpec::default());
+            for index in 0..3 {
+                let a = fx.sampler.sample(&plain, index).expect("plain");
+                let b = fx.sampler.sample(&aug, index).expect("augmented");
+                assert_eq!(a.image, b.image, "{dtype} {patch:?}");
+                assert_eq!(a.label, b.label, "{dtype} {patch:?}");
+                for (x, y) in a.items.iter().zip(&b.items) {
+                    assert_eq!((x.case, x.origin, x.class), (y.case, y.origin, y.class));
+                    assert!(y.augment.as_ref().is_some_and(|p| p.is_identity()));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn mirrored_items_are_flipped_crops() {
+    let fx = fixture();
+    let spec = AugmentSpec {
+        mirror: MirrorSpec {
+            p_per_axis: 1.0,
+            axes: [true, false, true],
+        },
+        ..AugmentSpec::default()
+    };
+    let patch = [5, 9, 12];
+    let voxels: usize = patch.iter().product();
+    let channels = fx.sampler.dataset().num_channels();
+    for dtype in [OutputDType::F32, OutputDType::BF16] {
+        let mut plain = request(patch, 2, Policy::Uniform);
+        plain.dtype = dtype;
+        let mut aug = plain.clone();
+        aug.augment = Some(spec.clone());
+        for index in 0..4 {
+            let a = fx.sampler.sample(&plain, index).expect("plain");
+            let b = fx.sampler.sample(&aug, index).expect("mirrored");
+            let (ia, ib) = (served_image(&a), served_image(&b));
+            let (la, lb) = (served_labels(&a), served_labels(&b));
+            for item in 0..2 {
+                assert_eq!(
+                    b.items[item].augment.as_ref().map(|p| p.mirror),
+                    Some([true, false, true])
+                );
+                for z in 0..patch[0] {
+                    for y in 0..patch[1] {
+                        for x in 0..patch[2] {
+                            let o = (z * patch[1] + y) * patch[2] + x;
+                            let s =
+                                ((patch[0] - 1 - z) * patch[1] + y) * patch[2] + (patch[2] - 1 - x);
+                            assert_eq!(lb[item * voxels + o], la[item * voxels + s]);
+                            for c in 0..channels {
+                                let base = (item * channels + c) * voxels;
+                                assert_eq!(ib[base + o].to_bits(), ia[base + s].to_bits());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn preset_batches_are_well_formed_and_reproducible() {
+    let fx = fixture();
+    let spec = AugmentSpec::nnunet_default();
+    let mut resampled = 0;
+    let mut intensity = 0;
+    for dtype in [OutputDType::F32, OutputDType::F16, OutputDType::BF16] {
+        for patch in [[12, 16, 10], [20, 30, 30]] {
+            let mut req = augmented(patch, 4, spec.clone());
+            req.dtype = dtype;
+            fx.sampler
+                .validate(&req, &Limits::default())
+                .expect("valid request");
+            for index in 0..10 {
+                let a = fx.sampler.sample(&req, index).expect("sample");
+                let b = fx.sampler.sample(&req, index).expect("sample");
+                assert_eq!(a, b, "same seed, same batch");
+                assert_eq!(a.items, fx.sampler.plan(&req, index).expect("plan"));
+                check_augmented(&fx, &a);
+                for item in &a.items {
+                    let p = item.augment.as_ref().expect("params");
+                    resampled += usize::from(p.is_resampled());
+                    intensity += usize::from(p.gamma.is_some() || p.lowres.is_some());
+                }
+            }
+        }
+    }
+    // 240 items with p(resampled) = 0.36 and p(gamma or low-res) ≈ 0.47: both occur.
+    assert!(resampled > 0 && intensity > 0, "{resampled} {intensity}");
+    let mut other = augmented([12, 16, 10], 4, spec);
+    other.seed += 1;
+    assert_ne!(
+        fx.sampler.plan(&other, 0).expect("plan"),
+        fx.sampler
+            .plan(
+                &augmented([12, 16, 10], 4, AugmentSpec::nnunet_default()),
+                0
+            )
+            .expect("plan")
+    );
+}
+
+/// A specification where most transforms fire.
+fn busy_spec() -> AugmentSpec {
+    AugmentSpec {
+        rotation: RotationSpec {
+            p: 0.9,
+            ..RotationSpec::default()
+        },
+        scaling: ScalingSpec {
+            p: 0.7,
+            ..ScalingSpec::default()
+        },
+        noise: NoiseSpec {
+            p: 0.5,
+            ..NoiseSpec::default()
+        },
+        blur: BlurSpec {
+            p: 0.5,
+            ..BlurSpec::default()
+        },
+        gamma: GammaSpec {
+            p: 0.5,
+            ..GammaSpec::default()
+        },
+        ..AugmentSpec::nnunet_default()
+    }
+}
+
+#[test]
+fn thread_count_does_not_change_augmented_batches() {
+    let fx = fixture();
+    let mut req = augmented([9, 14, 11], 6, busy_spec());
+    req.crops_per_case = 2;
+    let run = |threads: usize| -> Vec<Batch> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .expect("pool");
+        pool.install(|| {
+            (0..8)
+                .map(|i| fx.sampler.sample(&req, i).expect("sample"))
+                .collect()
+        })
+    };
+    let one = run(1);
+    let four = run(4);
+    assert_eq!(one, four);
+    for batch in &one {
+        check_augmented(&fx, batch);
+    }
+}
+
+#[test]
+fn augmentation_does_not_move_crops() {
+    let fx = fixture();
+    let plain = request([6, 7, 8], 5, Policy::ForegroundOversample { fraction: 0.5 });
+    let aug = augmented([6, 7, 8], 5, busy_spec());
+    for index in 0..10 {
+        let a = fx.sampler.plan(&plain, index).expect("plan");
+        let b = fx.sampler.plan(&aug, index).expect("plan");
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!(
+                (x.case, x.origin, x.forced_foreground, x.class),
+                (y.case, y.origin, y.forced_foreground, y.class)
+            );
+            assert!(x.augment.is_none() && y.augment.is_some());
+        }
+    }
+}
+
+#[test]
+fn wide_labels_are_augmented_as_u16() {
+    let cases = vec![
+        make_case("p", [10, 12, 9], 7, true, Some(300)),
+        make_case("q", [8, 9, 10], 8, false, None),
+    ];
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_store(dir.path(), &cases);
+    let ds = Dataset::open("wide", dir.path(), ChunkCache::new(1 << 20)).expect("open");
+    let fx = Fixture {
+        _dir: dir,
+        cases,
+        sampler: Sampler::new(Arc::new(ds)),
+    };
+    let req = augmented([12, 5, 14], 4, busy_spec());
+    for index in 0..10 {
+        let batch = fx.sampler.sample(&req, index).expect("sample");
+        assert_eq!(batch.label_dtype, DType::U16);
+        check_augmented(&fx, &batch);
+    }
+}
+
+#[test]
+fn augmentation_is_validated() {
+    let fx = fixture();
+    let limits = Limits {
+        max_patch_voxels: 64 * 64 * 64,
+        max_batch_bytes: 20_000,
+        max_batch: 16,
+    };
+    let ok = augmented([8, 8, 8], 2, AugmentSpec::default());
+    fx.sampler
+        .validate(&ok, &limits)
+        .expect("no spatial transform");
+    let mut bad = ok.clone();
+    bad.augment = Some(AugmentSpec {
+        blur: BlurSpec {
+            p: 1.5,
+            ..BlurSpec::default()
+        },
+        ..AugmentSpec::default()
+    });
+    match fx.sampler.validate(&bad, &limits) {
+        Err(SamplerError::InvalidRequest { field, reason }) => {
+            assert_eq!(field, "augment");
+            assert!(reason.contains("blur.p"), "{reason}");
+        }
+        other => panic!("expected InvalidRequest, got {other:?}"),
+    }
+    assert!(matches!(
+        fx.sampler.sample(&bad, 0),
+        Err(SamplerError::InvalidRequest {
+            field: "augment",
+            ..
+        })
+    ));
+    // The batch (2 × 512 × 9 bytes) fits, the preset's largest rotated and scaled source region
+    // (about 20³ voxels × 9 bytes) does not.
+    let big = augmented([8, 8, 8], 2, AugmentSpec::nnunet_default());
+    match fx.sampler.validate(&big, &limits) {
+        Err(SamplerError::LimitExceeded { what, value, limit }) => {
+            assert_eq!(what, "augmentation source region bytes");
+            assert!(value > limit);
+        }
+        other => panic!("expected LimitExceeded, got {other:?}"),
+    }
 }

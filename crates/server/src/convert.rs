@@ -284,6 +284,7 @@ mod tests {
                 origin: [-1, 0, 2],
                 forced_foreground: true,
                 class: Some(2),
+                augment: None,
             }],
         }
     }

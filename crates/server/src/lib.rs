@@ -147,10 +147,10 @@ impl RunningServer {
                 first_error.get_or_insert(e);
             }
         }
-        if let Some(path) = &self.unix_path {
-            if let Err(e) = std::fs::remove_file(path) {
-                tracing::debug!(path = %path.display(), error = %e, "could not remove the socket file");
-            }
+        if let Some(path) = &self.unix_path
+            && let Err(e) = std::fs::remove_file(path)
+        {
+            tracing::debug!(path = %path.display(), error = %e, "could not remove the socket file");
         }
         tracing::info!("server stopped");
         first_error.map_or(Ok(()), Err)
