@@ -1,6 +1,9 @@
 //! In-process sampling throughput: patches per second served by `Sampler::sample` from a warm
 //! chunk cache, against a plain row-by-row copy of the same bytes from in-memory arrays.
 //!
+//! Also, in the same run: the same sampling with no chunk cache (every chunk decompressed), and
+//! the daemon over loopback gRPC with one sampling worker (client prefetching, as a trainer does).
+//!
 //! Setting: one synthetic CT-like case of 224×256×256 voxels stored as `i16` with CT
 //! normalisation and `u8` labels; batch 2, foreground fraction 0.33, `f32` image output, one
 //! rayon thread (figures are per core). Patch edges 32…192.
@@ -166,8 +169,51 @@ fn sampling(c: &mut Criterion) {
         dtype: OutputDType::F32,
         seed: 0,
         cases: None,
+        augment: None,
     };
     pool.install(|| sampler.sample(&warm, 0).expect("warm-up"));
+
+    // The same store with no chunk cache: every touched chunk is checksummed and decompressed.
+    let cold = Sampler::new(Arc::new(
+        Dataset::open("bench", dir.path(), ChunkCache::new(0)).expect("open"),
+    ));
+
+    // The daemon over loopback gRPC: one sampling worker, the same store, a warm cache.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let server = runtime
+        .block_on(patchflow_server::start(patchflow_server::ServerConfig {
+            stores: vec![dir.path().to_path_buf()],
+            listen: Some("127.0.0.1:0".parse().expect("address")),
+            workers: 1,
+            cache_mb: 1024,
+            ..Default::default()
+        }))
+        .expect("server");
+    let endpoint = server.endpoint().expect("endpoint");
+    let client = runtime
+        .block_on(patchflow_client::Client::connect(
+            [endpoint],
+            patchflow_client::ClientOptions::default(),
+        ))
+        .expect("client");
+    let dataset_name = dir
+        .path()
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("name")
+        .to_string();
+    {
+        // Warm the daemon's cache the same way.
+        let mut cfg =
+            patchflow_client::StreamConfig::new(dataset_name.clone(), SHAPE.map(|v| v as i64), 1);
+        cfg.policy = patchflow_client::Policy::Uniform;
+        let mut stream = runtime.block_on(client.stream(cfg)).expect("stream");
+        runtime.block_on(stream.next()).expect("warm-up batch");
+    }
 
     let image_f32: Vec<f32> = image.iter().map(|&v| f32::from(v)).collect();
     let mut group = c.benchmark_group("sampler");
@@ -184,6 +230,7 @@ fn sampling(c: &mut Criterion) {
             dtype: OutputDType::F32,
             seed: 7,
             cases: None,
+            augment: None,
         };
         let mut index = 0u64;
         group.bench_function(BenchmarkId::new("sample_warm_f32", edge), |b| {
@@ -195,6 +242,32 @@ fn sampling(c: &mut Criterion) {
                 black_box(batch.image.len() + batch.label.len())
             })
         });
+
+        let mut cold_index = 0u64;
+        group.bench_function(BenchmarkId::new("sample_cold_f32", edge), |b| {
+            b.iter(|| {
+                cold_index += 1;
+                let batch = pool
+                    .install(|| cold.sample(&req, cold_index))
+                    .expect("sample");
+                black_box(batch.image.len() + batch.label.len())
+            })
+        });
+
+        let mut cfg = patchflow_client::StreamConfig::new(
+            dataset_name.clone(),
+            patch.map(|v| v as i64),
+            BATCH as u32,
+        );
+        cfg.seed = 7;
+        let mut stream = runtime.block_on(client.stream(cfg)).expect("stream");
+        group.bench_function(BenchmarkId::new("grpc_loopback_warm_f32", edge), |b| {
+            b.iter(|| {
+                let batch = runtime.block_on(stream.next()).expect("batch");
+                black_box(batch.image.len() + batch.label.len())
+            })
+        });
+        drop(stream);
 
         // The store alone: typed box reads of the stored i16 image and u8 label into reused
         // buffers (no conversion, no allocation) at the origins the sampler chose.
@@ -241,6 +314,7 @@ fn sampling(c: &mut Criterion) {
         });
     }
     group.finish();
+    runtime.block_on(server.shutdown()).expect("shutdown");
 }
 
 criterion_group!(benches, sampling);

@@ -87,6 +87,19 @@ pub struct DemoArgs {
     /// Phantom shape z,y,x.
     #[arg(long, value_parser = parse_usize_triplet, default_value = "64,96,96")]
     pub shape: [usize; 3],
+    /// The trainer binary [default: patchflow-train next to this binary]. Without it the demo
+    /// stops after ingest.
+    #[arg(long)]
+    pub train_bin: Option<PathBuf>,
+    /// Training epochs of the demo run.
+    #[arg(long, default_value_t = 12)]
+    pub epochs: usize,
+    /// Iterations per epoch of the demo run.
+    #[arg(long, default_value_t = 25)]
+    pub iters_per_epoch: usize,
+    /// Final patch z,y,x of the demo run (PGPS grows towards it).
+    #[arg(long, value_parser = parse_usize_triplet, default_value = "32,64,64")]
+    pub final_patch: [usize; 3],
 }
 
 /// `patchflow ingest`.
@@ -403,7 +416,7 @@ fn schedule(a: ScheduleArgs) -> Result<ExitCode> {
 
 fn demo(a: DemoArgs, progress: bool) -> Result<ExitCode> {
     let raw = a.out.join("raw").join("Dataset001_Phantom");
-    let store = a.out.join("store");
+    let store = a.out.join("phantom");
     let report_dir = a.out.join("report");
     if raw.join("dataset.json").is_file() {
         tracing::info!("using the phantom dataset already in {}", raw.display());
@@ -440,6 +453,81 @@ fn demo(a: DemoArgs, progress: bool) -> Result<ExitCode> {
         serde_json::to_string_pretty(&ingested)?,
     )?;
     print!("{text}");
+
+    let trainer = a.train_bin.clone().or_else(|| {
+        let exe = std::env::current_exe().ok()?;
+        let sibling = exe.parent()?.join("patchflow-train");
+        sibling.is_file().then_some(sibling)
+    });
+    let Some(trainer) = trainer else {
+        println!(
+            "\nno patchflow-train binary found (build it with `cargo xtask demo`): stopped after ingest"
+        );
+        println!("report: {}", report_dir.display());
+        return Ok(ExitCode::SUCCESS);
+    };
+    let train_dir = report_dir.join("train");
+    let status = serve_and_train(&a, &store, &trainer, &train_dir)?;
+    if !status.success() {
+        bail!("{} exited with {status}", trainer.display());
+    }
     println!("\nreport: {}", report_dir.display());
+    println!(
+        "  store: store.txt, store.json; ingest: ingest.json; training: train/ (metrics.jsonl, \
+         plot.png, predictions/, summary.json)"
+    );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Serves `store` on a free loopback port and runs the trainer against it with PGPS.
+fn serve_and_train(
+    a: &DemoArgs,
+    store: &std::path::Path,
+    trainer: &std::path::Path,
+    out: &std::path::Path,
+) -> Result<std::process::ExitStatus> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("patchflow-io")
+        .build()
+        .context("starting the async runtime")?;
+    let server = runtime.block_on(patchflow_server::start(patchflow_server::ServerConfig {
+        stores: vec![store.to_path_buf()],
+        listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
+        workers: 1,
+        cache_mb: 256,
+        ..Default::default()
+    }))?;
+    let endpoint = server
+        .endpoint()
+        .context("the demo server has no TCP endpoint")?;
+    let dataset = store
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("store folder name")?
+        .to_string();
+    let patch = a.final_patch.map(|v| v.to_string()).join(",");
+    let mut cmd = std::process::Command::new(trainer);
+    cmd.args(["--server", &endpoint, "--dataset", &dataset])
+        .arg("--store")
+        .arg(store)
+        .args([
+            "--curriculum",
+            "pgps-efficiency",
+            "--tiny",
+            "--val-cases",
+            "1",
+        ])
+        .args(["--epochs", &a.epochs.to_string()])
+        .args(["--iters-per-epoch", &a.iters_per_epoch.to_string()])
+        .args(["--final-patch", &patch])
+        .arg("--out")
+        .arg(out);
+    tracing::info!("training: {cmd:?}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("starting {}", trainer.display()))?;
+    runtime.block_on(server.shutdown())?;
+    Ok(status)
 }

@@ -19,6 +19,9 @@ pub struct Item {
     pub forced_foreground: bool,
     /// Class the crop was centred on, if any.
     pub class: Option<u16>,
+    /// The augmentation parameters applied to this item, as JSON (see the proto's `ItemInfo`);
+    /// `None` without augmentation.
+    pub augment_json: Option<String>,
 }
 
 /// One batch: contiguous little-endian buffers, ready to be viewed as tensors.
@@ -259,6 +262,7 @@ fn finish(
             origin,
             forced_foreground: item.forced_foreground,
             class,
+            augment_json: (!item.augment_json.is_empty()).then_some(item.augment_json),
         });
     }
     Ok(Batch {
@@ -296,6 +300,7 @@ mod tests {
                     origin: vec![0, -1, 2],
                     forced_foreground: i == 1,
                     class_value: (i == 1).then_some(3),
+                    augment_json: String::new(),
                 })
                 .collect(),
         }

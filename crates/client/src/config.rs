@@ -43,8 +43,8 @@ pub struct StreamConfig {
     pub seed: u64,
     /// Restrict sampling to these case ids; empty = every case.
     pub cases: Vec<String>,
-    /// Augmentation transforms (the daemon answers UNIMPLEMENTED to any for now).
-    pub augmentation: Vec<pb::Transform>,
+    /// Augmentation (`preset: "nnunet"` for nnU-Net's defaults); `None` = plain crops.
+    pub augmentation: Option<pb::Augmentation>,
 }
 
 impl StreamConfig {
@@ -60,7 +60,7 @@ impl StreamConfig {
             dtype: ImageDtype::F32,
             seed: 0,
             cases: Vec::new(),
-            augmentation: Vec::new(),
+            augmentation: None,
         }
     }
 
@@ -85,9 +85,7 @@ impl StreamConfig {
             batch_size: self.batch_size,
             policy: Some(policy),
             crops_per_case: self.crops_per_case,
-            augmentation: (!self.augmentation.is_empty()).then(|| pb::Augmentation {
-                transforms: self.augmentation.clone(),
-            }),
+            augmentation: self.augmentation.clone(),
             dtype: self.dtype as i32,
             seed: self.seed,
             cases: self.cases.clone(),

@@ -43,7 +43,7 @@ pub use batch::{Batch, ImageDtype, Item, LabelDtype, image_dtype_size, label_dty
 pub use config::{ClientOptions, Policy, StreamConfig};
 pub use error::ClientError;
 pub use patchflow_proto::v1::{
-    DatasetDescription, DatasetSummary, ListDatasetsResponse, ServerLimits, Transform,
+    DatasetDescription, DatasetSummary, ListDatasetsResponse, ServerLimits,
 };
 
 use link::{Command, Event, Link};

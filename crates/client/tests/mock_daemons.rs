@@ -61,6 +61,7 @@ fn parts_of(config: &pb::SampleConfig, index: u64) -> Vec<pb::SampleResponse> {
                 origin: vec![index as i64, 0, -1],
                 forced_foreground: false,
                 class_value: None,
+                augment_json: String::new(),
             })
             .collect(),
     };

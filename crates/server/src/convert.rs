@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use patchflow_proto::v1 as pb;
-use patchflow_sampler::{Batch, BatchRequest, MAX_PATCH_AXIS, OutputDType, Policy};
+use patchflow_sampler::{AugmentSpec, Batch, BatchRequest, MAX_PATCH_AXIS, OutputDType, Policy};
 use patchflow_store::MAX_CASE_ID_LEN;
 use prost::Message;
 use tonic::Status;
@@ -50,17 +50,7 @@ pub(crate) fn stream_config(
             registry.names()
         ))
     })?;
-    let transforms = config
-        .augmentation
-        .as_ref()
-        .map_or(&[][..], |a| a.transforms.as_slice());
-    if !transforms.is_empty() {
-        let names: Vec<&str> = transforms.iter().map(|t| t.name.as_str()).collect();
-        return Err(Status::unimplemented(format!(
-            "augmentation is not available yet (requested: {})",
-            names.join(", ")
-        )));
-    }
+    let augment = augment_spec(config.augmentation.as_ref())?;
 
     if config.patch_size.len() != 3 {
         return Err(invalid(
@@ -147,14 +137,19 @@ pub(crate) fn stream_config(
         dtype,
         seed: config.seed,
         cases,
-        augment: None,
+        augment,
     };
     entry
         .sampler
         .validate(&request, &limits.sampler_limits())
         .map_err(|e| sampler_status(&e))?;
     // The batch header (one item description per item) travels in one message with payload.
-    let header_bound = request.batch.saturating_mul(ITEM_HEADER_BOUND) + 2 * PART_OVERHEAD;
+    let item_bound = if request.augment.is_some() {
+        ITEM_HEADER_BOUND + AUGMENT_JSON_BOUND * dataset.num_channels().max(1)
+    } else {
+        ITEM_HEADER_BOUND
+    };
+    let header_bound = request.batch.saturating_mul(item_bound) + 2 * PART_OVERHEAD;
     if header_bound.saturating_mul(2) > limits.max_message_bytes {
         return Err(Status::resource_exhausted(format!(
             "limit exceeded: a batch of {} items needs messages of up to {} bytes, the limit is {}",
@@ -188,6 +183,62 @@ fn wire_dtype(dtype: OutputDType) -> pb::ImageDtype {
         OutputDType::F16 => pb::ImageDtype::F16,
         OutputDType::BF16 => pb::ImageDtype::Bf16,
     }
+}
+
+/// Generous bound of the JSON of one item's augmentation parameters, per image channel (the
+/// per-channel fields dominate; a one-channel item is about 600 bytes).
+const AUGMENT_JSON_BOUND: usize = 2048;
+
+/// Names of the augmentation presets a configuration may ask for.
+pub const AUGMENT_PRESETS: [&str; 1] = ["nnunet"];
+
+/// The sampler's augmentation for a wire `Augmentation`: `None` when unset or empty.
+fn augment_spec(wire: Option<&pb::Augmentation>) -> Result<Option<AugmentSpec>, Status> {
+    let Some(a) = wire else { return Ok(None) };
+    if a.preset.is_empty() && a.spec_json.is_empty() && a.no_mirror_axes.is_empty() {
+        return Ok(None);
+    }
+    let mut spec = if !a.spec_json.is_empty() {
+        serde_json::from_str::<AugmentSpec>(&a.spec_json).map_err(|e| {
+            invalid(
+                "augmentation.spec_json",
+                format!("not an augmentation spec: {e}"),
+            )
+        })?
+    } else {
+        match a.preset.as_str() {
+            "nnunet" => AugmentSpec::nnunet_default(),
+            "" => {
+                return Err(invalid(
+                    "augmentation",
+                    "no_mirror_axes needs a preset or a spec_json to apply to",
+                ));
+            }
+            other => {
+                return Err(invalid(
+                    "augmentation.preset",
+                    format!(
+                        "unknown augmentation preset {other:?} (known: {})",
+                        AUGMENT_PRESETS.join(", ")
+                    ),
+                ));
+            }
+        }
+    };
+    if !a.no_mirror_axes.is_empty() {
+        let mut axes = spec.mirror.axes;
+        for &axis in &a.no_mirror_axes {
+            let slot = axes.get_mut(axis as usize).ok_or_else(|| {
+                invalid(
+                    "augmentation.no_mirror_axes",
+                    format!("axis {axis} does not exist (0 = z, 1 = y, 2 = x)"),
+                )
+            })?;
+            *slot = false;
+        }
+        spec = spec.with_mirror_axes(axes);
+    }
+    Ok(Some(spec))
 }
 
 /// Upper bound of the encoded size of one item description (case id of at most
@@ -227,6 +278,11 @@ pub(crate) fn encode_batch(
                 origin: item.origin.to_vec(),
                 forced_foreground: item.forced_foreground,
                 class_value: item.class.map(u32::from),
+                augment_json: item
+                    .augment
+                    .as_ref()
+                    .and_then(|p| serde_json::to_string(p).ok())
+                    .unwrap_or_default(),
             })
             .collect(),
     };
@@ -325,6 +381,7 @@ mod tests {
             origin: vec![i64::MIN; 3],
             forced_foreground: true,
             class_value: Some(u32::from(u16::MAX)),
+            augment_json: String::new(),
         };
         let header = pb::BatchHeader {
             patch_size: vec![u64::MAX; 3],

@@ -127,15 +127,33 @@ async fn bad_requests_get_clear_statuses_and_other_streams_keep_working() {
         (
             with(&|c| {
                 c.augmentation = Some(pb::Augmentation {
-                    transforms: vec![pb::Transform {
-                        name: "rotation".into(),
-                        probability: 0.2,
-                        params: vec![-30.0, 30.0],
-                    }],
+                    preset: "torchio".into(),
+                    ..Default::default()
                 })
             }),
-            Code::Unimplemented,
-            "augmentation is not available yet (requested: rotation)",
+            Code::InvalidArgument,
+            "unknown augmentation preset \"torchio\" (known: nnunet)",
+        ),
+        (
+            with(&|c| {
+                c.augmentation = Some(pb::Augmentation {
+                    spec_json: r#"{"rotation": {"p": 2.0}}"#.into(),
+                    ..Default::default()
+                })
+            }),
+            Code::InvalidArgument,
+            "augment",
+        ),
+        (
+            with(&|c| {
+                c.augmentation = Some(pb::Augmentation {
+                    preset: "nnunet".into(),
+                    no_mirror_axes: vec![3],
+                    ..Default::default()
+                })
+            }),
+            Code::InvalidArgument,
+            "axis 3 does not exist",
         ),
         (
             // 40 items x (2 channels x 4 bytes + 1) x 8000 voxels = 2.88 MB > 200,000.
@@ -167,7 +185,7 @@ async fn bad_requests_get_clear_statuses_and_other_streams_keep_working() {
     // An empty augmentation message is no augmentation.
     let ok = first_answer(
         &mut raw,
-        with(&|c| c.augmentation = Some(pb::Augmentation { transforms: vec![] })),
+        with(&|c| c.augmentation = Some(pb::Augmentation::default())),
     )
     .await
     .unwrap();
