@@ -1,0 +1,381 @@
+//! `patchflow-train`: trains a 3D U-Net with the PGPS curriculum on batches from a local store
+//! or from patchflow daemons, and leaves a report (metrics, plot, predictions, summary).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use patchflow_curriculum::{Mode, parse_pools, parse_triplet};
+use patchflow_trainer::bench::{BenchConfig, run_bench};
+use patchflow_trainer::data::{InProcessSource, WithStoreVolumes};
+use patchflow_trainer::train::{PLOT_FILE, PREDICTIONS_DIR, SUMMARY_FILE};
+use patchflow_trainer::{
+    BatchSource, DeviceChoice, RemoteSource, TrainConfig, compare_runs, time_stages, train,
+};
+
+/// Train a 3D segmentation U-Net (nnU-Net style) on patchflow batches with a patch-size
+/// curriculum.
+#[derive(Parser, Debug)]
+#[command(name = "patchflow-train", version, about, long_about = None, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    train: TrainArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print one table comparing finished runs (their output folders): time per stage, total
+    /// time vs the constant run, data-wait share, validation Dice.
+    Compare {
+        /// Output folders of runs (and of --time-stages runs).
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+    },
+    /// Benchmark the curriculum on one labelled CT: time every stage, train constant vs
+    /// PGPS-efficiency vs PGPS-performance for the same budget, print one table.
+    Bench(Box<BenchArgs>),
+}
+
+#[derive(Args, Debug)]
+struct BenchArgs {
+    /// Folder of the real test data (pairs of NIfTI image and label).
+    #[arg(long, default_value = "../shared/data")]
+    data: PathBuf,
+    /// Image to use [default: DATA/ct_totalseg/aorta_ct_cropped.nii.gz].
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// Its label [default: DATA/ct_totalseg/aorta_aorta.nii.gz].
+    #[arg(long)]
+    label: Option<PathBuf>,
+    /// Work folder (slabs, store, runs, table.txt).
+    #[arg(long, default_value = "bench-out")]
+    work: PathBuf,
+    /// Tiny CPU settings (about a minute on two cores) instead of the GPU settings.
+    #[arg(long)]
+    cpu_tiny: bool,
+    /// Slabs (cases) the volume is cut into along z; the last is held out.
+    #[arg(long)]
+    slabs: Option<usize>,
+    /// Final patch z,y,x.
+    #[arg(long, value_parser = |s: &str| parse_triplet(s).map_err(|e| e.to_string()))]
+    final_patch: Option<[usize; 3]>,
+    /// Planned batch size.
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Epochs per training run.
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Iterations per epoch.
+    #[arg(long)]
+    iters_per_epoch: Option<usize>,
+    /// Timed iterations per stage.
+    #[arg(long)]
+    time_iterations: Option<usize>,
+    /// auto, cpu, cuda or cuda:N [default: auto, cpu with --cpu-tiny].
+    #[arg(long)]
+    device: Option<String>,
+    /// libtorch threads.
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+fn bench(a: &BenchArgs) -> Result<()> {
+    let image = a
+        .image
+        .clone()
+        .unwrap_or_else(|| a.data.join("ct_totalseg/aorta_ct_cropped.nii.gz"));
+    let label = a
+        .label
+        .clone()
+        .unwrap_or_else(|| a.data.join("ct_totalseg/aorta_aorta.nii.gz"));
+    for p in [&image, &label] {
+        if !p.is_file() {
+            bail!(
+                "{} not found (give --data, or --image and --label)",
+                p.display()
+            );
+        }
+    }
+    let mut c = if a.cpu_tiny {
+        BenchConfig::cpu_tiny(image, label, a.work.clone())
+    } else {
+        BenchConfig::gpu(image, label, a.work.clone())
+    };
+    if let Some(v) = a.slabs {
+        c.slabs = v;
+    }
+    if let Some(v) = a.final_patch {
+        c.final_patch = v;
+    }
+    if let Some(v) = a.batch {
+        c.batch = v;
+    }
+    if let Some(v) = a.epochs {
+        c.epochs = v;
+    }
+    if let Some(v) = a.iters_per_epoch {
+        c.iters_per_epoch = v;
+    }
+    if let Some(v) = a.time_iterations {
+        c.time_iterations = v;
+    }
+    if let Some(d) = &a.device {
+        c.device = d.parse::<DeviceChoice>()?;
+    }
+    if a.threads.is_some() {
+        c.threads = a.threads;
+    }
+    let table = run_bench(&c)?;
+    print!("{table}");
+    println!("table: {}", a.work.join("table.txt").display());
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+struct TrainArgs {
+    /// Local store folder: sample batches in this process. With --server, used only to read
+    /// validation cases (and their original grids for the exported predictions).
+    #[arg(long)]
+    store: Option<PathBuf>,
+    /// Daemon address (repeat for several daemons serving the same dataset).
+    #[arg(long = "server")]
+    servers: Vec<String>,
+    /// Dataset name (as the daemon serves it) [default with --store: the folder's name].
+    #[arg(long)]
+    dataset: Option<String>,
+    /// pgps-efficiency, pgps-performance, constant or rpss.
+    #[arg(long, default_value = "pgps-efficiency")]
+    curriculum: String,
+    /// Training epochs.
+    #[arg(long, default_value_t = 1000)]
+    epochs: usize,
+    /// Iterations per epoch.
+    #[arg(long, default_value_t = 250)]
+    iters_per_epoch: usize,
+    /// Final (planned) patch z,y,x, or one number for a cube.
+    #[arg(long, value_parser = |s: &str| parse_triplet(s).map_err(|e| e.to_string()))]
+    final_patch: Option<[usize; 3]>,
+    /// Stride-2 poolings per axis z,y,x [default: planned from the final patch and spacing].
+    #[arg(long, value_parser = |s: &str| parse_pools(s).map_err(|e| e.to_string()))]
+    pools: Option<[u32; 3]>,
+    /// Planned batch size.
+    #[arg(long, default_value_t = 2)]
+    batch: usize,
+    /// Cases held out for validation (the last N case ids).
+    #[arg(long, default_value_t = 1)]
+    val_cases: usize,
+    /// Validate every N epochs (and after the last); 0 = only after the last.
+    #[arg(long, default_value_t = 0)]
+    val_every: usize,
+    /// Sliding-window overlap in [0, 1).
+    #[arg(long, default_value_t = 0.5)]
+    overlap: f64,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Output folder.
+    #[arg(long, default_value = "train-out")]
+    out: PathBuf,
+    /// Seed of the weights and of the batch stream.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Continue from the checkpoint in the output folder.
+    #[arg(long)]
+    resume: bool,
+    /// Small network widths (8 features, at most 64) for CPU runs.
+    #[arg(long)]
+    tiny: bool,
+    /// Features of the first stage [default: 32, or 8 with --tiny].
+    #[arg(long)]
+    base_features: Option<i64>,
+    /// Cap on the features of a stage [default: 320, or 64 with --tiny].
+    #[arg(long)]
+    max_features: Option<i64>,
+    /// Deep supervision: auto (on for CUDA), on or off.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]
+    deep_supervision: String,
+    /// libtorch threads [default: libtorch's choice].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Share of foreground-centred crops.
+    #[arg(long, default_value_t = 0.5)]
+    oversample: f64,
+    /// nnU-Net's default data augmentation (with --store sampling only).
+    #[arg(long)]
+    augment: bool,
+    /// Initial learning rate.
+    #[arg(long, default_value_t = 1e-2)]
+    lr: f64,
+    /// Batches prepared ahead of the GPU.
+    #[arg(long, default_value_t = 4)]
+    prefetch: usize,
+    /// Checkpoint every N epochs (and at the end); 0 = only at the end.
+    #[arg(long, default_value_t = 10)]
+    checkpoint_every: usize,
+    /// Do not write validation predictions.
+    #[arg(long)]
+    no_export: bool,
+    /// Train in float32 on CUDA (no bf16 autocast).
+    #[arg(long)]
+    no_autocast: bool,
+    /// Stop with a checkpoint after this many epochs (continue later with --resume).
+    #[arg(long)]
+    stop_after: Option<usize>,
+    /// Instead of training a run: time N iterations at every stage of the schedule.
+    #[arg(long)]
+    time_stages: Option<usize>,
+    /// Untimed warm-up iterations per stage with --time-stages.
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Chunk cache of the local store, MiB.
+    #[arg(long, default_value_t = 1024)]
+    cache_mib: u64,
+}
+
+fn open_source(a: &TrainArgs) -> Result<Box<dyn BatchSource>> {
+    let cache = a.cache_mib.saturating_mul(1 << 20);
+    match (&a.store, a.servers.is_empty()) {
+        (None, true) => bail!("give --store DIR (in-process sampling) or --server ADDR"),
+        (Some(store), true) => {
+            let name = a.dataset.clone().unwrap_or_else(|| {
+                store
+                    .file_name()
+                    .map_or("dataset".into(), |n| n.to_string_lossy().into_owned())
+            });
+            let src = InProcessSource::open(store, &name, cache)
+                .with_context(|| format!("opening store {}", store.display()))?;
+            Ok(Box::new(src))
+        }
+        (store, false) => {
+            let Some(dataset) = &a.dataset else {
+                bail!("--server needs --dataset NAME");
+            };
+            let remote = RemoteSource::connect(&a.servers, dataset)
+                .with_context(|| format!("connecting to {}", a.servers.join(", ")))?;
+            match store {
+                Some(dir) => Ok(Box::new(
+                    WithStoreVolumes::open(remote, dir, dataset, cache)
+                        .with_context(|| format!("opening store {}", dir.display()))?,
+                )),
+                None => Ok(Box::new(remote)),
+            }
+        }
+    }
+}
+
+fn config(a: &TrainArgs) -> Result<TrainConfig> {
+    let mode: Mode = a.curriculum.parse()?;
+    let Some(final_patch) = a.final_patch else {
+        bail!("--final-patch z,y,x is required");
+    };
+    let mut c = TrainConfig::new(mode, final_patch, a.out.clone());
+    c.epochs = a.epochs;
+    c.iters_per_epoch = a.iters_per_epoch;
+    c.pools = a.pools;
+    c.batch = a.batch;
+    c.val_cases = a.val_cases;
+    c.val_every = a.val_every;
+    c.overlap = a.overlap;
+    c.seed = a.seed;
+    c.base_features = a.base_features.unwrap_or(if a.tiny { 8 } else { 32 });
+    c.max_features = a.max_features.unwrap_or(if a.tiny { 64 } else { 320 });
+    c.deep_supervision = match a.deep_supervision.as_str() {
+        "on" => Some(true),
+        "off" => Some(false),
+        _ => None,
+    };
+    c.oversample = a.oversample;
+    c.augment = a.augment;
+    c.initial_lr = a.lr;
+    c.prefetch = a.prefetch;
+    c.device = a.device.parse::<DeviceChoice>()?;
+    c.autocast = !a.no_autocast;
+    c.threads = a.threads;
+    c.checkpoint_every = a.checkpoint_every;
+    c.export_predictions = !a.no_export;
+    c.stop_after_epochs = a.stop_after;
+    c.resume = a.resume;
+    Ok(c)
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match &cli.command {
+        Some(Command::Compare { runs }) => {
+            print!("{}", compare_runs(runs)?);
+            return Ok(());
+        }
+        Some(Command::Bench(b)) => return bench(b),
+        None => {}
+    }
+    let a = &cli.train;
+    let cfg = config(a)?;
+    let source = open_source(a)?;
+    if let Some(iters) = a.time_stages {
+        let timings = time_stages(&cfg, source, a.warmup, iters)?;
+        for t in &timings {
+            println!(
+                "stage {:>2}  patch {:>3}×{:>3}×{:>3}  batch {:>3}  {:>8.1} ms/iter  data wait {:>5.1}%",
+                t.stage,
+                t.patch[0],
+                t.patch[1],
+                t.patch[2],
+                t.batch,
+                t.seconds_per_iteration * 1e3,
+                100.0 * t.data_wait_share
+            );
+        }
+        println!(
+            "stage timing: {}",
+            cfg.out_dir.join("stage_timing.json").display()
+        );
+        return Ok(());
+    }
+    let summary = train(&cfg, source)?;
+    if let Some(v) = &summary.validation {
+        for (c, d) in v.mean_dice.iter().enumerate().skip(1) {
+            let name = summary.class_names.get(c).map_or("?", String::as_str);
+            match d {
+                Some(d) => println!("val Dice {name}: {d:.4}"),
+                None => println!("val Dice {name}: n/a"),
+            }
+        }
+    }
+    println!(
+        "{} epochs in {:.1} s, data wait {:.1}%{}",
+        summary.epochs_done,
+        summary.train_seconds,
+        100.0 * summary.data_wait_share,
+        if summary.finished {
+            String::new()
+        } else {
+            format!(
+                " (stopped; continue with --resume up to {})",
+                summary.epochs
+            )
+        }
+    );
+    println!(
+        "report: {} (metrics.jsonl, {PLOT_FILE}, {PREDICTIONS_DIR}/, {SUMMARY_FILE}, checkpoint/)",
+        cfg.out_dir.display()
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("patchflow-train: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

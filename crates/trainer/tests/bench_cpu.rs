@@ -1,0 +1,67 @@
+//! The GPU benchmark script in its CPU mode, on the real CT it uses (skipped when the shared
+//! test data is absent).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+#[test]
+fn gpu_bench_script_runs_in_cpu_tiny_mode() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let data = root.join("../shared/data");
+    if !data.join("ct_totalseg/aorta_ct_cropped.nii.gz").is_file() {
+        eprintln!("skipping: {} not found", data.display());
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let out = Command::new("bash")
+        .arg(root.join("benches/gpu/run.sh"))
+        .arg("--cpu-tiny")
+        .env("PATCHFLOW_TRAIN", env!("CARGO_BIN_EXE_patchflow-train"))
+        .env("BENCH_DATA", &data)
+        .env("BENCH_OUT", work.path())
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+
+    // One table: ten timed stages, the stages of each run, a total row per run.
+    let rows: Vec<&str> = stdout.lines().collect();
+    let timed = rows
+        .iter()
+        .filter(|l| l.starts_with("stage timing"))
+        .count();
+    assert_eq!(timed, 10, "{stdout}");
+    for mode in ["constant", "pgps-efficiency", "pgps-performance"] {
+        let total = rows
+            .iter()
+            .find(|l| l.starts_with("total") && l.split_whitespace().nth(1) == Some(mode))
+            .unwrap_or_else(|| panic!("no total row for {mode}:\n{stdout}"));
+        let cells: Vec<&str> = total.split_whitespace().collect();
+        // total, mode, patch, batch, iters, s/iter, time, ratio, wait, dice
+        assert_eq!(cells.len(), 10, "{total}");
+        assert_eq!(cells[2], "16×32×32");
+        assert_eq!(cells[4], "40");
+        let ratio: f64 = cells[7].parse().unwrap();
+        assert!(ratio > 0.0);
+        assert!(cells[8].ends_with('%'));
+        let dice: f64 = cells[9].parse().unwrap();
+        assert!((0.0..=1.0).contains(&dice));
+        if mode == "constant" {
+            assert_eq!(cells[7], "1.00");
+        }
+    }
+    let stage_rows = rows
+        .iter()
+        .filter(|l| l.starts_with("pgps-efficiency stages"))
+        .count();
+    assert_eq!(stage_rows, 10);
+    assert!(work.path().join("table.txt").is_file());
+    assert!(work.path().join("runs/pgps-performance/plot.png").is_file());
+    assert!(
+        work.path()
+            .join("runs/constant/predictions/slab_2.nii.gz")
+            .is_file()
+    );
+}

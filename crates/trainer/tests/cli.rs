@@ -1,0 +1,145 @@
+//! The `patchflow-train` binary: a short run on a phantom store, its report, a resume, the
+//! comparison table, and clear errors for bad arguments.
+
+mod common;
+
+use std::process::Command;
+
+use common::{PhantomStore, make_store};
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_patchflow-train"));
+    c.env("RUST_LOG", "warn");
+    c
+}
+
+#[test]
+fn trains_reports_resumes_and_compares() {
+    let dir = tempfile::tempdir().unwrap();
+    let made = make_store(
+        dir.path(),
+        &PhantomStore {
+            cases: 3,
+            shape: [12, 24, 24],
+            spacing: [4.0, 2.0, 2.0],
+            lesions: 2,
+            odd_last_case: None,
+        },
+    );
+    let out = dir.path().join("run");
+    let args = |epochs_stop: Option<&str>| {
+        let mut c = bin();
+        c.arg("--store")
+            .arg(&made.store)
+            .args([
+                "--curriculum",
+                "pgps-performance",
+                "--final-patch",
+                "8,16,16",
+            ])
+            .args([
+                "--pools",
+                "2,3,3",
+                "--epochs",
+                "4",
+                "--iters-per-epoch",
+                "2",
+            ])
+            .args(["--tiny", "--threads", "1", "--device", "cpu", "--seed", "3"])
+            .arg("--out")
+            .arg(&out);
+        if let Some(s) = epochs_stop {
+            c.args(["--stop-after", s]);
+        }
+        c
+    };
+    let o = args(Some("2")).output().unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        stdout.contains("stopped; continue with --resume"),
+        "{stdout}"
+    );
+    let o = args(None).arg("--resume").output().unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        stdout.contains(&format!("report: {}", out.display())),
+        "{stdout}"
+    );
+    assert!(stdout.contains("val Dice lesion:"), "{stdout}");
+    for f in [
+        "metrics.jsonl",
+        "plot.png",
+        "summary.json",
+        "predictions/phantom_002.nii.gz",
+    ] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["epochs_done"], 4);
+    assert_eq!(summary["mode"], "pgps-performance");
+    // Performance mode: the batch grows as the patch shrinks (2 × 8·16·16 / 4·8·8 = 16).
+    assert_eq!(summary["stages"][0]["batch"], 16);
+
+    let o = bin().arg("compare").arg(&out).output().unwrap();
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success());
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("total") && l.contains("pgps-performance"))
+    );
+}
+
+#[test]
+fn bad_arguments_are_explained() {
+    let o = bin().args(["--final-patch", "8,16,16"]).output().unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--store"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let made = make_store(
+        dir.path(),
+        &PhantomStore {
+            cases: 2,
+            shape: [12, 24, 24],
+            spacing: [4.0, 2.0, 2.0],
+            lesions: 1,
+            odd_last_case: None,
+        },
+    );
+    // At 4×2×2 mm the planner pools y and x twice and z once for 12×24×22 (22 → 11 → 6):
+    // 22 is not a multiple of 4.
+    let o = bin()
+        .arg("--store")
+        .arg(&made.store)
+        .args([
+            "--final-patch",
+            "12,24,22",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+        ])
+        .args(["--epochs", "1", "--iters-per-epoch", "1"])
+        .arg("--out")
+        .arg(dir.path().join("o"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("final_patch") && err.contains("12×24×24"),
+        "{err}"
+    );
+    let o = bin()
+        .arg("--store")
+        .arg(&made.store)
+        .args(["--final-patch", "8,16,16", "--curriculum", "linear"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("linear"));
+}

@@ -1,0 +1,118 @@
+//! Training through a patchflow daemon (started in the test on a free port) equals training
+//! in process: the daemon serves batch `k` exactly as the local sampler does, the PGPS stage
+//! changes reconfigure the stream, and a resumed run re-opens it at the right batch.
+
+mod common;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+
+use common::{PhantomStore, make_store};
+use patchflow_curriculum::Mode;
+use patchflow_server::ServerConfig;
+use patchflow_trainer::{DeviceChoice, InProcessSource, RemoteSource, TrainConfig, train};
+use tch::Tensor;
+
+fn config(out: &Path) -> TrainConfig {
+    let mut c = TrainConfig::new(Mode::PgpsEfficiency, [8, 16, 16], out);
+    c.pools = Some([2, 3, 3]);
+    c.epochs = 4;
+    c.iters_per_epoch = 3;
+    c.device = DeviceChoice::Cpu;
+    c.threads = Some(1);
+    c.base_features = 4;
+    c.max_features = 16;
+    c.seed = 5;
+    c.export_predictions = false;
+    c
+}
+
+fn weights(out: &Path) -> Vec<(String, Tensor)> {
+    let ck = out.join("checkpoint");
+    let state = patchflow_trainer::checkpoint::read_state(&ck)
+        .unwrap()
+        .unwrap();
+    let mut t = Tensor::read_safetensors(ck.join(&state.tensors)).unwrap();
+    t.sort_by(|a, b| a.0.cmp(&b.0));
+    t
+}
+
+fn assert_same(a: &[(String, Tensor)], b: &[(String, Tensor)]) {
+    assert_eq!(a.len(), b.len());
+    for ((na, ta), (nb, tb)) in a.iter().zip(b) {
+        assert_eq!(na, nb);
+        assert!(ta.equal(tb), "{na} differs");
+    }
+}
+
+#[test]
+fn training_through_a_daemon_equals_training_in_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let made = make_store(
+        dir.path(),
+        &PhantomStore {
+            cases: 3,
+            shape: [12, 24, 24],
+            spacing: [4.0, 2.0, 2.0],
+            lesions: 2,
+            odd_last_case: None,
+        },
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = runtime
+        .block_on(patchflow_server::start(ServerConfig {
+            stores: vec![made.store.clone()],
+            listen: Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))),
+            workers: 1,
+            ..ServerConfig::default()
+        }))
+        .unwrap();
+    let endpoint = server.endpoint().unwrap();
+    // The daemon names the dataset after the store folder.
+    let dataset = "store";
+
+    let local = dir.path().join("local");
+    let s = train(
+        &config(&local),
+        Box::new(InProcessSource::open(&made.store, dataset, 16 << 20).unwrap()),
+    )
+    .unwrap();
+    let remote = dir.path().join("remote");
+    let r = train(
+        &config(&remote),
+        Box::new(RemoteSource::connect(std::slice::from_ref(&endpoint), dataset).unwrap()),
+    )
+    .unwrap();
+    assert_same(&weights(&local), &weights(&remote));
+    assert_eq!(s.stages.len(), 4);
+    assert_eq!(r.stages.len(), 4);
+    // Validation volumes came from the daemon: same Dice as from the local store.
+    assert_eq!(
+        s.validation.as_ref().unwrap().mean_dice,
+        r.validation.as_ref().unwrap().mean_dice
+    );
+
+    // Stop after one epoch and resume: the stream restarts at batch 3.
+    let split = dir.path().join("split");
+    let mut first = config(&split);
+    first.stop_after_epochs = Some(1);
+    train(
+        &first,
+        Box::new(RemoteSource::connect(std::slice::from_ref(&endpoint), dataset).unwrap()),
+    )
+    .unwrap();
+    let mut second = config(&split);
+    second.resume = true;
+    train(
+        &second,
+        Box::new(RemoteSource::connect(&[endpoint], dataset).unwrap()),
+    )
+    .unwrap();
+    assert_same(&weights(&local), &weights(&split));
+
+    runtime.block_on(server.shutdown()).unwrap();
+}
