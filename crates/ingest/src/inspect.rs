@@ -118,13 +118,13 @@ pub fn inspect(store: &Path, case: Option<&str>) -> Result<StoreReport, IngestEr
         path: store.to_path_buf(),
         reason: "not a patchflow store (no manifest.json)".into(),
     })?;
-    if let Some(id) = case {
-        if !manifest.cases.iter().any(|c| c.id == id) {
-            return Err(IngestError::Input {
-                path: store.to_path_buf(),
-                reason: format!("no case {id:?} in this store"),
-            });
-        }
+    if let Some(id) = case
+        && !manifest.cases.iter().any(|c| c.id == id)
+    {
+        return Err(IngestError::Input {
+            path: store.to_path_buf(),
+            reason: format!("no case {id:?} in this store"),
+        });
     }
     let cache = ChunkCache::new(0);
     let mut cases = Vec::new();

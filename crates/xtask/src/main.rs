@@ -160,12 +160,17 @@ fn test(root: &Path, extra: &[String]) -> Result<(), String> {
         .args(extra))
 }
 
-/// The main job: phantom dataset → ingest → inspect, leaving everything under DIR.
+/// The main job: phantom dataset → ingest → serve → PGPS training → report, all under DIR.
 fn demo(root: &Path, extra: &[String]) -> Result<(), String> {
     let out = root.join(extra.first().map(String::as_str).unwrap_or("demo-out"));
-    run(cargo()
-        .current_dir(root)
-        .args(["build", "--release", "-p", "patchflow", "-p", "patchflow-trainer"]))?;
+    run(cargo().current_dir(root).args([
+        "build",
+        "--release",
+        "-p",
+        "patchflow",
+        "-p",
+        "patchflow-trainer",
+    ]))?;
     let bin = root.join("target/release/patchflow");
     run(Command::new(&bin)
         .arg("demo")
