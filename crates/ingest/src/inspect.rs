@@ -112,12 +112,17 @@ fn ratio(a: u64, b: u64) -> f64 {
     if b == 0 { 0.0 } else { a as f64 / b as f64 }
 }
 
-/// Reads the store's manifest and case headers (and only those).
-pub fn inspect(store: &Path, case: Option<&str>) -> Result<StoreReport, IngestError> {
-    let manifest = Manifest::load(store)?.ok_or_else(|| IngestError::Input {
+/// The store's manifest; a folder without one is not a store.
+fn load_manifest(store: &Path) -> Result<Manifest, IngestError> {
+    Manifest::load(store)?.ok_or_else(|| IngestError::Input {
         path: store.to_path_buf(),
         reason: "not a patchflow store (no manifest.json)".into(),
-    })?;
+    })
+}
+
+/// Reads the store's manifest and case headers (and only those).
+pub fn inspect(store: &Path, case: Option<&str>) -> Result<StoreReport, IngestError> {
+    let manifest = load_manifest(store)?;
     if let Some(id) = case
         && !manifest.cases.iter().any(|c| c.id == id)
     {
@@ -269,10 +274,7 @@ pub fn render_text(report: &StoreReport) -> String {
 /// Checks every chunk checksum of every case (or of one case). Returns `(case id, error)` for
 /// each case that fails; an empty list means the store is intact.
 pub fn verify(store: &Path, case: Option<&str>) -> Result<Vec<(String, String)>, IngestError> {
-    let manifest = Manifest::load(store)?.ok_or_else(|| IngestError::Input {
-        path: store.to_path_buf(),
-        reason: "not a patchflow store (no manifest.json)".into(),
-    })?;
+    let manifest = load_manifest(store)?;
     let cache = ChunkCache::new(0);
     let mut failures = Vec::new();
     for entry in manifest
