@@ -36,12 +36,15 @@ fn copy_box<T: Copy>(src: &[T], origin: [usize; 3], patch: [usize; 3], dst: &mut
 }
 
 fn sampling(c: &mut Criterion) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (image, label) = common::write_store(dir.path());
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // The daemon serves a folder named like an identifier (dataset names are identifiers).
+    let store = tmp.path().join("bench");
+    std::fs::create_dir_all(&store).expect("store folder");
+    let (image, label) = common::write_store(&store);
 
     // Large enough to hold the whole case decompressed: every chunk is warm after one pass.
     let cache = ChunkCache::new(1 << 30);
-    let dataset = Arc::new(Dataset::open("bench", dir.path(), cache).expect("open"));
+    let dataset = Arc::new(Dataset::open("bench", store.as_path(), cache).expect("open"));
     let sampler = Sampler::new(dataset);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(1)
@@ -63,7 +66,7 @@ fn sampling(c: &mut Criterion) {
 
     // The same store with no chunk cache: every touched chunk is checksummed and decompressed.
     let cold = Sampler::new(Arc::new(
-        Dataset::open("bench", dir.path(), ChunkCache::new(0)).expect("open"),
+        Dataset::open("bench", store.as_path(), ChunkCache::new(0)).expect("open"),
     ));
 
     // The daemon over loopback gRPC: one sampling worker, the same store, a warm cache.
@@ -74,7 +77,7 @@ fn sampling(c: &mut Criterion) {
         .expect("runtime");
     let server = runtime
         .block_on(patchflow_server::start(patchflow_server::ServerConfig {
-            stores: vec![dir.path().to_path_buf()],
+            stores: vec![store.as_path().to_path_buf()],
             listen: Some("127.0.0.1:0".parse().expect("address")),
             workers: 1,
             cache_mb: 1024,
@@ -88,12 +91,7 @@ fn sampling(c: &mut Criterion) {
             patchflow_client::ClientOptions::default(),
         ))
         .expect("client");
-    let dataset_name = dir
-        .path()
-        .file_name()
-        .and_then(|n| n.to_str())
-        .expect("name")
-        .to_string();
+    let dataset_name = "bench".to_string();
     {
         // Warm the daemon's cache the same way.
         let mut cfg =

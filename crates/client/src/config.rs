@@ -6,6 +6,7 @@ use std::time::Duration;
 use patchflow_proto::v1 as pb;
 
 use crate::ClientError;
+use crate::auth::{Secret, TlsOptions};
 use crate::batch::ImageDtype;
 
 /// How crops are placed (see the `SampleConfig` message).
@@ -112,6 +113,12 @@ pub struct ClientOptions {
     pub connect_timeout: Duration,
     /// Largest batch accepted from a daemon (image + label bytes).
     pub max_batch_bytes: u64,
+    /// Bearer token sent with every call (`authorization: Bearer <token>`), for daemons that
+    /// require one.
+    pub token: Option<Secret>,
+    /// TLS settings for `https://` endpoints. When any field is set, endpoints given without a
+    /// scheme use TLS too, and `http://` endpoints are refused.
+    pub tls: TlsOptions,
 }
 
 impl Default for ClientOptions {
@@ -123,6 +130,8 @@ impl Default for ClientOptions {
             max_backoff: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             max_batch_bytes: 4 << 30,
+            token: None,
+            tls: TlsOptions::default(),
         }
     }
 }

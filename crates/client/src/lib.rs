@@ -4,8 +4,12 @@
 //! eats them, from one or several storage nodes, surviving restarts of any of them. This crate
 //! provides exactly that, without linking any tensor library:
 //!
-//! * [`Client::connect`] to one or several endpoints (`http://host:port`, `host:port` or
-//!   `unix:/path`); [`Client::list_datasets`] and [`Client::describe`] for discovery;
+//! * [`Client::connect`] to one or several endpoints (`http://host:port`, `https://host:port`,
+//!   `host:port` or `unix:/path`); [`Client::list_datasets`] and [`Client::describe`] for
+//!   discovery;
+//! * a bearer token sent with every call ([`ClientOptions::token`]) and TLS for `https://`
+//!   endpoints, with a private CA, a client certificate and a domain-name override
+//!   ([`ClientOptions::tls`]);
 //! * [`Client::stream`] opens a [`BatchStream`]: batch `k` comes from daemon `k mod N`, batches
 //!   are handed out in index order, each daemon is asked `prefetch` batches ahead;
 //! * [`BatchStream::reconfigure`] changes patch size, batch size, policy, ... from the next
@@ -27,6 +31,7 @@
 //! # Ok(()) }
 //! ```
 
+mod auth;
 mod batch;
 mod config;
 mod error;
@@ -37,8 +42,10 @@ use std::path::PathBuf;
 use hyper_util::rt::TokioIo;
 use patchflow_proto::v1 as pb;
 use patchflow_proto::v1::patchflow_client::PatchflowClient;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint, Uri};
 
+pub use auth::{MAX_TOKEN_BYTES, Secret, TlsOptions};
 pub use batch::{Batch, ImageDtype, Item, LabelDtype, image_dtype_size, label_dtype_size};
 pub use config::{ClientOptions, Policy, StreamConfig};
 pub use error::ClientError;
@@ -46,7 +53,11 @@ pub use patchflow_proto::v1::{
     DatasetDescription, DatasetSummary, ListDatasetsResponse, ServerLimits,
 };
 
+use auth::Credentials;
 use link::{Command, Event, Link};
+
+/// The generated client over a channel that adds the credentials to every call.
+pub(crate) type Rpc = PatchflowClient<InterceptedService<Channel, Credentials>>;
 
 /// Largest message accepted when a daemon does not say (it always does).
 const DEFAULT_MAX_MESSAGE: usize = 64 << 20;
@@ -57,7 +68,7 @@ const MESSAGE_SLACK: usize = 1 << 20;
 #[derive(Clone)]
 struct Daemon {
     endpoint: String,
-    client: PatchflowClient<Channel>,
+    client: Rpc,
     limits: pb::ServerLimits,
 }
 
@@ -68,8 +79,13 @@ pub struct Client {
     options: ClientOptions,
 }
 
-/// Builds a lazily connecting channel for `endpoint`.
-fn channel(endpoint: &str, options: &ClientOptions) -> Result<Channel, ClientError> {
+/// Builds a lazily connecting channel for `endpoint`: plaintext for `unix:` and `http://`,
+/// TLS for `https://`; without a scheme, TLS when `tls` is set.
+fn channel(
+    endpoint: &str,
+    options: &ClientOptions,
+    tls: Option<&ClientTlsConfig>,
+) -> Result<Channel, ClientError> {
     let invalid = |reason: String| ClientError::InvalidEndpoint {
         endpoint: endpoint.to_owned(),
         reason,
@@ -94,15 +110,57 @@ fn channel(endpoint: &str, options: &ClientOptions) -> Result<Channel, ClientErr
     }
     let url = if endpoint.contains("://") {
         endpoint.to_owned()
+    } else if tls.is_some() {
+        format!("https://{endpoint}")
     } else {
         format!("http://{endpoint}")
     };
-    let ep = Endpoint::from_shared(url)
+    let https = url.starts_with("https://");
+    if tls.is_some() && !https {
+        return Err(invalid(
+            "TLS options are set but the endpoint is not https:// (use https:// or no scheme)"
+                .into(),
+        ));
+    }
+    let mut ep = Endpoint::from_shared(url)
         .map_err(|e| invalid(e.to_string()))?
         .connect_timeout(options.connect_timeout)
         .tcp_nodelay(true)
         .http2_adaptive_window(true);
+    if https {
+        let config = match tls {
+            Some(config) => config.clone(),
+            None => options.tls.load()?,
+        };
+        ep = ep
+            .tls_config(config)
+            .map_err(|e| ClientError::Credentials {
+                origin: options.tls.ca.as_ref().map_or_else(
+                    || "the system's trusted certificates".to_owned(),
+                    |ca| format!("TLS CA file {}", ca.display()),
+                ),
+                reason: error::chain(&e),
+            })?;
+    } else if options.token.is_some() && !is_loopback_url(ep.uri()) {
+        tracing::warn!(
+            %endpoint,
+            "the bearer token travels in clear text to a non-loopback address; use https://"
+        );
+    }
     Ok(ep.connect_lazy())
+}
+
+/// Whether `uri` names this host.
+fn is_loopback_url(uri: &Uri) -> bool {
+    match uri.host() {
+        Some("localhost") => true,
+        Some(host) => host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback()),
+        None => false,
+    }
 }
 
 impl Client {
@@ -114,11 +172,18 @@ impl Client {
         S: AsRef<str>,
     {
         options.check()?;
+        let credentials = Credentials::new(options.token.as_ref())?;
+        // TLS files are read once, for every endpoint.
+        let tls = if options.tls.is_set() {
+            Some(options.tls.load()?)
+        } else {
+            None
+        };
         let mut daemons = Vec::new();
         for endpoint in endpoints {
             let endpoint = endpoint.as_ref().to_owned();
-            let channel = channel(&endpoint, &options)?;
-            let mut client = PatchflowClient::new(channel);
+            let channel = channel(&endpoint, &options, tls.as_ref())?;
+            let mut client = PatchflowClient::with_interceptor(channel, credentials.clone());
             let listing = with_retries(&endpoint, &options, || {
                 let mut client = client.clone();
                 async move { client.list_datasets(pb::ListDatasetsRequest {}).await }
@@ -239,21 +304,12 @@ where
             Err(status) if error::is_retryable(&status) => {
                 attempt += 1;
                 if attempt > options.max_attempts {
-                    return Err(ClientError::GaveUp {
-                        endpoint: endpoint.to_owned(),
-                        attempts: attempt,
-                        last: status,
-                    });
+                    return Err(error::final_error(endpoint, status, attempt));
                 }
                 tracing::debug!(%endpoint, attempt, %status, "call failed; retrying");
                 tokio::time::sleep(options.backoff(attempt)).await;
             }
-            Err(status) => {
-                return Err(ClientError::Server {
-                    endpoint: endpoint.to_owned(),
-                    status,
-                });
-            }
+            Err(status) => return Err(error::final_error(endpoint, status, attempt + 1)),
         }
     }
 }

@@ -3,16 +3,14 @@
 //! exponential backoff, resuming at the next index it has not delivered.
 
 use patchflow_proto::v1 as pb;
-use patchflow_proto::v1::patchflow_client::PatchflowClient;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::Status;
-use tonic::transport::Channel;
 
 use crate::batch::{Assembler, Batch};
-use crate::error::is_retryable;
-use crate::{ClientError, ClientOptions};
+use crate::error::{final_error, is_retryable};
+use crate::{ClientError, ClientOptions, Rpc};
 
 /// What the consumer tells a link.
 pub(crate) enum Command {
@@ -40,12 +38,7 @@ pub(crate) struct Link {
 
 impl Link {
     /// Starts the task for one daemon; it waits for a configuration.
-    pub fn spawn(
-        endpoint: String,
-        client: PatchflowClient<Channel>,
-        options: ClientOptions,
-        window: u32,
-    ) -> Link {
+    pub fn spawn(endpoint: String, client: Rpc, options: ClientOptions, window: u32) -> Link {
         let (commands, command_rx) = mpsc::unbounded_channel();
         let (event_tx, events) = mpsc::unbounded_channel();
         let task = LinkTask {
@@ -82,7 +75,7 @@ impl Drop for Link {
 
 struct LinkTask {
     endpoint: String,
-    client: PatchflowClient<Channel>,
+    client: Rpc,
     options: ClientOptions,
     window: u32,
     commands: mpsc::UnboundedReceiver<Command>,
@@ -167,18 +160,7 @@ impl LinkTask {
             tracing::warn!(endpoint = %self.endpoint, %status, "stream failed");
             return;
         }
-        let error = if is_retryable(&status) {
-            ClientError::GaveUp {
-                endpoint: self.endpoint.clone(),
-                attempts: self.failures + 1,
-                last: status,
-            }
-        } else {
-            ClientError::Server {
-                endpoint: self.endpoint.clone(),
-                status,
-            }
-        };
+        let error = final_error(&self.endpoint, status, self.failures + 1);
         self.report(config_id, error);
     }
 

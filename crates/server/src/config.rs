@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::ServerError;
+use crate::auth::{Secret, TlsFiles};
 
 /// Port the daemon listens on when none is given.
 pub const DEFAULT_PORT: u16 = 50051;
@@ -31,6 +32,14 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// How long a shutdown waits for open streams and connections to close before it drops them.
     pub shutdown_grace: Duration,
+    /// Bearer token every RPC must carry (`authorization: Bearer <token>`), on every listener
+    /// and every service (health checking and reflection included). `None`: no token needed.
+    pub token: Option<Secret>,
+    /// TLS for the TCP listener (`None`: plaintext). The Unix socket is always plaintext.
+    pub tls: Option<TlsFiles>,
+    /// Allow a TCP listener on a non-loopback address without any authentication (no token and
+    /// no client certificates). Off by default: such a configuration is refused.
+    pub insecure: bool,
 }
 
 impl Default for ServerConfig {
@@ -44,6 +53,9 @@ impl Default for ServerConfig {
             metrics: None,
             limits: Limits::default(),
             shutdown_grace: Duration::from_secs(10),
+            token: None,
+            tls: None,
+            insecure: false,
         }
     }
 }
@@ -154,7 +166,25 @@ impl ServerConfig {
                 reason: "the chunk cache needs at least 1 MiB".into(),
             });
         }
+        if let Some(address) = self.unprotected_listener()
+            && !self.insecure
+        {
+            return Err(ServerError::Unprotected { address });
+        }
         self.limits.check()
+    }
+
+    /// Whether the clients of the TCP listener must prove who they are (a token or a client
+    /// certificate).
+    pub(crate) fn authenticated(&self) -> bool {
+        self.token.is_some() || self.tls.as_ref().is_some_and(|t| t.client_ca.is_some())
+    }
+
+    /// The TCP address, when it is reachable from other hosts and nothing authenticates its
+    /// clients.
+    pub(crate) fn unprotected_listener(&self) -> Option<SocketAddr> {
+        self.listen
+            .filter(|addr| !addr.ip().to_canonical().is_loopback() && !self.authenticated())
     }
 
     /// Number of worker threads this configuration asks for.
@@ -199,6 +229,60 @@ mod tests {
         };
         let err = limits.check().unwrap_err();
         assert!(err.to_string().contains("max_message_bytes"), "{err}");
+    }
+
+    #[test]
+    fn open_addresses_need_authentication_or_an_explicit_opt_out() {
+        let mut config = ServerConfig {
+            stores: vec![PathBuf::from("/data/store")],
+            listen: Some("0.0.0.0:50051".parse().unwrap()),
+            ..ServerConfig::default()
+        };
+        let err = config.check().unwrap_err().to_string();
+        assert!(err.contains("0.0.0.0:50051"), "{err}");
+        assert!(
+            err.contains("--token-file") && err.contains("--insecure"),
+            "{err}"
+        );
+        config.insecure = true;
+        config.check().map_err(|e| e.to_string()).unwrap();
+        config.insecure = false;
+        config.token = Some(Secret::new("t").map_err(|e| e.to_string()).unwrap());
+        config.check().map_err(|e| e.to_string()).unwrap();
+        config.token = None;
+        config.tls = Some(TlsFiles {
+            cert: "c.pem".into(),
+            key: "k.pem".into(),
+            client_ca: None,
+        });
+        assert!(
+            config.check().is_err(),
+            "TLS alone does not authenticate clients"
+        );
+        if let Some(tls) = &mut config.tls {
+            tls.client_ca = Some("ca.pem".into());
+        }
+        config.check().map_err(|e| e.to_string()).unwrap();
+        for local in [
+            "127.0.0.1:0",
+            "[::1]:0",
+            "[::ffff:127.0.0.1]:0",
+            "127.3.2.1:9",
+        ] {
+            let config = ServerConfig {
+                stores: vec![PathBuf::from("/data/store")],
+                listen: Some(local.parse().unwrap()),
+                ..ServerConfig::default()
+            };
+            config.check().map_err(|e| e.to_string()).unwrap();
+        }
+        let config = ServerConfig {
+            stores: vec![PathBuf::from("/data/store")],
+            listen: None,
+            unix: Some("/run/patchflow.sock".into()),
+            ..ServerConfig::default()
+        };
+        config.check().map_err(|e| e.to_string()).unwrap();
     }
 
     #[test]

@@ -11,6 +11,7 @@ use patchflow_store::MAX_CASE_ID_LEN;
 use prost::Message;
 use tonic::Status;
 
+use crate::auth::check_name;
 use crate::error::sampler_status;
 use crate::registry::{Entry, Registry, label_dtype};
 use crate::{Limits, config::MIN_MESSAGE_BYTES};
@@ -37,12 +38,21 @@ fn invalid(field: &str, reason: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("invalid configuration: {field}: {reason}"))
 }
 
+fn invalid_configuration(reason: String) -> Status {
+    Status::invalid_argument(format!("invalid configuration: {reason}"))
+}
+
 /// Checks `config` against the registry and the limits and turns it into a sampler request.
 pub(crate) fn stream_config(
     config: &pb::SampleConfig,
     registry: &Registry,
     limits: &Limits,
 ) -> Result<StreamConfig, Status> {
+    // Names are identifiers: checked before anything is looked up.
+    check_name("dataset", &config.dataset).map_err(invalid_configuration)?;
+    for (i, id) in config.cases.iter().enumerate() {
+        check_name(&format!("cases[{i}]"), id).map_err(invalid_configuration)?;
+    }
     let entry = registry.get(&config.dataset).ok_or_else(|| {
         Status::not_found(format!(
             "unknown dataset {:?} (served: {})",

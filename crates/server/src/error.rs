@@ -74,6 +74,48 @@ pub enum ServerError {
         #[source]
         source: tonic::transport::Error,
     },
+    /// A bearer token is unusable (empty, too long, or with characters a header cannot carry).
+    #[error("invalid token ({origin}): {reason}")]
+    Token {
+        /// Where the token came from (`token file /etc/patchflow/token`, ...).
+        origin: String,
+        /// What is wrong with it (never the token itself).
+        reason: String,
+    },
+    /// A TLS file is unreadable or malformed, or the certificate and key do not fit together.
+    #[error("TLS file {path}: {reason}")]
+    Tls {
+        /// The PEM file concerned.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A store folder's name cannot be a dataset name (requests name datasets by identifier).
+    #[error(
+        "{path}: the folder name {name:?} cannot be a dataset name: {reason} (rename the folder: \
+         1 to 128 characters of A-Z a-z 0-9 _ . -, not starting with '.')"
+    )]
+    DatasetName {
+        /// The store folder.
+        path: PathBuf,
+        /// Its name.
+        name: String,
+        /// Which rule the name breaks.
+        reason: String,
+    },
+    /// A TCP listener on a non-loopback address would accept anyone: no token, no client
+    /// certificates, and no explicit opt-out.
+    #[error(
+        "refusing to listen on {address} without authentication: any host that reaches it could \
+         read every served dataset. Set a token (patchflow serve: --token-file PATH or the \
+         PATCHFLOW_TOKEN environment variable; ServerConfig::token), require client certificates \
+         (--tls-client-ca), listen on a loopback address or a Unix socket, or accept the risk \
+         with --insecure (ServerConfig::insecure)"
+    )]
+    Unprotected {
+        /// The TCP address asked for.
+        address: std::net::SocketAddr,
+    },
     /// A background task of the server panicked or was cancelled.
     #[error("server task {task} ended abnormally: {reason}")]
     Task {

@@ -11,6 +11,9 @@
 //!   stream, with bounded memory per stream;
 //! * limits on patch, batch, message size, credits and concurrent streams, with clear statuses;
 //! * gRPC health checking, server reflection, and Prometheus metrics on a separate listener;
+//! * access control: a bearer token checked on every RPC, TLS (optionally with client
+//!   certificates) on the TCP listener, a refusal to listen on a non-loopback address without
+//!   authentication, and names in requests held to the identifier rule of the store;
 //! * graceful shutdown.
 //!
 //! ```no_run
@@ -24,6 +27,7 @@
 //! # }
 //! ```
 
+mod auth;
 mod config;
 mod convert;
 mod error;
@@ -46,14 +50,17 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Server;
+use tonic::service::{InterceptorLayer, Routes};
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Server, ServerTlsConfig};
 
+pub use auth::{MAX_TOKEN_BYTES, Secret, TlsFiles};
 pub use config::{DEFAULT_PORT, Limits, MIN_MESSAGE_BYTES, ServerConfig};
 pub use convert::DEFAULT_FOREGROUND_FRACTION;
 pub use error::{ServerError, sampler_status, store_status};
 pub use metrics::MetricsSnapshot;
 
+use auth::Authenticator;
 use metrics::Metrics;
 use pool::WorkerPool;
 use registry::Registry;
@@ -67,6 +74,7 @@ const MAX_REQUEST_BYTES: usize = 4 << 20;
 /// stops it and waits.
 pub struct RunningServer {
     local_addr: Option<SocketAddr>,
+    tls: bool,
     unix_path: Option<PathBuf>,
     metrics_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
@@ -92,10 +100,11 @@ impl RunningServer {
         self.metrics_addr
     }
 
-    /// Endpoint URL of the TCP listener for clients (`http://127.0.0.1:PORT`), or of the Unix
-    /// socket (`unix:/path`) when there is no TCP listener.
+    /// Endpoint URL of the TCP listener for clients (`http://127.0.0.1:PORT`, or `https://...`
+    /// with TLS), or of the Unix socket (`unix:/path`) when there is no TCP listener.
     pub fn endpoint(&self) -> Option<String> {
         match (&self.local_addr, &self.unix_path) {
+            (Some(addr), _) if self.tls => Some(format!("https://{addr}")),
             (Some(addr), _) => Some(format!("http://{addr}")),
             (None, Some(path)) => Some(format!("unix:{}", path.display())),
             (None, None) => None,
@@ -167,6 +176,11 @@ impl Drop for RunningServer {
 /// serving. Returns once everything is bound.
 pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     config.check()?;
+    // TLS problems (unreadable files, a key that does not fit) stop the start before any store
+    // is opened. TLS applies to the TCP listener only; the Unix socket stays plaintext.
+    let tls = config.tls.as_ref().map(auth::server_tls).transpose()?;
+    let tcp_server = transport(&config, tls.clone())?;
+    let unix_server = transport(&config, None)?;
     let workers = config.worker_threads();
     let cache = ChunkCache::new(config.cache_mb.saturating_mul(1 << 20));
     let stores = config.stores.clone();
@@ -203,13 +217,18 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let service = PatchflowServer::new(PatchflowService::new(ctx))
         .max_encoding_message_size(config.limits.max_message_bytes)
         .max_decoding_message_size(MAX_REQUEST_BYTES);
-    let router = Server::builder()
-        .http2_adaptive_window(Some(true))
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .add_service(health_service)
+    let routes = Routes::new(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(service);
+    // The token check wraps every service of both listeners.
+    let authenticator = Authenticator::new(config.token.clone(), Arc::clone(&metrics));
+    let router = |server: Server| {
+        server
+            .layer(InterceptorLayer::new(authenticator.clone()))
+            .add_routes(routes.clone())
+    };
+    warn_about_exposure(&config);
 
     let mut tasks = Vec::new();
     let mut local_addr = None;
@@ -230,7 +249,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let name = format!("tcp {bound}");
         let signal = shutdown.clone().cancelled_owned();
-        let router = router.clone();
+        let router = router(tcp_server);
         let token = shutdown.clone();
         let task_name = name.clone();
         tasks.push((
@@ -240,13 +259,20 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
                 finish_listener(task_name, result, &token)
             }),
         ));
-        tracing::info!(address = %bound, workers, "listening on TCP");
+        tracing::info!(
+            address = %bound,
+            workers,
+            tls = tls.is_some(),
+            token = config.token.is_some(),
+            "listening on TCP"
+        );
     }
     let mut unix_path = None;
     if let Some(path) = &config.unix {
         let listener = bind_unix(path)?;
         unix_path = Some(path.clone());
         let incoming = UnixListenerStream::new(listener);
+        let router = router(unix_server);
         let name = format!("unix {}", path.display());
         let signal = shutdown.clone().cancelled_owned();
         let token = shutdown.clone();
@@ -289,6 +315,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
 
     Ok(RunningServer {
         local_addr,
+        tls: tls.is_some(),
         unix_path,
         metrics_addr,
         shutdown,
@@ -331,6 +358,59 @@ pub async fn shutdown_signal() {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
+}
+
+/// The transport settings shared by every listener, with `tls` when given.
+fn transport(config: &ServerConfig, tls: Option<ServerTlsConfig>) -> Result<Server, ServerError> {
+    let builder = Server::builder()
+        .http2_adaptive_window(Some(true))
+        .http2_keepalive_interval(Some(Duration::from_secs(30)));
+    let (Some(tls), Some(files)) = (tls, &config.tls) else {
+        return Ok(builder);
+    };
+    builder.tls_config(tls).map_err(|e| ServerError::Tls {
+        path: files.cert.clone(),
+        reason: format!(
+            "cannot be used with the key {}: {}",
+            files.key.display(),
+            error_chain(&e)
+        ),
+    })
+}
+
+/// Logs loudly what an operator must know about who can reach the daemon.
+fn warn_about_exposure(config: &ServerConfig) {
+    let Some(addr) = config.listen else {
+        return;
+    };
+    if config.unprotected_listener().is_some() {
+        tracing::warn!(
+            address = %addr,
+            "INSECURE: listening on a non-loopback address without authentication (--insecure): \
+             anyone who can reach this address can read every served dataset"
+        );
+    } else if config.token.is_some()
+        && config.tls.is_none()
+        && !addr.ip().to_canonical().is_loopback()
+    {
+        tracing::warn!(
+            address = %addr,
+            "the bearer token travels in clear text on this non-loopback address; \
+             add TLS (--tls-cert, --tls-key) unless the network is trusted"
+        );
+    }
+}
+
+/// An error and its sources, joined (transport errors keep the useful part in a source).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
 }
 
 /// Turns a listener's end into the task result; a failing listener stops the whole server.

@@ -51,6 +51,8 @@ pub(crate) struct Metrics {
     pub streams_refused: AtomicU64,
     /// Sample streams ended with an error status.
     pub stream_errors: AtomicU64,
+    /// Requests refused for missing or wrong credentials.
+    pub auth_refused: AtomicU64,
     /// Jobs submitted to the pool that have not started.
     pub jobs_waiting: AtomicU64,
     /// Jobs running on the pool.
@@ -77,6 +79,8 @@ pub struct MetricsSnapshot {
     pub streams_refused: u64,
     /// Sample streams that ended with an error status.
     pub stream_errors: u64,
+    /// Requests refused for missing or wrong credentials (UNAUTHENTICATED).
+    pub auth_refused: u64,
     /// Seconds the worker threads spent sampling.
     pub worker_busy_seconds: f64,
     /// Chunk cache hits.
@@ -96,6 +100,7 @@ impl Metrics {
             streams_opened: AtomicU64::new(0),
             streams_refused: AtomicU64::new(0),
             stream_errors: AtomicU64::new(0),
+            auth_refused: AtomicU64::new(0),
             jobs_waiting: AtomicU64::new(0),
             jobs_running: AtomicU64::new(0),
             busy_nanos: AtomicU64::new(0),
@@ -152,6 +157,7 @@ impl Metrics {
             streams_opened: self.streams_opened.load(Ordering::Relaxed),
             streams_refused: self.streams_refused.load(Ordering::Relaxed),
             stream_errors: self.stream_errors.load(Ordering::Relaxed),
+            auth_refused: self.auth_refused.load(Ordering::Relaxed),
             worker_busy_seconds: Duration::from_nanos(self.busy_nanos.load(Ordering::Relaxed))
                 .as_secs_f64(),
             cache_hits: cache.hits,
@@ -210,6 +216,12 @@ impl Metrics {
             "counter",
             "Sample streams ended with an error status.",
             snap.stream_errors.to_string(),
+        );
+        metric(
+            "patchflow_auth_refused_total",
+            "counter",
+            "Requests refused for missing or wrong credentials.",
+            snap.auth_refused.to_string(),
         );
         metric(
             "patchflow_workers",

@@ -125,7 +125,8 @@ fn store_dirs(path: &Path) -> Result<Vec<PathBuf>, ServerError> {
     Ok(stores)
 }
 
-/// The dataset name of a store folder: the folder's own name.
+/// The dataset name of a store folder: the folder's own name, which must follow the identifier
+/// rule of case ids.
 fn dataset_name(store: &Path) -> Result<String, ServerError> {
     // A path like "." or "/data/x/.." has no usable file name: resolve it first.
     let resolved = store.canonicalize().map_err(|source| ServerError::Io {
@@ -133,13 +134,24 @@ fn dataset_name(store: &Path) -> Result<String, ServerError> {
         path: store.display().to_string(),
         source,
     })?;
-    resolved
+    let name = resolved
         .file_name()
         .and_then(|n| n.to_str())
         .map(str::to_owned)
         .ok_or_else(|| ServerError::NotAStore {
             path: store.to_path_buf(),
-        })
+        })?;
+    // Requests name datasets by identifier; a folder that breaks the rule could never be asked
+    // for, so it is refused here rather than served unreachable.
+    patchflow_store::validate_case_id(&name).map_err(|e| ServerError::DatasetName {
+        path: store.to_path_buf(),
+        name: name.clone(),
+        reason: match e {
+            patchflow_store::StoreError::InvalidId { reason, .. } => reason,
+            other => other.to_string(),
+        },
+    })?;
+    Ok(name)
 }
 
 fn scheme_name(scheme: NormScheme) -> &'static str {

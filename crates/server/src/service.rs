@@ -8,6 +8,7 @@ use patchflow_proto::v1 as pb;
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::check_name;
 use crate::stream::{self, ResponseStream, StreamContext};
 
 /// The service implementation.
@@ -59,6 +60,8 @@ impl pb::patchflow_server::Patchflow for PatchflowService {
         request: Request<pb::DescribeDatasetRequest>,
     ) -> Result<Response<pb::DatasetDescription>, Status> {
         let name = &request.get_ref().dataset;
+        check_name("dataset", name)
+            .map_err(|reason| Status::invalid_argument(format!("invalid request: {reason}")))?;
         let entry = self.ctx.registry.get(name).ok_or_else(|| {
             Status::not_found(format!(
                 "unknown dataset {name:?} (served: {})",

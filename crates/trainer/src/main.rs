@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
+use patchflow_client::{ClientOptions, Secret, TlsOptions};
 use patchflow_curriculum::{Mode, parse_pools, parse_triplet};
 use patchflow_trainer::bench::{BenchConfig, run_bench};
 use patchflow_trainer::data::{InProcessSource, WithStoreVolumes};
@@ -146,6 +147,26 @@ struct TrainArgs {
     /// Dataset name (as the daemon serves it) [default with --store: the folder's name].
     #[arg(long)]
     dataset: Option<String>,
+    /// File holding the daemons' bearer token (one trailing line break is ignored). The token
+    /// can also be given in the PATCHFLOW_TOKEN environment variable.
+    #[arg(long, value_name = "PATH")]
+    token_file: Option<PathBuf>,
+    /// The token itself, from the environment (kept off the command line).
+    #[arg(long, env = "PATCHFLOW_TOKEN", hide = true, hide_env_values = true)]
+    token: Option<String>,
+    /// CA certificate(s) (PEM) to trust for TLS daemons instead of the system's roots. Any
+    /// --tls-* flag makes --server addresses without a scheme use TLS (https://).
+    #[arg(long, value_name = "PEM")]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for daemons that require one; needs --tls-key.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Name to check the daemons' certificates against instead of the --server host.
+    #[arg(long, value_name = "NAME")]
+    tls_domain: Option<String>,
     /// pgps-efficiency, pgps-performance, constant or rpss.
     #[arg(long, default_value = "pgps-efficiency")]
     curriculum: String,
@@ -253,7 +274,7 @@ fn open_source(a: &TrainArgs) -> Result<Box<dyn BatchSource>> {
             let Some(dataset) = &a.dataset else {
                 bail!("--server needs --dataset NAME");
             };
-            let remote = RemoteSource::connect(&a.servers, dataset)
+            let remote = RemoteSource::connect_with(&a.servers, dataset, client_options(a)?)
                 .with_context(|| format!("connecting to {}", a.servers.join(", ")))?;
             match store {
                 Some(dir) => Ok(Box::new(
@@ -264,6 +285,30 @@ fn open_source(a: &TrainArgs) -> Result<Box<dyn BatchSource>> {
             }
         }
     }
+}
+
+/// Options of the daemon connections: the token and the TLS settings of the flags.
+fn client_options(a: &TrainArgs) -> Result<ClientOptions> {
+    let token = match (&a.token_file, &a.token) {
+        (Some(_), Some(_)) => {
+            bail!("give the token either with --token-file or in PATCHFLOW_TOKEN, not both")
+        }
+        (Some(path), None) => Some(Secret::from_file(path)?),
+        (None, Some(token)) => {
+            Some(Secret::new(token.as_str()).context("the PATCHFLOW_TOKEN environment variable")?)
+        }
+        (None, None) => None,
+    };
+    Ok(ClientOptions {
+        token,
+        tls: TlsOptions {
+            ca: a.tls_ca.clone(),
+            cert: a.tls_cert.clone(),
+            key: a.tls_key.clone(),
+            domain: a.tls_domain.clone(),
+        },
+        ..ClientOptions::default()
+    })
 }
 
 fn config(a: &TrainArgs) -> Result<TrainConfig> {

@@ -96,17 +96,25 @@ fn to_host(b: Batch) -> Result<HostBatch, TrainerError> {
 }
 
 impl RemoteSource {
-    /// Connects to `endpoints` (all serving `dataset`) and describes the dataset.
+    /// Connects to `endpoints` (all serving `dataset`) with the default client options (no
+    /// token, system TLS roots for `https://`) and describes the dataset.
     pub fn connect(endpoints: &[String], dataset: &str) -> Result<RemoteSource, TrainerError> {
+        RemoteSource::connect_with(endpoints, dataset, ClientOptions::default())
+    }
+
+    /// Connects to `endpoints` (all serving `dataset`) with `options` (token, TLS, prefetch,
+    /// reconnection) and describes the dataset.
+    pub fn connect_with(
+        endpoints: &[String],
+        dataset: &str,
+        options: ClientOptions,
+    ) -> Result<RemoteSource, TrainerError> {
         if endpoints.is_empty() {
             return Err(TrainerError::config("server", "no daemon address given"));
         }
         let runtime = runtime(endpoints)?;
         let client = runtime
-            .block_on(Client::connect(
-                endpoints.iter().cloned(),
-                ClientOptions::default(),
-            ))
+            .block_on(Client::connect(endpoints.iter().cloned(), options))
             .map_err(|e| remote_err(endpoints, e))?;
         let desc = runtime
             .block_on(client.describe(dataset))

@@ -316,6 +316,7 @@ pub fn config(stores: Vec<PathBuf>, workers: usize, limits: Limits) -> ServerCon
         metrics: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
         limits,
         shutdown_grace: Duration::from_secs(30),
+        ..ServerConfig::default()
     }
 }
 

@@ -1,0 +1,51 @@
+//! `patchflow serve` refuses to listen beyond loopback without a token unless told
+//! `--insecure`, and says how to fix it.
+
+mod common;
+
+use std::process::{Command, Stdio};
+
+use common::{run_ok, s};
+
+#[test]
+fn non_loopback_listen_without_token_is_refused_with_the_remedy() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("raw");
+    let store = dir.path().join("store");
+    run_ok(&["phantom", s(&raw), "--cases", "1", "--shape", "16,24,24"]);
+    run_ok(&["ingest", s(&raw), "--out", s(&store)]);
+    let out = Command::new(env!("CARGO_BIN_EXE_patchflow"))
+        .args(["--quiet", "serve", s(&store), "--listen", "0.0.0.0:0"])
+        .env_remove("PATCHFLOW_TOKEN")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("refusing to listen on 0.0.0.0:0"), "{err}");
+    assert!(
+        err.contains("--insecure") && err.contains("--token-file"),
+        "{err}"
+    );
+
+    // An empty token file is an error naming the file, before anything listens.
+    let empty = dir.path().join("token");
+    std::fs::write(&empty, "\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_patchflow"))
+        .args([
+            "--quiet",
+            "serve",
+            s(&store),
+            "--listen",
+            "0.0.0.0:0",
+            "--token-file",
+            s(&empty),
+        ])
+        .env_remove("PATCHFLOW_TOKEN")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(s(&empty)), "{err}");
+}
