@@ -199,11 +199,7 @@ impl Producer {
                 }
                 Event::Message(Ok(Some(msg))) => self.apply(msg, ctx)?,
                 Event::Message(Ok(None)) => self.inbound_done = true,
-                Event::Message(Err(status)) => {
-                    // The client reset the stream or the connection broke.
-                    tracing::debug!(stream = self.stats.id, %status, "request stream failed");
-                    return Ok(());
-                }
+                Event::Message(Err(status)) => return unreadable_request(self.stats.id, status),
             }
         }
     }
@@ -300,5 +296,26 @@ impl Producer {
             job.handle.cancel();
         }
         self.stats.jobs.store(0, Ordering::Relaxed);
+    }
+}
+
+/// Ends a stream whose request side failed. A message the server could not read (tonic
+/// reports undecodable bytes as INTERNAL and a message over the size limit as OUT_OF_RANGE) is
+/// the client's error and answered as INVALID_ARGUMENT or RESOURCE_EXHAUSTED; anything else
+/// means the client reset the stream or the connection broke, and the stream just ends.
+fn unreadable_request(stream: u64, status: Status) -> Result<(), Status> {
+    match status.code() {
+        tonic::Code::Internal => Err(Status::invalid_argument(format!(
+            "unreadable SampleRequest: {}",
+            status.message()
+        ))),
+        tonic::Code::OutOfRange => Err(Status::resource_exhausted(format!(
+            "SampleRequest too large: {}",
+            status.message()
+        ))),
+        _ => {
+            tracing::debug!(stream, %status, "request stream failed");
+            Ok(())
+        }
     }
 }
