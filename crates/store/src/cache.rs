@@ -137,6 +137,11 @@ impl ChunkCache {
         }
     }
 
+    /// Whether the chunk under `key` is held now (does not count as a hit or a miss).
+    pub(crate) fn contains(&self, key: &ChunkKey) -> bool {
+        self.inner.contains_key(key)
+    }
+
     /// Drops every cached chunk (counters are kept).
     pub fn clear(&self) {
         self.inner.clear();

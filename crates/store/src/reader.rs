@@ -145,7 +145,31 @@ impl CaseReader {
         // for as long as the map lives. (Truncating a mapped file behind the store's back would
         // make reads fault; that is outside the store's contract.)
         let map = unsafe { Mmap::map(&file) }.map_err(|e| StoreError::io(path, e))?;
+        // Patches read scattered chunks. Without this the kernel reads a whole readahead
+        // window (often several MiB) around every page fault, which multiplies the bytes read
+        // from disk when the store does not fit in memory; `prefetch` asks for exactly the
+        // chunks a read needs instead.
+        if let Err(e) = map.advise(memmap2::Advice::Random) {
+            tracing::debug!(path = %path.display(), error = %e, "madvise(RANDOM) failed");
+        }
         Self::from_map(path.to_path_buf(), map, cache)
+    }
+
+    /// Validates a case file held in memory, exactly as [`open`](Self::open) validates a file
+    /// on disk; `name` stands for the file in errors and becomes [`path`](Self::path).
+    ///
+    /// The bytes are copied once into a private read-only anonymous mapping, so the reader owns
+    /// them. Useful for case files that do not come from the local file system.
+    pub fn from_bytes(
+        name: &Path,
+        bytes: &[u8],
+        cache: Arc<ChunkCache>,
+    ) -> Result<CaseReader, StoreError> {
+        let mut map =
+            memmap2::MmapMut::map_anon(bytes.len()).map_err(|e| StoreError::io(name, e))?;
+        map.copy_from_slice(bytes);
+        let map = map.make_read_only().map_err(|e| StoreError::io(name, e))?;
+        Self::from_map(name.to_path_buf(), map, cache)
     }
 
     fn from_map(
@@ -319,6 +343,38 @@ impl CaseReader {
     /// Chunk shape `[z, y, x]` of the file.
     pub fn chunk_shape(&self) -> [usize; 3] {
         self.grid.chunk
+    }
+
+    /// Size of the case file in bytes.
+    pub fn file_len(&self) -> u64 {
+        self.map.len() as u64
+    }
+
+    /// Asks the kernel to drop this file's pages from memory, so that the next reads come from
+    /// storage again (cold-start benchmarks). Unmaps this reader's resident pages first, since
+    /// the page cache keeps pages that a process still maps. Decoded chunks in the
+    /// [`ChunkCache`] are not touched (see [`ChunkCache::clear`]). Pages mapped by another
+    /// process stay in memory.
+    pub fn evict_page_cache(&self) -> Result<(), StoreError> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: the mapping is read-only and backed by a file that is never modified in place
+        // (see `open`); dropping its pages only makes the next access fault them in again from
+        // the same file, so no data the program relies on is lost.
+        unsafe {
+            self.map
+                .unchecked_advise(memmap2::UncheckedAdvice::DontNeed)
+                .map_err(|e| StoreError::io(&self.path, e))?;
+        }
+        let file = File::open(&self.path).map_err(|e| StoreError::io(&self.path, e))?;
+        // SAFETY: plain system call on a file descriptor that `file` owns for the whole call.
+        let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        if rc != 0 {
+            return Err(StoreError::io(
+                &self.path,
+                std::io::Error::from_raw_os_error(rc),
+            ));
+        }
+        Ok(())
     }
 
     /// Element type of `array`.
@@ -503,6 +559,7 @@ impl CaseReader {
             }
         }
 
+        self.prefetch(a, lo, hi);
         // Data: one block per band of chunks (fixed cz, cy).
         let cs = self.grid.chunk;
         let (cx_lo, cx_hi) = (lo[2] / cs[2], (hi[2] - 1) / cs[2]);
@@ -560,6 +617,57 @@ impl CaseReader {
                 self.meta.id, self.arrays[a].id
             ),
         )
+    }
+
+    /// Asks the kernel to start reading the stored bytes of every chunk of array `a` that the
+    /// voxel range `[lo, hi)` touches and that the chunk cache does not hold, so that the
+    /// reads overlap and only those bytes are read. Adjacent payloads go in one call.
+    fn prefetch(&self, a: usize, lo: [usize; 3], hi: [usize; 3]) {
+        let cs = self.grid.chunk;
+        let mut pending: Option<(usize, usize)> = None;
+        let flush = |range: (usize, usize)| {
+            if let Err(e) =
+                self.map
+                    .advise_range(memmap2::Advice::WillNeed, range.0, range.1 - range.0)
+            {
+                tracing::trace!(error = %e, "madvise(WILLNEED) failed");
+            }
+        };
+        for cz in lo[0] / cs[0]..=(hi[0] - 1) / cs[0] {
+            for cy in lo[1] / cs[1]..=(hi[1] - 1) / cs[1] {
+                for cx in lo[2] / cs[2]..=(hi[2] - 1) / cs[2] {
+                    let lin = self.grid.linear([cz, cy, cx]);
+                    let Some(e) = self.arrays[a].entries.get(lin) else {
+                        continue;
+                    };
+                    if e.kind == KIND_CONSTANT
+                        || self.cache.contains(&(self.uid, a as u32, lin as u32))
+                    {
+                        continue;
+                    }
+                    let Some((start, end)) = usize::try_from(e.offset_or_value)
+                        .ok()
+                        .zip(usize::try_from(e.len).ok())
+                        .and_then(|(o, l)| Some((o, o.checked_add(l)?)))
+                        .filter(|&(_, end)| end <= self.map.len())
+                    else {
+                        // Bad entries are reported when the chunk is decoded.
+                        continue;
+                    };
+                    pending = match pending {
+                        Some((s0, e0)) if e0 == start => Some((s0, end)),
+                        Some(range) => {
+                            flush(range);
+                            Some((start, end))
+                        }
+                        None => Some((start, end)),
+                    };
+                }
+            }
+        }
+        if let Some(range) = pending {
+            flush(range);
+        }
     }
 
     /// The chunk at grid coordinates `c` of array `a`, through the cache.

@@ -971,3 +971,34 @@ fn case_id_rules() {
         );
     }
 }
+
+#[test]
+fn in_memory_files_read_like_mapped_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let case = TestCase::new("mem", [9, 10, 11], &[DType::I16, DType::F32], DType::U16, 5);
+    let path = case.write(dir.path(), [4, 4, 4]);
+    let bytes = std::fs::read(&path).unwrap();
+    let name = Path::new("remote/mem.pfc");
+    let cache = ChunkCache::new(1 << 20);
+    let mapped = CaseReader::open(&path, cache.clone()).unwrap();
+    let held = CaseReader::from_bytes(name, &bytes, cache).unwrap();
+    assert_eq!(held.path(), name);
+    assert_eq!(held.meta(), mapped.meta());
+    assert_eq!(held.stats(), mapped.stats());
+    held.verify().unwrap();
+    for array in arrays_of(&case) {
+        let (origin, size) = ([-2, 3, 5], [12, 6, 9]);
+        let (got, pad) = read_bytes(&held, array, origin, size, 0x2a).unwrap();
+        let es = held.dtype(array).unwrap().size();
+        let want = reference_crop(case.bytes(array), es, case.meta.shape, origin, size, &pad);
+        assert_eq!(got, want, "{array}");
+    }
+    assert_eq!(held.class_locations(3), mapped.class_locations(3));
+    // The same checks apply, and errors name the given path.
+    for bad in [&bytes[..0], &bytes[..100], &bytes[..bytes.len() - 1]] {
+        match CaseReader::from_bytes(name, bad, ChunkCache::new(0)) {
+            Err(StoreError::Corrupt { path, .. }) => assert_eq!(path, name),
+            other => panic!("{} bytes: expected Corrupt, got {other:?}", bad.len()),
+        }
+    }
+}

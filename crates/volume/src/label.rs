@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use crate::error::VolumeError;
-use crate::nifti::{VolumeKind, read_volume, unflatten};
+use crate::nifti::{VolumeKind, read_volume, read_volume_from, unflatten};
 use crate::types::{Element, Geometry, LabelData, VoxelData};
 
 /// Largest translation difference (mm) two grids may have and still count as the same.
@@ -20,6 +20,15 @@ pub fn read_label(path: &Path) -> Result<(Geometry, LabelData), VolumeError> {
     let raw = read_volume(path, VolumeKind::Label)?;
     let shape = raw.geometry.shape;
     let labels = to_labels(path, raw.data, shape)?;
+    Ok((raw.geometry, labels))
+}
+
+/// Reads a label map from bytes already in memory, exactly as [`read_label`] reads a file (plain
+/// or gzip, the same checks and limits); `name` stands for the file in errors.
+pub fn read_label_bytes(bytes: &[u8], name: &Path) -> Result<(Geometry, LabelData), VolumeError> {
+    let raw = read_volume_from(name, bytes, bytes.len() as u64, VolumeKind::Label)?;
+    let shape = raw.geometry.shape;
+    let labels = to_labels(name, raw.data, shape)?;
     Ok((raw.geometry, labels))
 }
 

@@ -5,7 +5,8 @@
 //! ingest pipeline build on the types here.
 //!
 //! * [`read_nifti`], [`read_label`], [`check_same_grid`], [`write_nifti`]: NIfTI-1 in and out,
-//!   with clear errors for everything patchflow cannot use.
+//!   with clear errors for everything patchflow cannot use ([`read_nifti_bytes`] and
+//!   [`read_label_bytes`] read from memory; [`MAX_VOXELS`] bounds what a header may announce).
 //! * [`preprocess()`]: crop to non-zero, normalise, resample and sample class locations as
 //!   nnU-Net v2 does, keeping source intensities where that is lossless (see the [`preprocess`
 //!   module](mod@crate::preprocess) for the stored representation rule).
@@ -26,13 +27,19 @@ mod types;
 pub use error::VolumeError;
 pub use label::{
     GRID_RELATIVE_TOLERANCE, GRID_TRANSLATION_TOLERANCE_MM, check_same_grid, read_label,
+    read_label_bytes,
 };
 pub use locations::{
     ClassLocations, ClassVoxels, MAX_LOCATIONS_PER_CLASS, MIN_LOCATION_PERCENT, case_seed,
     class_locations, foreground_samples, locations_to_keep,
 };
-pub use nifti::{NiftiImage, read_nifti, read_nifti_geometry, write_nifti};
-pub use phantom::{PHANTOM_LABELS, PhantomSpec, phantom, write_phantom_dataset};
+pub use nifti::{
+    MAX_VOXELS, NiftiImage, read_nifti, read_nifti_bytes, read_nifti_geometry, write_nifti,
+};
+pub use phantom::{
+    PHANTOM_LABELS, PhantomSpec, phantom, write_phantom_case, write_phantom_dataset,
+    write_phantom_dataset_json,
+};
 pub use preprocess::{
     CaseInput, PreprocessPlan, PreprocessedCase, crop, load_case, narrow_for_storage, nonzero_bbox,
     preprocess,

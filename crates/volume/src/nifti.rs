@@ -26,6 +26,14 @@ const NIFTI2_HEADER_LEN: i32 = 540;
 const MAX_DEFLATE_RATIO: u64 = 1032;
 /// Read buffer for compressed input.
 const READ_BUFFER: usize = 256 * 1024;
+/// Voxel buffers grow by at most this many bytes per read, so memory follows the data that
+/// actually arrives rather than what a (possibly damaged) header announces.
+const FILL_STEP_BYTES: usize = 16 << 20;
+/// Largest number of voxels of a volume the reader accepts (`2^32`, e.g. 2048 × 2048 × 1024).
+///
+/// NIfTI-1 allows up to 32767³ ≈ 2^45 voxels; a header beyond this limit is refused before
+/// anything is allocated. Preprocessing applies the same limit to its output grid.
+pub const MAX_VOXELS: usize = 1 << 32;
 /// gzip level used when writing; 1 is what nibabel uses and is several times faster than 6.
 const GZIP_LEVEL: u32 = 1;
 
@@ -72,6 +80,21 @@ impl VolumeKind {
 /// `qform_code > 0`, else `diag(pixdim)`. Images with NaN or infinite values are rejected.
 pub fn read_nifti(path: &Path) -> Result<NiftiImage, VolumeError> {
     let raw = read_volume(path, VolumeKind::Image)?;
+    image_from_raw(path, raw)
+}
+
+/// Reads a 3D NIfTI-1 image from bytes already in memory, exactly as [`read_nifti`] reads a file
+/// (plain or gzip, recognised by the magic bytes; the same checks and limits).
+///
+/// `name` stands for the file in errors and becomes [`NiftiImage::path`]; nothing is read from
+/// it. Useful for data that does not come from the file system (object stores, archives).
+pub fn read_nifti_bytes(bytes: &[u8], name: &Path) -> Result<NiftiImage, VolumeError> {
+    let raw = read_volume_from(name, bytes, bytes.len() as u64, VolumeKind::Image)?;
+    image_from_raw(name, raw)
+}
+
+/// Rejects images with NaN or infinite values.
+fn image_from_raw(path: &Path, raw: RawVolume) -> Result<NiftiImage, VolumeError> {
     if let Some((count, first)) = count_non_finite(&raw.data) {
         return Err(VolumeError::NonFinite {
             path: path.to_path_buf(),
@@ -120,13 +143,13 @@ fn count_non_finite(data: &VoxelData) -> Option<(u64, usize)> {
     }
 }
 
-/// Where the bytes come from: a plain file or a gzip stream over it.
-enum Source {
-    Plain(BufReader<File>),
-    Gzip(Box<flate2::bufread::MultiGzDecoder<BufReader<File>>>),
+/// Where the bytes come from: the input as it is, or a gzip stream over it.
+enum Source<R> {
+    Plain(R),
+    Gzip(Box<flate2::bufread::MultiGzDecoder<R>>),
 }
 
-impl Read for Source {
+impl<R: BufRead> Read for Source<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             Source::Plain(r) => r.read(buf),
@@ -188,7 +211,21 @@ pub(crate) fn read_volume(path: &Path, kind: VolumeKind) -> Result<RawVolume, Vo
     };
     let file = File::open(path).map_err(io_err)?;
     let file_len = file.metadata().map_err(io_err)?.len();
-    let mut reader = BufReader::with_capacity(READ_BUFFER, file);
+    let reader = BufReader::with_capacity(READ_BUFFER, file);
+    read_volume_from(path, reader, file_len, kind)
+}
+
+/// [`read_volume`] over any buffered input of `input_len` bytes; `path` names it in errors.
+pub(crate) fn read_volume_from<R: BufRead>(
+    path: &Path,
+    mut reader: R,
+    input_len: u64,
+    kind: VolumeKind,
+) -> Result<RawVolume, VolumeError> {
+    let io_err = |source| VolumeError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     let is_gzip = reader
         .fill_buf()
         .map_err(io_err)?
@@ -227,9 +264,9 @@ pub(crate) fn read_volume(path: &Path, kind: VolumeKind) -> Result<RawVolume, Vo
     }
     // Refuse to allocate more than the file can possibly hold.
     let capacity = if is_gzip {
-        file_len.saturating_mul(MAX_DEFLATE_RATIO)
+        input_len.saturating_mul(MAX_DEFLATE_RATIO)
     } else {
-        file_len
+        input_len
     };
     if (parsed.vox_offset as u64).saturating_add(expected as u64) > capacity {
         let actual = io::copy(&mut source, &mut io::sink()).map_err(stream_err)?;
@@ -299,33 +336,44 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 }
 
 /// Reads `n` elements of `T` straight into a new buffer and fixes their byte order.
+///
+/// The buffer's capacity is reserved up front (no reallocation), but it is filled, and so
+/// touched, [`FILL_STEP_BYTES`] at a time: a stream that ends early costs only the memory of
+/// the bytes it held.
 fn read_typed<T: Element + bytemuck::Pod>(
     path: &Path,
-    source: &mut Source,
+    source: &mut impl Read,
     n: usize,
     header: &ParsedHeader,
     is_gzip: bool,
 ) -> Result<Vec<T>, VolumeError> {
-    let bytes = n * std::mem::size_of::<T>();
+    let size = std::mem::size_of::<T>();
+    let bytes = n.saturating_mul(size);
     let mut v: Vec<T> = Vec::new();
     v.try_reserve_exact(n).map_err(|_| VolumeError::BadHeader {
         path: path.to_path_buf(),
         field: "dim",
         reason: format!("cannot allocate {bytes} bytes for {n} voxels"),
     })?;
-    v.resize(n, T::zeroed());
-    let buf: &mut [u8] = bytemuck::cast_slice_mut(v.as_mut_slice());
-    let got = read_full(source, buf).map_err(|e| classify_read_error(path, is_gzip, e))?;
-    if got < bytes {
-        return Err(VolumeError::TruncatedData {
-            path: path.to_path_buf(),
-            offset: header.vox_offset,
-            expected: bytes,
-            actual: got,
-        });
+    let step = (FILL_STEP_BYTES / size).max(1);
+    while v.len() < n {
+        let start = v.len();
+        let end = start.saturating_add(step).min(n);
+        v.resize(end, T::zeroed());
+        let buf: &mut [u8] = bytemuck::cast_slice_mut(&mut v[start..end]);
+        let got = read_full(source, buf).map_err(|e| classify_read_error(path, is_gzip, e))?;
+        if got < buf.len() {
+            return Err(VolumeError::TruncatedData {
+                path: path.to_path_buf(),
+                offset: header.vox_offset,
+                expected: bytes,
+                actual: start * size + got,
+            });
+        }
     }
-    if header.swap && std::mem::size_of::<T>() > 1 {
-        for c in buf.chunks_exact_mut(std::mem::size_of::<T>()) {
+    if header.swap && size > 1 {
+        let buf: &mut [u8] = bytemuck::cast_slice_mut(v.as_mut_slice());
+        for c in buf.chunks_exact_mut(size) {
             c.reverse();
         }
     }
@@ -477,6 +525,17 @@ fn parse_header(
         usize::from(dims[1]),
         usize::from(dims[0]),
     ];
+    // Each extent is at most 32767, so the product fits a u64.
+    let voxels = shape.iter().map(|&d| d as u64).product::<u64>();
+    if voxels > MAX_VOXELS as u64 {
+        return Err(bad_header(
+            path,
+            "dim",
+            format!(
+                "shape [z,y,x] {shape:?} is {voxels} voxels, more than the limit of {MAX_VOXELS} voxels per volume"
+            ),
+        ));
+    }
 
     let dtype = dtype_from_code(path, h.datatype)?;
 

@@ -266,6 +266,22 @@ pub fn write_phantom_dataset(
     cases: usize,
     spec: &PhantomSpec,
 ) -> Result<(), VolumeError> {
+    for i in 0..cases {
+        write_phantom_case(dir, i, spec)?;
+    }
+    write_phantom_dataset_json(dir, cases)?;
+    tracing::info!(dir = %dir.display(), cases, "wrote phantom dataset");
+    Ok(())
+}
+
+/// Writes case `index` of the phantom dataset of [`write_phantom_dataset`] (its image and
+/// label files only; cases are independent, so callers may write them in parallel). Returns
+/// the bytes written.
+pub fn write_phantom_case(
+    dir: &Path,
+    index: usize,
+    spec: &PhantomSpec,
+) -> Result<u64, VolumeError> {
     let images = dir.join("imagesTr");
     let labels = dir.join("labelsTr");
     for d in [&images, &labels] {
@@ -274,20 +290,33 @@ pub fn write_phantom_dataset(
             source,
         })?;
     }
-    for i in 0..cases {
-        let id = format!("phantom_{i:03}");
-        let case_spec = PhantomSpec {
-            seed: case_seed(spec.seed, &id),
-            ..spec.clone()
-        };
-        let (geometry, image, label) = phantom(&case_spec);
-        write_nifti(&images.join(format!("{id}_0000.nii.gz")), &geometry, &image)?;
-        write_nifti(
-            &labels.join(format!("{id}.nii.gz")),
-            &geometry,
-            &label.into_voxels(),
-        )?;
-    }
+    let id = format!("phantom_{index:03}");
+    let case_spec = PhantomSpec {
+        seed: case_seed(spec.seed, &id),
+        ..spec.clone()
+    };
+    let (geometry, image, label) = phantom(&case_spec);
+    let image_path = images.join(format!("{id}_0000.nii.gz"));
+    let label_path = labels.join(format!("{id}.nii.gz"));
+    write_nifti(&image_path, &geometry, &image)?;
+    write_nifti(&label_path, &geometry, &label.into_voxels())?;
+    let size = |path: &Path| {
+        std::fs::metadata(path)
+            .map(|m| m.len())
+            .map_err(|source| VolumeError::Write {
+                path: path.to_path_buf(),
+                source,
+            })
+    };
+    Ok(size(&image_path)? + size(&label_path)?)
+}
+
+/// Writes the `dataset.json` of a phantom dataset of `cases` cases into `dir`.
+pub fn write_phantom_dataset_json(dir: &Path, cases: usize) -> Result<(), VolumeError> {
+    std::fs::create_dir_all(dir).map_err(|source| VolumeError::Write {
+        path: dir.to_path_buf(),
+        source,
+    })?;
     let json = DatasetJson {
         channel_names: [("0", "CT")].into_iter().collect(),
         labels: OrderedLabels,
@@ -301,9 +330,7 @@ pub fn write_phantom_dataset(
         source,
     })?;
     text.push('\n');
-    std::fs::write(&path, text).map_err(|source| VolumeError::Write { path, source })?;
-    tracing::info!(dir = %dir.display(), cases, "wrote phantom dataset");
-    Ok(())
+    std::fs::write(&path, text).map_err(|source| VolumeError::Write { path, source })
 }
 
 #[cfg(test)]

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::VolumeError;
 use crate::label::grid_difference;
 use crate::locations::{case_seed, class_locations};
-use crate::nifti::NiftiImage;
+use crate::nifti::{MAX_VOXELS, NiftiImage};
 use crate::resample::{
     Interp, Kernel, low_resolution_axis, needs_resampling, resample_f32, resample_labels,
     resampled_shape,
@@ -114,6 +114,9 @@ macro_rules! map_voxels {
 /// normalise per channel, resample to the plan's spacing (images cubic/linear, with nearest along
 /// the coarse axis of anisotropic cases; labels nearest), then count classes and sample class
 /// locations. See the module documentation for the stored representation.
+///
+/// A case whose resampled grid would exceed [`MAX_VOXELS`](crate::MAX_VOXELS) voxels is refused
+/// with [`VolumeError::InvalidCase`] before anything is resampled.
 pub fn preprocess(
     input: &CaseInput,
     plan: &PreprocessPlan,
@@ -130,6 +133,30 @@ pub fn preprocess(
         .reduce(|a, b| std::array::from_fn(|i| [a[i][0].min(b[i][0]), a[i][1].max(b[i][1])]))
         .unwrap_or([[0, shape[0]], [0, shape[1]], [0, shape[2]]]);
     let cropped_shape = crop_box.map(|[s, e]| e - s);
+
+    // Refuse an output grid beyond the reader's limit before any large buffer exists (a voxel
+    // size in the wrong unit, e.g. micrometres, would otherwise ask for terabytes).
+    let target = plan
+        .target_spacing
+        .filter(|&t| needs_resampling(original.spacing, t));
+    if let Some(t) = target {
+        let out_shape = resampled_shape(cropped_shape, original.spacing, t);
+        let out_voxels = out_shape
+            .iter()
+            .try_fold(1usize, |acc, &n| acc.checked_mul(n))
+            .filter(|&v| v <= MAX_VOXELS);
+        if out_voxels.is_none() {
+            return Err(VolumeError::InvalidCase {
+                case: input.id.clone(),
+                reason: format!(
+                    "resampling the cropped grid {cropped_shape:?} from spacing {:?} mm to {t:?} mm gives {out_shape:?} voxels, more than the limit of {MAX_VOXELS}; check the voxel size (pixdim) of {}",
+                    original.spacing,
+                    input.channels[0].path.display()
+                ),
+            });
+        }
+    }
+
     let cropped: Vec<VoxelData> = input
         .channels
         .iter()
@@ -147,9 +174,6 @@ pub fn preprocess(
         .map(|(i, data)| channel_normalization(input, plan, i, data))
         .collect::<Result<_, _>>()?;
 
-    let target = plan
-        .target_spacing
-        .filter(|&t| needs_resampling(original.spacing, t));
     let (out_shape, spacing, channels, norms, label) = match target {
         None => {
             let channels = cropped.into_iter().map(narrow_for_storage).collect();

@@ -441,10 +441,10 @@ fn short_data_is_reported_with_sizes() {
         matches!(err, VolumeError::TruncatedData { actual: 38, .. }),
         "{err}"
     );
-    // A header announcing far more than the file can hold.
+    // A header announcing far more than the file can hold (but within the voxel limit).
     let mut huge = bytes.clone();
     for k in 0..3 {
-        put_i16(&mut huge, 42 + 2 * k, 30_000);
+        put_i16(&mut huge, 42 + 2 * k, 1_000);
     }
     let p = write_file(dir.path(), "huge.nii.gz", &gzip(&huge));
     assert!(matches!(
@@ -720,4 +720,118 @@ fn large_volume_reads() {
     assert_eq!(img.geometry.shape, [316, 370, 301]);
     assert_eq!(img.data.dtype(), DType::U8);
     assert_eq!(img.data.len(), 301 * 370 * 316);
+}
+
+#[test]
+fn bytes_read_exactly_like_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = rotated_geometry([3, 4, 5]);
+    for dtype in ALL_DTYPES {
+        for name in ["m.nii", "m.nii.gz"] {
+            let p = dir.path().join(name);
+            write_nifti(&p, &g, &ramp_data(dtype, 60)).unwrap();
+            let bytes = std::fs::read(&p).unwrap();
+            assert_eq!(
+                read_nifti_bytes(&bytes, &p).unwrap(),
+                read_nifti(&p).unwrap(),
+                "{dtype} {name}"
+            );
+        }
+    }
+    let p = dir.path().join("l.nii.gz");
+    write_nifti(&p, &g, &VoxelData::U16((0..60).map(|i| i * 1000).collect())).unwrap();
+    let bytes = std::fs::read(&p).unwrap();
+    let (lg, l) = crate::label::read_label_bytes(&bytes, &p).unwrap();
+    assert_eq!((lg, l), read_label(&p).unwrap());
+    // Errors name the given path, and the same checks apply.
+    let name = Path::new("from-memory.nii");
+    let err = read_nifti_bytes(&bytes[..100], name).unwrap_err();
+    assert!(err.to_string().contains("from-memory.nii"), "{err}");
+    let err = crate::label::read_label_bytes(&[], name).unwrap_err();
+    assert!(matches!(err, VolumeError::NotNifti { .. }), "{err}");
+}
+
+#[test]
+fn headers_beyond_the_voxel_limit_are_refused_before_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = valid_bytes(dir.path(), DType::U8);
+    // 32767³ ≈ 2^45 voxels, and 32767 × 32767 × 1024 ≈ 2^40.
+    for dims in [[32_767, 32_767, 32_767], [32_767, 32_767, 1024]] {
+        let mut bytes = base.clone();
+        for (k, d) in dims.iter().enumerate() {
+            put_i16(&mut bytes, 42 + 2 * k, *d);
+        }
+        for data in [bytes.clone(), gzip(&bytes)] {
+            let err = read_nifti_bytes(&data, Path::new("huge.nii")).unwrap_err();
+            assert!(
+                matches!(&err, VolumeError::BadHeader { field: "dim", reason, .. }
+                    if reason.contains(&MAX_VOXELS.to_string())),
+                "{err}"
+            );
+        }
+        let p = write_file(dir.path(), "huge.nii", &bytes);
+        assert!(matches!(
+            read_nifti_geometry(&p),
+            Err(VolumeError::BadHeader { field: "dim", .. })
+        ));
+    }
+    // A shape exactly at the limit passes the header check; only its missing data is refused.
+    let mut bytes = base.clone();
+    for (k, d) in [4096i16, 1024, 1024].iter().enumerate() {
+        put_i16(&mut bytes, 42 + 2 * k, *d);
+    }
+    let err = read_nifti_bytes(&bytes, Path::new("big.nii")).unwrap_err();
+    assert!(
+        matches!(err, VolumeError::TruncatedData { actual: 24, .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn gzip_streams_shorter_than_announced_report_what_they_hold() {
+    // 40 MB announced (more than one fill step), 3 MiB of incompressible data present: the
+    // gzip file is large enough to pass the deflate-ratio bound, so reading starts and must stop
+    // at the data that is there.
+    let dir = tempfile::tempdir().unwrap();
+    let mut bytes = valid_bytes(dir.path(), DType::I16);
+    bytes.truncate(352);
+    for (k, d) in [200i16, 200, 500].iter().enumerate() {
+        put_i16(&mut bytes, 42 + 2 * k, *d);
+    }
+    let mut state = 99u64;
+    let present = 3usize << 20;
+    bytes.extend((0..present).map(|_| {
+        state = crate::locations::splitmix64(state);
+        state as u8
+    }));
+    let err = read_nifti_bytes(&gzip(&bytes), Path::new("short.nii.gz")).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            VolumeError::TruncatedData { expected: 40_000_000, actual, .. } if actual == present
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn volumes_larger_than_one_fill_step_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let shape = [17, 1024, 1024];
+    let g = rotated_geometry(shape);
+    let n = shape.iter().product::<usize>();
+    let data = ramp_data(DType::U8, n);
+    let p = dir.path().join("big.nii");
+    write_nifti(&p, &g, &data).unwrap();
+    assert!(n > FILL_STEP_BYTES);
+    let img = read_nifti(&p).unwrap();
+    assert!(img.data == data);
+    // Cut inside the second step: the error counts the bytes of both steps.
+    let bytes = std::fs::read(&p).unwrap();
+    let cut = &bytes[..bytes.len() - 1000];
+    let err = read_nifti_bytes(cut, &p).unwrap_err();
+    assert!(
+        matches!(err, VolumeError::TruncatedData { actual, .. } if actual == n - 1000),
+        "{err}"
+    );
 }

@@ -498,3 +498,27 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn resampled_grids_beyond_the_voxel_limit_are_refused() {
+    // A voxel size in micrometres read as millimetres: 4096 mm voxels resampled to 1 mm would
+    // need 2^36 voxels even for a one-voxel crop.
+    let mut case = block_case([4096.0, 4096.0, 4096.0], true);
+    let g = geometry([10, 12, 14], [4096.0, 4096.0, 4096.0]);
+    case.channels[0].geometry = g.clone();
+    case.label_geometry = g;
+    let err = preprocess(&case, &ct_plan(Some([1.0, 1.0, 1.0]))).unwrap_err();
+    assert!(
+        matches!(&err, VolumeError::InvalidCase { reason, .. }
+            if reason.contains("pixdim") && reason.contains(&crate::MAX_VOXELS.to_string())),
+        "{err}"
+    );
+    // Spacings so large that the shape arithmetic itself would overflow.
+    let g = geometry([10, 12, 14], [1.0e300, 1.0e300, 1.0e300]);
+    case.channels[0].geometry = g.clone();
+    case.label_geometry = g;
+    assert!(matches!(
+        preprocess(&case, &ct_plan(Some([1.0e-300, 1.0, 1.0]))),
+        Err(VolumeError::InvalidCase { .. })
+    ));
+}
