@@ -38,6 +38,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// The main job on generated data: phantom dataset → ingest → report.
     Demo(DemoArgs),
+    /// Measure ingest, sampling and daemon throughput (also: `bench peer`, `bench load`).
+    Bench(Box<crate::bench::BenchArgs>),
 }
 
 /// `patchflow serve`.
@@ -73,6 +75,27 @@ pub struct ServeArgs {
     /// Most sample streams served at once.
     #[arg(long)]
     pub max_streams: Option<usize>,
+    /// File holding the bearer token every client must send (one trailing line break is
+    /// ignored). The token can also be given in the PATCHFLOW_TOKEN environment variable.
+    #[arg(long, value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
+    /// The token itself, from the environment (kept off the command line, where other users of
+    /// the host could read it).
+    #[arg(long, env = "PATCHFLOW_TOKEN", hide = true, hide_env_values = true)]
+    pub token: Option<String>,
+    /// Serve TLS on the TCP listener with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Require TCP clients to present a certificate signed by this CA (PEM); needs --tls-cert.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Allow listening on a non-loopback address without a token or client certificates.
+    /// Anyone who reaches the address can then read every served dataset.
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 /// `patchflow demo`.
@@ -222,7 +245,7 @@ fn parse_triplet<T: std::str::FromStr + Copy>(s: &str) -> Result<[T; 3], String>
     }
 }
 
-fn parse_usize_triplet(s: &str) -> Result<[usize; 3], String> {
+pub(crate) fn parse_usize_triplet(s: &str) -> Result<[usize; 3], String> {
     let v: [usize; 3] = parse_triplet(s)?;
     if v.contains(&0) {
         return Err(format!("{s:?}: every value must be at least 1"));
@@ -230,7 +253,7 @@ fn parse_usize_triplet(s: &str) -> Result<[usize; 3], String> {
     Ok(v)
 }
 
-fn parse_f64_triplet(s: &str) -> Result<[f64; 3], String> {
+pub(crate) fn parse_f64_triplet(s: &str) -> Result<[f64; 3], String> {
     let v: [f64; 3] = parse_triplet(s)?;
     if v.iter().any(|x| !x.is_finite() || *x <= 0.0) {
         return Err(format!("{s:?}: every value must be a positive number"));
@@ -248,11 +271,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Schedule(a) => schedule(a),
         Command::Serve(a) => serve(a),
         Command::Demo(a) => demo(a, progress),
+        Command::Bench(a) => crate::bench::run(*a, progress),
     }
 }
 
 /// SIGINT/SIGTERM set the returned flag; a second signal exits at once.
-fn stop_flag() -> Result<Arc<AtomicBool>> {
+pub(crate) fn stop_flag() -> Result<Arc<AtomicBool>> {
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register_conditional_shutdown(sig, 130, Arc::clone(&stop))
@@ -364,7 +388,32 @@ fn resolve(what: &str, addr: &str) -> Result<std::net::SocketAddr> {
         .with_context(|| format!("{what} {addr:?} resolves to no address"))
 }
 
+/// The serve token: from --token-file or PATCHFLOW_TOKEN (not both), if any.
+fn serve_token(a: &ServeArgs) -> Result<Option<patchflow_server::Secret>> {
+    match (&a.token_file, &a.token) {
+        (Some(_), Some(_)) => {
+            bail!("give the token either with --token-file or in PATCHFLOW_TOKEN, not both")
+        }
+        (Some(path), None) => Ok(Some(patchflow_server::Secret::from_file(path)?)),
+        (None, Some(token)) => Ok(Some(
+            patchflow_server::Secret::new(token.as_str())
+                .context("the PATCHFLOW_TOKEN environment variable")?,
+        )),
+        (None, None) => Ok(None),
+    }
+}
+
 fn serve(a: ServeArgs) -> Result<ExitCode> {
+    let token = serve_token(&a)?;
+    let tls = match (a.tls_cert, a.tls_key) {
+        (Some(cert), Some(key)) => Some(patchflow_server::TlsFiles {
+            cert,
+            key,
+            client_ca: a.tls_client_ca,
+        }),
+        (None, None) => None,
+        _ => bail!("--tls-cert and --tls-key go together"),
+    };
     let mut config = patchflow_server::ServerConfig {
         stores: a.stores,
         listen: if a.no_tcp {
@@ -380,6 +429,9 @@ fn serve(a: ServeArgs) -> Result<ExitCode> {
             .as_deref()
             .map(|m| resolve("--metrics", m))
             .transpose()?,
+        token,
+        tls,
+        insecure: a.insecure,
         ..Default::default()
     };
     if let Some(v) = a.max_patch_voxels {

@@ -1,5 +1,6 @@
 //! The `patchflow` command: parses arguments, starts logging and hands over to the library crates.
 
+mod bench;
 mod cli;
 
 use std::process::ExitCode;

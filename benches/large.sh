@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The large-dataset run of `patchflow bench`: a store larger than the memory the daemon and the
+# page cache may use, so that most reads come from the disk.
+#
+# The dataset should be 1.5-2x the machine's RAM. Where the disk cannot hold that much, this
+# script confines the benchmark (and the daemon it starts, and the page cache they fill) to a
+# memory cgroup of MEM_GB instead, and sizes the data at RATIO x MEM_GB: the kernel then has
+# only MEM_GB for the process memory and cached store pages, exactly as a machine with that
+# much RAM would. Needs root for the cgroup (v1 `memory` controller or cgroup v2).
+#
+#   benches/large.sh                      # MEM_GB=3 RATIO=2 in ./patchflow-bench-large
+#   MEM_GB=0 SIZE_GB=40 benches/large.sh  # no cgroup: a 40 GB dataset against the whole RAM
+#
+# Results: patchflow-bench-large/bench.json, bench.png; the table is printed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MEM_GB=${MEM_GB:-3}
+RATIO=${RATIO:-2}
+WORK=${WORK:-patchflow-bench-large}
+SHAPE=${SHAPE:-300,512,512}
+SECONDS_PER_RUN=${SECONDS_PER_RUN:-20}
+if [[ "$MEM_GB" == 0 ]]; then
+  SIZE_GB=${SIZE_GB:?set SIZE_GB when MEM_GB=0}
+else
+  # Stored bytes are ~0.55 of the generated voxel bytes (i16 image + u8 label, zstd level 1).
+  SIZE_GB=${SIZE_GB:-$(python3 -c "print(round($MEM_GB * $RATIO / 0.55, 1))")}
+fi
+cargo build --release -p patchflow
+BIN=target/release/patchflow
+
+# 1. Generate and ingest outside the cgroup (measures ingest too; the raw files are kept so
+#    that a rerun reuses them).
+"$BIN" bench --work-dir "$WORK" --shape "$SHAPE" --size-gb "$SIZE_GB" --edges 16 --no-pgps \
+  --no-daemon --no-cold --seconds 0.5 --json "$WORK/ingest.json" --png "$WORK/ingest.png"
+
+# 2. Measure inside the cgroup.
+run() {
+  "$BIN" bench --work-dir "$WORK" --store "$WORK/store" --edges 64,128,192 --no-pgps \
+    --clients 1,2 --seconds "$SECONDS_PER_RUN" --cold-batches 16 --cache-mb 512 \
+    --json "$WORK/bench.json" --png "$WORK/bench.png"
+}
+if [[ "$MEM_GB" == 0 ]]; then
+  run
+  exit
+fi
+LIMIT=$((MEM_GB * 1024 * 1024 * 1024))
+if [[ -d /sys/fs/cgroup/memory ]]; then
+  CG=/sys/fs/cgroup/memory/patchflow-bench-large
+  mkdir -p "$CG"
+  echo "$LIMIT" > "$CG/memory.limit_in_bytes"
+else
+  CG=/sys/fs/cgroup/patchflow-bench-large
+  mkdir -p "$CG"
+  echo "$LIMIT" > "$CG/memory.max"
+fi
+echo "memory cgroup $CG: ${MEM_GB} GiB for the benchmark, its daemon and their page cache"
+echo "store: $(du -sh "$WORK/store" | cut -f1)"
+# Start cold: nothing of the store in the page cache.
+python3 - "$WORK/store" <<'PY'
+import os, sys
+for root, _, files in os.walk(sys.argv[1]):
+    for f in files:
+        fd = os.open(os.path.join(root, f), os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+PY
+( echo $BASHPID > "$CG/cgroup.procs"; run )
