@@ -34,7 +34,7 @@ pub use meta::{
     ArrayId, ArrayStats, CaseData, CaseMeta, ChannelMeta, DEFAULT_CHUNK_SHAPE, DEFAULT_ZSTD_LEVEL,
     StoreStats, WriteOptions, WriteReport,
 };
-pub use reader::{BoxRun, CaseReader};
+pub use reader::{BoxRun, CaseReader, KERNEL_READAHEAD_ENV};
 pub use writer::write_case;
 
 #[cfg(test)]

@@ -106,6 +106,16 @@ pub struct CaseReader {
     classes: Vec<ClassSpan>,
     cache: Arc<ChunkCache>,
     uid: u64,
+    /// Ask the kernel for the payloads a read needs ([`CaseReader::prefetch`]).
+    prefetch: bool,
+}
+
+/// Name of the environment variable that, set to `1`, leaves file reads to the kernel's own
+/// readahead (no `MADV_RANDOM`, no prefetch): a diagnostic for comparing the two on a machine.
+pub const KERNEL_READAHEAD_ENV: &str = "PATCHFLOW_KERNEL_READAHEAD";
+
+fn kernel_readahead() -> bool {
+    std::env::var_os(KERNEL_READAHEAD_ENV).is_some_and(|v| v == "1")
 }
 
 impl std::fmt::Debug for CaseReader {
@@ -149,10 +159,13 @@ impl CaseReader {
         // window (often several MiB) around every page fault, which multiplies the bytes read
         // from disk when the store does not fit in memory; `prefetch` asks for exactly the
         // chunks a read needs instead.
-        if let Err(e) = map.advise(memmap2::Advice::Random) {
+        let kernel_readahead = kernel_readahead();
+        if !kernel_readahead && let Err(e) = map.advise(memmap2::Advice::Random) {
             tracing::debug!(path = %path.display(), error = %e, "madvise(RANDOM) failed");
         }
-        Self::from_map(path.to_path_buf(), map, cache)
+        let mut reader = Self::from_map(path.to_path_buf(), map, cache)?;
+        reader.prefetch = !kernel_readahead;
+        Ok(reader)
     }
 
     /// Validates a case file held in memory, exactly as [`open`](Self::open) validates a file
@@ -327,6 +340,7 @@ impl CaseReader {
             classes,
             cache,
             uid,
+            prefetch: false,
         })
     }
 
@@ -623,6 +637,9 @@ impl CaseReader {
     /// voxel range `[lo, hi)` touches and that the chunk cache does not hold, so that the
     /// reads overlap and only those bytes are read. Adjacent payloads go in one call.
     fn prefetch(&self, a: usize, lo: [usize; 3], hi: [usize; 3]) {
+        if !self.prefetch {
+            return;
+        }
         let cs = self.grid.chunk;
         let mut pending: Option<(usize, usize)> = None;
         let flush = |range: (usize, usize)| {
