@@ -10,6 +10,8 @@
 #
 #   benches/large.sh                      # MEM_GB=3 RATIO=2 in ./patchflow-bench-large
 #   MEM_GB=0 SIZE_GB=40 benches/large.sh  # no cgroup: a 40 GB dataset against the whole RAM
+#   KEEP_RAW=0 ...                        # delete the generated NIfTI files after ingest
+#   COMPARE_READAHEAD=1 ...               # also measure with the kernel's readahead
 #
 # Results: patchflow-bench-large/bench.json, bench.png; the table is printed.
 set -euo pipefail
@@ -33,12 +35,35 @@ BIN=target/release/patchflow
 "$BIN" bench --work-dir "$WORK" --shape "$SHAPE" --size-gb "$SIZE_GB" --edges 16 --no-pgps \
   --no-daemon --no-cold --seconds 0.5 --json "$WORK/ingest.json" --png "$WORK/ingest.png"
 
-# 2. Measure inside the cgroup.
-run() {
+# 2. Measure inside the cgroup. With COMPARE_READAHEAD=1, measure again with the store's reads
+#    left to the kernel's readahead (PATCHFLOW_KERNEL_READAHEAD=1), into bench-kernel-readahead.*.
+measure() {
   "$BIN" bench --work-dir "$WORK" --store "$WORK/store" --edges 64,128,192 --no-pgps \
-    --clients 1,2 --seconds "$SECONDS_PER_RUN" --cold-batches 16 --cache-mb 512 \
-    --json "$WORK/bench.json" --png "$WORK/bench.png"
+    --clients 1,2 --seconds "$SECONDS_PER_RUN" --cold-batches 16 --cache-mb 512 "$@"
 }
+run() {
+  drop_cache
+  measure --json "$WORK/bench.json" --png "$WORK/bench.png"
+  if [[ "${COMPARE_READAHEAD:-0}" == 1 ]]; then
+    drop_cache
+    PATCHFLOW_KERNEL_READAHEAD=1 measure --json "$WORK/bench-kernel-readahead.json" \
+      --png "$WORK/bench-kernel-readahead.png"
+  fi
+}
+# Start cold: nothing of the store in the page cache.
+drop_cache() {
+  python3 - "$WORK/store" <<'PY'
+import os, sys
+for root, _, files in os.walk(sys.argv[1]):
+    for f in files:
+        fd = os.open(os.path.join(root, f), os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+PY
+}
+if [[ "${KEEP_RAW:-1}" == 0 ]]; then
+  rm -rf "$WORK/raw"
+fi
 if [[ "$MEM_GB" == 0 ]]; then
   run
   exit
@@ -55,13 +80,4 @@ else
 fi
 echo "memory cgroup $CG: ${MEM_GB} GiB for the benchmark, its daemon and their page cache"
 echo "store: $(du -sh "$WORK/store" | cut -f1)"
-# Start cold: nothing of the store in the page cache.
-python3 - "$WORK/store" <<'PY'
-import os, sys
-for root, _, files in os.walk(sys.argv[1]):
-    for f in files:
-        fd = os.open(os.path.join(root, f), os.O_RDONLY)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(fd)
-PY
 ( echo $BASHPID > "$CG/cgroup.procs"; run )

@@ -104,6 +104,10 @@ pub struct SuiteArgs {
     /// PNG plot (default: WORK_DIR/bench.png).
     #[arg(long)]
     pub png: Option<PathBuf>,
+    /// Further argument for the `patchflow serve` child (repeat for several, e.g.
+    /// `--daemon-arg=--max-message-bytes --daemon-arg=4194304`).
+    #[arg(long, allow_hyphen_values = true)]
+    pub daemon_arg: Vec<String>,
 }
 
 /// Where `bench peer` cuts patches.
@@ -157,6 +161,10 @@ pub struct PeerArgs {
     /// Also write the JSON here (it is always printed).
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Further argument for the `patchflow serve` child (repeat for several, e.g.
+    /// `--daemon-arg=--max-message-bytes --daemon-arg=4194304`).
+    #[arg(long, allow_hyphen_values = true)]
+    pub daemon_arg: Vec<String>,
 }
 
 /// `patchflow bench load`.
@@ -198,6 +206,10 @@ pub struct LoadArgs {
     /// Daemon log file.
     #[arg(long, default_value = "patchflow-load-daemon.log")]
     pub log: PathBuf,
+    /// Further argument for the `patchflow serve` child (repeat for several, e.g.
+    /// `--daemon-arg=--max-message-bytes --daemon-arg=4194304`).
+    #[arg(long, allow_hyphen_values = true)]
+    pub daemon_arg: Vec<String>,
 }
 
 fn cores() -> usize {
@@ -280,6 +292,7 @@ fn suite(a: SuiteArgs, progress: bool) -> Result<ExitCode> {
         cold: !a.no_cold,
         progress,
         command: command_line(),
+        daemon_args: a.daemon_arg,
     };
     let stop = stop_flag()?;
     let report = bench::run_suite(&cfg, &stop)?;
@@ -308,6 +321,7 @@ fn peer(a: PeerArgs) -> Result<ExitCode> {
         exe: Some(exe()?),
         log: std::env::temp_dir().join(format!("patchflow-peer-{}.log", std::process::id())),
         cache_mb: a.cache_mb,
+        daemon_args: a.daemon_arg,
     };
     let stop = stop_flag()?;
     let report = bench::run_peer(&cfg, &stop)?;
@@ -338,6 +352,7 @@ fn load(a: LoadArgs, progress: bool) -> Result<ExitCode> {
         log: a.log,
         progress,
         command: command_line(),
+        daemon_args: a.daemon_arg,
     };
     let stop = stop_flag()?;
     let report = bench::run_load(&cfg, &stop)?;

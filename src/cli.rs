@@ -75,6 +75,9 @@ pub struct ServeArgs {
     /// Most sample streams served at once.
     #[arg(long)]
     pub max_streams: Option<usize>,
+    /// Largest message sent, bytes; larger batches go out in several parts (at least 65536).
+    #[arg(long)]
+    pub max_message_bytes: Option<usize>,
     /// File holding the bearer token every client must send (one trailing line break is
     /// ignored). The token can also be given in the PATCHFLOW_TOKEN environment variable.
     #[arg(long, value_name = "PATH")]
@@ -442,6 +445,9 @@ fn serve(a: ServeArgs) -> Result<ExitCode> {
     }
     if let Some(v) = a.max_streams {
         config.limits.max_streams = v;
+    }
+    if let Some(v) = a.max_message_bytes {
+        config.limits.max_message_bytes = v;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

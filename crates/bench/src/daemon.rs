@@ -29,6 +29,8 @@ pub struct DaemonSpec {
     pub max_streams: Option<usize>,
     /// File receiving the daemon's log.
     pub log: PathBuf,
+    /// Further `patchflow serve` arguments (e.g. `--max-message-bytes 4194304`).
+    pub extra_args: Vec<String>,
 }
 
 /// A running daemon; killed when dropped.
@@ -163,6 +165,7 @@ fn spawn(spec: &DaemonSpec, addr: SocketAddr) -> Result<Child, BenchError> {
     if let Some(n) = spec.max_streams {
         cmd.arg("--max-streams").arg(n.to_string());
     }
+    cmd.args(&spec.extra_args);
     // A loopback daemon of the benchmark's own: no token, whatever the shell exports.
     cmd.env_remove("PATCHFLOW_TOKEN")
         .env("RUST_LOG", "warn")

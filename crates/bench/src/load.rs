@@ -45,6 +45,8 @@ pub struct LoadConfig {
     pub progress: bool,
     /// The command line, recorded in the report.
     pub command: String,
+    /// Further arguments for `patchflow serve`.
+    pub daemon_args: Vec<String>,
 }
 
 /// Sampling jobs and finished batches the daemon holds per stream by default (its
@@ -138,6 +140,7 @@ pub fn run_load(cfg: &LoadConfig, stop: &AtomicBool) -> Result<LoadReport, Bench
         cache_mb: cfg.cache_mb,
         max_streams: Some(cfg.streams.max(16) * 2),
         log: cfg.log.clone(),
+        extra_args: cfg.daemon_args.clone(),
     };
     let name = cfg
         .store

@@ -39,6 +39,8 @@ pub struct PeerConfig {
     pub log: PathBuf,
     /// Chunk cache, MiB.
     pub cache_mb: u64,
+    /// Further arguments for `patchflow serve`.
+    pub daemon_args: Vec<String>,
 }
 
 /// What [`run_peer`] measured.
@@ -117,6 +119,7 @@ pub fn run_peer(cfg: &PeerConfig, stop: &AtomicBool) -> Result<PeerReport, Bench
                 cache_mb: cfg.cache_mb,
                 max_streams: None,
                 log: cfg.log.clone(),
+                extra_args: cfg.daemon_args.clone(),
             };
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -57,6 +57,8 @@ pub struct SuiteConfig {
     pub progress: bool,
     /// The command line, recorded in the report.
     pub command: String,
+    /// Further arguments for `patchflow serve`.
+    pub daemon_args: Vec<String>,
 }
 
 impl Default for SuiteConfig {
@@ -87,6 +89,7 @@ impl Default for SuiteConfig {
             cold: true,
             progress: true,
             command: String::new(),
+            daemon_args: Vec::new(),
         }
     }
 }
@@ -306,6 +309,7 @@ pub fn run_suite(cfg: &SuiteConfig, stop: &AtomicBool) -> Result<SuiteReport, Be
             workers: local.workers(),
             cache_mb: cfg.cache_mb,
             max_streams: None,
+            extra_args: cfg.daemon_args.clone(),
             log: cfg.work_dir.join("daemon.log"),
         };
         let runtime = tokio::runtime::Builder::new_multi_thread()
