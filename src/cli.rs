@@ -60,7 +60,7 @@ pub struct ServeArgs {
     /// Sampling worker threads [default: number of cores].
     #[arg(long, default_value_t = 0)]
     pub workers: usize,
-    /// Chunk cache capacity in MiB, shared by every dataset.
+    /// Chunk cache capacity in MiB, shared by every dataset (0: no cache, every read decodes).
     #[arg(long, default_value_t = 1024)]
     pub cache_mb: u64,
     /// Serve Prometheus text metrics on HOST:PORT (GET /metrics).

@@ -50,7 +50,7 @@ pub use batch::{Batch, ImageDtype, Item, LabelDtype, image_dtype_size, label_dty
 pub use config::{ClientOptions, Policy, StreamConfig};
 pub use error::ClientError;
 pub use patchflow_proto::v1::{
-    DatasetDescription, DatasetSummary, ListDatasetsResponse, ServerLimits,
+    DatasetDescription, DatasetSummary, ListDatasetsResponse, ServerLimits, SetAsideCase,
 };
 
 use auth::Credentials;

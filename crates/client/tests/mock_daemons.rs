@@ -99,6 +99,7 @@ impl Patchflow for Mock {
                 name: "mock".into(),
                 num_cases: 1,
                 num_channels: 1,
+                set_aside: Vec::new(),
             }],
             limits: Some(pb::ServerLimits {
                 max_credits: 2,

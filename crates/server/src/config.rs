@@ -24,7 +24,8 @@ pub struct ServerConfig {
     pub unix: Option<PathBuf>,
     /// Sampling worker threads; 0 = one per available core.
     pub workers: usize,
-    /// Capacity of the chunk cache shared by every dataset, in MiB.
+    /// Capacity of the chunk cache shared by every dataset, in MiB; 0 turns the cache off (every
+    /// read decodes its chunks from the mapped file).
     pub cache_mb: u64,
     /// Address of the Prometheus metrics endpoint (`GET /metrics`), or `None` for none.
     pub metrics: Option<SocketAddr>,
@@ -73,6 +74,9 @@ pub struct Limits {
     /// Sample streams served at once; further streams are refused.
     pub max_streams: usize,
     /// Largest message the server sends; larger batches are split into parts. At least 64 KiB.
+    /// The default, 4 MiB, keeps each part's encode buffer small enough for the allocator to
+    /// reuse: whole-batch messages of tens of MiB cost a fresh mapping, page faults and an
+    /// unmap per message, and made the daemon's CPU per patch 1.5x higher (benches/RESULTS.md).
     pub max_message_bytes: usize,
     /// Largest credit balance a stream may hold.
     pub max_credits: u32,
@@ -89,7 +93,7 @@ impl Default for Limits {
             max_batch_bytes: 1 << 30,
             max_batch_size: 512,
             max_streams: 256,
-            max_message_bytes: 64 << 20,
+            max_message_bytes: 4 << 20,
             max_credits: 64,
             jobs_per_stream: 2,
             queued_batches_per_stream: 2,
@@ -158,12 +162,6 @@ impl ServerConfig {
             return Err(ServerError::Config {
                 field: "listen",
                 reason: "neither a TCP address nor a Unix socket path to listen on".into(),
-            });
-        }
-        if self.cache_mb == 0 {
-            return Err(ServerError::Config {
-                field: "cache_mb",
-                reason: "the chunk cache needs at least 1 MiB".into(),
             });
         }
         if let Some(address) = self.unprotected_listener()

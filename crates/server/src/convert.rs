@@ -12,6 +12,7 @@ use prost::Message;
 use tonic::Status;
 
 use crate::auth::check_name;
+use crate::damage::ServedRequest;
 use crate::error::sampler_status;
 use crate::registry::{Entry, Registry, label_dtype};
 use crate::{Limits, config::MIN_MESSAGE_BYTES};
@@ -24,8 +25,8 @@ pub const DEFAULT_FOREGROUND_FRACTION: f64 = 0.33;
 pub(crate) struct StreamConfig {
     /// The dataset.
     pub entry: Arc<Entry>,
-    /// What the sampler is asked for.
-    pub request: Arc<BatchRequest>,
+    /// What the sampler is asked for, narrowed to the cases still in service.
+    pub request: Arc<ServedRequest>,
     /// First batch index, if the client named one.
     pub start_index: Option<u64>,
     /// Distance between consecutive indices.
@@ -149,21 +150,27 @@ pub(crate) fn stream_config(
         cases,
         augment,
     };
+    // Cases set aside (damaged data) are left out; a request for nothing else is refused here.
+    let request = ServedRequest::new(request, &entry.set_aside)?;
     entry
         .sampler
-        .validate(&request, &limits.sampler_limits())
+        .validate(
+            &*request.current(&entry.set_aside)?,
+            &limits.sampler_limits(),
+        )
         .map_err(|e| sampler_status(&e))?;
+    let base = request.base();
     // The batch header (one item description per item) travels in one message with payload.
-    let item_bound = if request.augment.is_some() {
+    let item_bound = if base.augment.is_some() {
         ITEM_HEADER_BOUND + AUGMENT_JSON_BOUND * dataset.num_channels().max(1)
     } else {
         ITEM_HEADER_BOUND
     };
-    let header_bound = request.batch.saturating_mul(item_bound) + 2 * PART_OVERHEAD;
+    let header_bound = base.batch.saturating_mul(item_bound) + 2 * PART_OVERHEAD;
     if header_bound.saturating_mul(2) > limits.max_message_bytes {
         return Err(Status::resource_exhausted(format!(
             "limit exceeded: a batch of {} items needs messages of up to {} bytes, the limit is {}",
-            request.batch,
+            base.batch,
             header_bound.saturating_mul(2),
             limits.max_message_bytes
         )));

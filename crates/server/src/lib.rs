@@ -14,6 +14,9 @@
 //! * access control: a bearer token checked on every RPC, TLS (optionally with client
 //!   certificates) on the TCP listener, a refusal to listen on a non-loopback address without
 //!   authentication, and names in requests held to the identifier rule of the store;
+//! * damaged stored data met while serving: the stream that meets it ends with DATA_LOSS and
+//!   the case is set aside, reported (log, metrics, ListDatasets and DescribeDataset), and no
+//!   longer drawn by any stream until the daemon restarts;
 //! * graceful shutdown.
 //!
 //! ```no_run
@@ -30,6 +33,7 @@
 mod auth;
 mod config;
 mod convert;
+mod damage;
 mod error;
 mod metrics;
 mod pool;
@@ -192,6 +196,9 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             reason: e.to_string(),
         })??;
     let metrics = Arc::new(Metrics::new(cache, workers));
+    for (name, _) in registry.iter() {
+        metrics.track_dataset(name);
+    }
     let pool = WorkerPool::new(workers, Arc::clone(&metrics))?;
     let shutdown = CancellationToken::new();
     let ctx = Arc::new(StreamContext {

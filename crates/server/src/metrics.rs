@@ -59,6 +59,10 @@ pub(crate) struct Metrics {
     pub jobs_running: AtomicU64,
     /// Nanoseconds the workers spent in sampling jobs.
     pub busy_nanos: AtomicU64,
+    /// Cases set aside (damaged stored data) since start, over every dataset.
+    cases_set_aside: AtomicU64,
+    /// Cases set aside per served dataset (every dataset listed, from 0).
+    set_aside_by_dataset: Mutex<BTreeMap<String, u64>>,
     live: watch::Sender<usize>,
     next_stream: AtomicU64,
     streams: Mutex<BTreeMap<u64, Arc<StreamStats>>>,
@@ -81,6 +85,8 @@ pub struct MetricsSnapshot {
     pub stream_errors: u64,
     /// Requests refused for missing or wrong credentials (UNAUTHENTICATED).
     pub auth_refused: u64,
+    /// Cases set aside because their stored data is damaged, over every dataset.
+    pub cases_set_aside: u64,
     /// Seconds the worker threads spent sampling.
     pub worker_busy_seconds: f64,
     /// Chunk cache hits.
@@ -104,6 +110,8 @@ impl Metrics {
             jobs_waiting: AtomicU64::new(0),
             jobs_running: AtomicU64::new(0),
             busy_nanos: AtomicU64::new(0),
+            cases_set_aside: AtomicU64::new(0),
+            set_aside_by_dataset: Mutex::new(BTreeMap::new()),
             live: watch::Sender::new(0),
             next_stream: AtomicU64::new(1),
             streams: Mutex::new(BTreeMap::new()),
@@ -133,6 +141,21 @@ impl Metrics {
         }
     }
 
+    /// Lists `dataset` in the per-dataset metrics (with nothing set aside yet).
+    pub fn track_dataset(&self, dataset: &str) {
+        lock(&self.set_aside_by_dataset)
+            .entry(dataset.to_owned())
+            .or_insert(0);
+    }
+
+    /// Records a case of `dataset` set aside.
+    pub fn case_set_aside(&self, dataset: &str) {
+        self.cases_set_aside.fetch_add(1, Ordering::Relaxed);
+        *lock(&self.set_aside_by_dataset)
+            .entry(dataset.to_owned())
+            .or_insert(0) += 1;
+    }
+
     /// Receiver of the number of live streams.
     pub fn live_streams(&self) -> watch::Receiver<usize> {
         self.live.subscribe()
@@ -158,6 +181,7 @@ impl Metrics {
             streams_refused: self.streams_refused.load(Ordering::Relaxed),
             stream_errors: self.stream_errors.load(Ordering::Relaxed),
             auth_refused: self.auth_refused.load(Ordering::Relaxed),
+            cases_set_aside: self.cases_set_aside.load(Ordering::Relaxed),
             worker_busy_seconds: Duration::from_nanos(self.busy_nanos.load(Ordering::Relaxed))
                 .as_secs_f64(),
             cache_hits: cache.hits,
@@ -224,6 +248,12 @@ impl Metrics {
             snap.auth_refused.to_string(),
         );
         metric(
+            "patchflow_cases_set_aside_total",
+            "counter",
+            "Cases set aside because their stored data is damaged (served again after a restart).",
+            snap.cases_set_aside.to_string(),
+        );
+        metric(
             "patchflow_workers",
             "gauge",
             "Sampling worker threads.",
@@ -283,6 +313,16 @@ impl Metrics {
             "Capacity of the chunk cache.",
             cache.capacity_bytes.to_string(),
         );
+
+        let name = "patchflow_dataset_cases_set_aside";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Cases of the dataset set aside because their stored data is damaged."
+        );
+        let _ = writeln!(out, "# TYPE {name} gauge");
+        for (dataset, n) in lock(&self.set_aside_by_dataset).iter() {
+            let _ = writeln!(out, "{name}{{dataset=\"{}\"}} {n}", escape_label(dataset));
+        }
 
         let streams: Vec<Arc<StreamStats>> = lock(&self.streams).values().cloned().collect();
         type Field = fn(&StreamStats) -> String;
@@ -501,6 +541,10 @@ mod tests {
         assert!(text.contains("patchflow_live_streams 1\n"), "{text}");
         assert!(text.contains("patchflow_workers 3\n"), "{text}");
         assert!(
+            text.contains("patchflow_cases_set_aside_total 0\n"),
+            "{text}"
+        );
+        assert!(
             text.contains("patchflow_stream_batches_total{stream=\"1\",dataset=\"ds\\\"1\",peer=\"127.0.0.1:1\"} 1"),
             "{text}"
         );
@@ -508,6 +552,29 @@ mod tests {
         drop(guard);
         assert_eq!(*metrics.live_streams().borrow(), 0);
         assert!(metrics.render().contains("patchflow_live_streams 0\n"));
+    }
+
+    #[test]
+    fn set_aside_cases_are_counted_per_dataset() {
+        let metrics = Metrics::new(ChunkCache::new(1 << 20), 1);
+        metrics.track_dataset("ds_a");
+        metrics.track_dataset("ds_b");
+        metrics.case_set_aside("ds_b");
+        metrics.case_set_aside("ds_b");
+        let text = metrics.render();
+        assert!(
+            text.contains("patchflow_cases_set_aside_total 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("patchflow_dataset_cases_set_aside{dataset=\"ds_a\"} 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("patchflow_dataset_cases_set_aside{dataset=\"ds_b\"} 2\n"),
+            "{text}"
+        );
+        assert_eq!(metrics.snapshot().cases_set_aside, 2);
     }
 
     #[test]

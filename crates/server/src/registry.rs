@@ -11,6 +11,7 @@ use patchflow_store::{ChunkCache, MANIFEST_FILE};
 use patchflow_volume::{DType, NormScheme, Normalization};
 
 use crate::ServerError;
+use crate::damage::SetAside;
 
 /// One served dataset.
 pub(crate) struct Entry {
@@ -18,14 +19,35 @@ pub(crate) struct Entry {
     pub sampler: Arc<Sampler>,
     /// The store folder.
     pub path: PathBuf,
-    /// The answer of DescribeDataset.
-    pub description: pb::DatasetDescription,
+    /// The answer of DescribeDataset without the set-aside cases (fixed at start-up).
+    description: pb::DatasetDescription,
+    /// Cases set aside because their stored data turned out damaged.
+    pub set_aside: SetAside,
 }
 
 impl Entry {
     /// The dataset.
     pub fn dataset(&self) -> &Dataset {
         self.sampler.dataset()
+    }
+
+    /// The answer of DescribeDataset now.
+    pub fn describe(&self) -> pb::DatasetDescription {
+        pb::DatasetDescription {
+            set_aside: self.set_aside.wire(),
+            ..self.description.clone()
+        }
+    }
+
+    /// The dataset's line in ListDatasets now.
+    pub fn summary(&self) -> pb::DatasetSummary {
+        let dataset = self.dataset();
+        pb::DatasetSummary {
+            name: dataset.name().to_owned(),
+            num_cases: u32::try_from(dataset.cases().len()).unwrap_or(u32::MAX),
+            num_channels: u32::try_from(dataset.num_channels()).unwrap_or(u32::MAX),
+            set_aside: self.set_aside.wire(),
+        }
     }
 }
 
@@ -63,10 +85,12 @@ impl Registry {
                     channels = dataset.num_channels(),
                     "serving dataset"
                 );
+                let set_aside = SetAside::new(&name, dataset.cases().len());
                 let entry = Entry {
                     sampler: Arc::new(Sampler::new(Arc::new(dataset))),
                     path: store,
                     description,
+                    set_aside,
                 };
                 entries.insert(name, Arc::new(entry));
             }
@@ -245,5 +269,6 @@ fn describe(dataset: &Dataset) -> pb::DatasetDescription {
             .collect(),
         ignore_label: u32::from(dataset.ignore_label()),
         label_dtype: label_dtype(dataset.label_dtype()) as i32,
+        set_aside: Vec::new(),
     }
 }

@@ -36,11 +36,7 @@ impl pb::patchflow_server::Patchflow for PatchflowService {
             .ctx
             .registry
             .iter()
-            .map(|(name, entry)| pb::DatasetSummary {
-                name: name.clone(),
-                num_cases: u32::try_from(entry.dataset().cases().len()).unwrap_or(u32::MAX),
-                num_channels: u32::try_from(entry.dataset().num_channels()).unwrap_or(u32::MAX),
-            })
+            .map(|(_, entry)| entry.summary())
             .collect();
         Ok(Response::new(pb::ListDatasetsResponse {
             datasets,
@@ -68,7 +64,7 @@ impl pb::patchflow_server::Patchflow for PatchflowService {
                 self.ctx.registry.names()
             ))
         })?;
-        Ok(Response::new(entry.description.clone()))
+        Ok(Response::new(entry.describe()))
     }
 
     type SampleStream = ResponseStream;

@@ -6,7 +6,8 @@
 //! bounded by `jobs_per_stream + 1 + queued_batches_per_stream` batches, whatever the client
 //! grants. The task ends, freeing everything, when the client goes away, when it closes its side
 //! and every credit has been served, on the first error (sent as the stream's status), or when
-//! the server shuts down (UNAVAILABLE).
+//! the server shuts down (UNAVAILABLE). Each batch is drawn from the cases still in service (see
+//! [`crate::damage`]); the stream whose batch meets damaged data ends with DATA_LOSS.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -15,7 +16,6 @@ use std::sync::atomic::Ordering;
 
 use futures_util::{Stream, StreamExt};
 use patchflow_proto::v1 as pb;
-use patchflow_sampler::SamplerError;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -23,7 +23,7 @@ use tonic::{Status, Streaming};
 
 use crate::Limits;
 use crate::convert::{EncodedBatch, StreamConfig, encode_batch, stream_config};
-use crate::error::sampler_status;
+use crate::damage;
 use crate::metrics::{Metrics, StreamGuard, StreamStats, dec};
 use crate::pool::{JobHandle, WorkerPool};
 use crate::registry::Registry;
@@ -75,7 +75,7 @@ pub(crate) fn open(
 /// A sampling job of the stream.
 struct Job {
     index: u64,
-    handle: JobHandle<Result<EncodedBatch, SamplerError>>,
+    handle: JobHandle<Result<EncodedBatch, Status>>,
 }
 
 /// The producer's state.
@@ -93,15 +93,16 @@ struct Producer {
 enum Event<'a> {
     Shutdown,
     ClientGone,
-    Message(Result<Option<pb::SampleRequest>, Status>),
-    JobDone(Result<Result<EncodedBatch, SamplerError>, oneshot::error::RecvError>),
+    /// A client message (boxed: configurations are large, and events are moved around).
+    Message(Result<Option<Box<pb::SampleRequest>>, Status>),
+    JobDone(Result<Result<EncodedBatch, Status>, oneshot::error::RecvError>),
     QueueSlot(Result<mpsc::Permit<'a, Outgoing>, mpsc::error::SendError<()>>),
 }
 
 /// Waits for the oldest job (never completes when there is none).
 async fn oldest(
     jobs: &mut VecDeque<Job>,
-) -> Result<Result<EncodedBatch, SamplerError>, oneshot::error::RecvError> {
+) -> Result<Result<EncodedBatch, Status>, oneshot::error::RecvError> {
     match jobs.front_mut() {
         Some(job) => (&mut job.handle.result).await,
         None => std::future::pending().await,
@@ -174,7 +175,7 @@ impl Producer {
                 _ = tx.closed() => Event::ClientGone,
                 permit = tx.reserve(), if has_ready => Event::QueueSlot(permit),
                 done = oldest(&mut self.jobs), if take_job => Event::JobDone(done),
-                msg = inbound.message(), if reading => Event::Message(msg),
+                msg = inbound.message(), if reading => Event::Message(msg.map(|m| m.map(Box::new))),
             };
             match event {
                 Event::Shutdown => return Err(Status::unavailable("the server is shutting down")),
@@ -191,13 +192,13 @@ impl Producer {
                     dec(&self.stats.jobs);
                     match done {
                         Ok(Ok(batch)) => self.ready = Some(batch),
-                        Ok(Err(e)) => return Err(sampler_status(&e)),
+                        Ok(Err(status)) => return Err(status),
                         Err(_) => {
                             return Err(Status::internal("a sampling worker dropped its job"));
                         }
                     }
                 }
-                Event::Message(Ok(Some(msg))) => self.apply(msg, ctx)?,
+                Event::Message(Ok(Some(msg))) => self.apply(*msg, ctx)?,
                 Event::Message(Ok(None)) => self.inbound_done = true,
                 Event::Message(Err(status)) => return unreadable_request(self.stats.id, status),
             }
@@ -231,8 +232,8 @@ impl Producer {
             tracing::debug!(
                 stream = self.stats.id,
                 dataset = config.entry.dataset().name(),
-                patch = ?config.request.patch,
-                batch = config.request.batch,
+                patch = ?config.request.base().patch,
+                batch = config.request.base().batch,
                 start = self.next_index,
                 stride = config.stride,
                 config_id = config.config_id,
@@ -265,15 +266,17 @@ impl Producer {
         };
         while self.credits > 0 && self.jobs.len() < ctx.limits.jobs_per_stream {
             let index = self.next_index;
-            let sampler = Arc::clone(&active.entry.sampler);
+            let entry = Arc::clone(&active.entry);
             let request = Arc::clone(&active.request);
+            let metrics = Arc::clone(&ctx.metrics);
             let channels = active.entry.dataset().num_channels();
             let ignore = active.entry.dataset().ignore_label();
             let config_id = active.config_id;
             let max_message = ctx.limits.max_message_bytes;
+            // The job narrows the request to the cases in service when it runs, so a case set
+            // aside while the job waited is not drawn.
             let handle = ctx.pool.submit(move || {
-                sampler
-                    .sample(&request, index)
+                damage::sample_batch(&entry, &request, index, &metrics)
                     .map(|batch| encode_batch(batch, channels, ignore, config_id, max_message))
             });
             self.jobs.push_back(Job { index, handle });
