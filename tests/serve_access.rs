@@ -5,15 +5,12 @@ mod common;
 
 use std::process::{Command, Stdio};
 
-use common::{run_ok, s};
+use common::{phantom_store, s};
 
 #[test]
 fn non_loopback_listen_without_token_is_refused_with_the_remedy() {
     let dir = tempfile::tempdir().unwrap();
-    let raw = dir.path().join("raw");
-    let store = dir.path().join("store");
-    run_ok(&["phantom", s(&raw), "--cases", "1", "--shape", "16,24,24"]);
-    run_ok(&["ingest", s(&raw), "--out", s(&store)]);
+    let store = phantom_store(dir.path(), 1, "16,24,24");
     let out = Command::new(env!("CARGO_BIN_EXE_patchflow"))
         .args(["--quiet", "serve", s(&store), "--listen", "0.0.0.0:0"])
         .env_remove("PATCHFLOW_TOKEN")

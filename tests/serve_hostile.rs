@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::{Buf, BufMut};
-use common::{run_ok, s};
+use common::phantom_store;
 use patchflow_proto::v1 as pb;
 use patchflow_proto::v1::patchflow_client::PatchflowClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -106,10 +106,7 @@ async fn still_serves(client: &mut PatchflowClient<tonic::transport::Channel>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_requests_get_errors_and_the_server_stays_up() {
     let dir = tempfile::tempdir().unwrap();
-    let raw = dir.path().join("raw");
-    let store = dir.path().join("store");
-    run_ok(&["phantom", s(&raw), "--cases", "2", "--shape", "24,40,40"]);
-    run_ok(&["ingest", s(&raw), "--out", s(&store)]);
+    let store = phantom_store(dir.path(), 2, "24,40,40");
     let server = patchflow_server::start(patchflow_server::ServerConfig {
         stores: vec![store.clone()],
         listen: Some(([127, 0, 0, 1], 0).into()),

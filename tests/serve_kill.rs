@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{run_ok, s};
+use common::{phantom_store, s};
 use patchflow_client::{Batch, Client, ClientOptions, StreamConfig};
 
 /// `patchflow serve STORE` on the Unix socket `sock` only.
@@ -71,10 +71,7 @@ const KILL_AFTER: usize = 11;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkilled_daemon_restarted_on_the_same_socket_continues_the_sequence() {
     let dir = tempfile::tempdir().unwrap();
-    let raw = dir.path().join("raw");
-    let store = dir.path().join("store");
-    run_ok(&["phantom", s(&raw), "--cases", "3", "--shape", "40,56,56"]);
-    run_ok(&["ingest", s(&raw), "--out", s(&store)]);
+    let store = phantom_store(dir.path(), 3, "40,56,56");
     let sock = dir.path().join("pf.sock");
     let endpoint = format!("unix:{}", sock.display());
 

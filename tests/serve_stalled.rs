@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{run_ok, s};
+use common::{phantom_store, s};
 use patchflow_client::{Client, ClientOptions, StreamConfig};
 use patchflow_proto::v1 as pb;
 
@@ -53,10 +53,7 @@ async fn unix_channel(sock: &Path) -> tonic::transport::Channel {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_costs_a_bounded_amount_of_memory() {
     let dir = tempfile::tempdir().unwrap();
-    let raw = dir.path().join("raw");
-    let store = dir.path().join("store");
-    run_ok(&["phantom", s(&raw), "--cases", "2", "--shape", "48,64,64"]);
-    run_ok(&["ingest", s(&raw), "--out", s(&store)]);
+    let store = phantom_store(dir.path(), 2, "48,64,64");
     let sock = dir.path().join("pf.sock");
     let mut child = daemon(&store, &sock);
     let endpoint = format!("unix:{}", sock.display());

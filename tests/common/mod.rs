@@ -43,6 +43,16 @@ pub fn run_ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Generates `cases` phantom cases of `shape` (`"z,y,x"`) under `dir/raw` and ingests them
+/// into `dir/store` (a dataset named `store`); returns the store folder.
+pub fn phantom_store(dir: &Path, cases: usize, shape: &str) -> PathBuf {
+    let raw = dir.join("raw");
+    let store = dir.join("store");
+    run_ok(&["phantom", s(&raw), "--cases", &cases.to_string(), "--shape", shape]);
+    run_ok(&["ingest", s(&raw), "--out", s(&store)]);
+    store
+}
+
 /// Path as &str for argument lists.
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
