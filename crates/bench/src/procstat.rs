@@ -16,8 +16,11 @@ pub struct ProcSample {
     pub read_bytes: u64,
     /// Resident memory now, bytes.
     pub rss_bytes: u64,
-    /// Highest resident memory so far, bytes (`VmHWM`).
+    /// Highest resident memory so far, bytes (`VmHWM`). Counts mapped store pages, which the
+    /// kernel can drop at any time.
     pub peak_rss_bytes: u64,
+    /// Resident anonymous memory now, bytes (`RssAnon`: heap, caches, batches; not file pages).
+    pub anon_rss_bytes: u64,
 }
 
 impl ProcSample {
@@ -28,6 +31,7 @@ impl ProcSample {
             read_bytes: self.read_bytes.saturating_sub(earlier.read_bytes),
             rss_bytes: self.rss_bytes,
             peak_rss_bytes: self.peak_rss_bytes,
+            anon_rss_bytes: self.anon_rss_bytes,
         }
     }
 }
@@ -115,6 +119,7 @@ pub fn sample(pid: Option<u32>) -> Result<ProcSample, BenchError> {
     let status = read(dir.join("status"))?;
     let rss = status_kb(&status, "VmRSS").unwrap_or(0);
     let peak = status_kb(&status, "VmHWM").unwrap_or(rss);
+    let anon = status_kb(&status, "RssAnon").unwrap_or(rss);
     // `io` may be unreadable without privileges over the process; reads then count as zero.
     let read_bytes = std::fs::read_to_string(dir.join("io"))
         .ok()
@@ -125,6 +130,7 @@ pub fn sample(pid: Option<u32>) -> Result<ProcSample, BenchError> {
         read_bytes,
         rss_bytes: rss,
         peak_rss_bytes: peak,
+        anon_rss_bytes: anon,
     })
 }
 
@@ -155,6 +161,7 @@ mod tests {
         let b = sample(None).unwrap();
         assert!(b.cpu_s >= a.cpu_s);
         assert!(b.rss_bytes > 0 && b.peak_rss_bytes >= b.rss_bytes);
+        assert!(b.anon_rss_bytes > 0 && b.anon_rss_bytes <= b.rss_bytes);
         let d = b.since(&a);
         assert!(d.cpu_s >= 0.0);
     }
