@@ -48,7 +48,14 @@ pub fn run_ok(args: &[&str]) -> String {
 pub fn phantom_store(dir: &Path, cases: usize, shape: &str) -> PathBuf {
     let raw = dir.join("raw");
     let store = dir.join("store");
-    run_ok(&["phantom", s(&raw), "--cases", &cases.to_string(), "--shape", shape]);
+    run_ok(&[
+        "phantom",
+        s(&raw),
+        "--cases",
+        &cases.to_string(),
+        "--shape",
+        shape,
+    ]);
     run_ok(&["ingest", s(&raw), "--out", s(&store)]);
     store
 }
