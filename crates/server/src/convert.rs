@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use patchflow_proto::v1 as pb;
 use patchflow_sampler::{AugmentSpec, Batch, BatchRequest, MAX_PATCH_AXIS, OutputDType, Policy};
 use patchflow_store::MAX_CASE_ID_LEN;
@@ -12,6 +11,7 @@ use prost::Message;
 use tonic::Status;
 
 use crate::auth::check_name;
+use crate::buffers::BufferPool;
 use crate::damage::ServedRequest;
 use crate::error::sampler_status;
 use crate::registry::{Entry, Registry, label_dtype};
@@ -274,9 +274,10 @@ pub(crate) fn encode_batch(
     ignore_label: u16,
     config_id: u64,
     max_message_bytes: usize,
+    buffers: &Arc<BufferPool>,
 ) -> EncodedBatch {
-    let image = Bytes::from(batch.image);
-    let label = Bytes::from(batch.label);
+    let image = buffers.share(batch.image);
+    let label = buffers.share(batch.label);
     let header = pb::BatchHeader {
         patch_size: batch.patch.iter().map(|&p| p as u64).collect(),
         batch_size: u32::try_from(batch.items.len()).unwrap_or(u32::MAX),
@@ -379,7 +380,7 @@ mod tests {
     fn small_batches_are_one_message() {
         let b = batch(1000, 300);
         let (img, lab) = (b.image.clone(), b.label.clone());
-        let enc = encode_batch(b, 1, 255, 9, 1 << 20);
+        let enc = encode_batch(b, 1, 255, 9, 1 << 20, &BufferPool::new(4, 1 << 30));
         assert_eq!(enc.parts.len(), 1);
         assert_eq!(enc.bytes, 1300);
         let header = enc.parts[0].header.as_ref().unwrap();
@@ -431,7 +432,14 @@ mod tests {
         ] {
             let b = batch(image, label);
             let (img, lab) = (b.image.clone(), b.label.clone());
-            let enc = encode_batch(b, 1, 255, 0, MIN_MESSAGE_BYTES);
+            let enc = encode_batch(
+                b,
+                1,
+                255,
+                0,
+                MIN_MESSAGE_BYTES,
+                &BufferPool::new(4, 1 << 30),
+            );
             assert!(enc.parts.len() > 1, "{image}+{label}");
             for p in &enc.parts {
                 assert!(p.encoded_len() <= MIN_MESSAGE_BYTES, "{}", p.encoded_len());

@@ -22,6 +22,7 @@ use patchflow_sampler::{Batch, BatchRequest, Dataset, SamplerError};
 use patchflow_store::StoreError;
 use tonic::Status;
 
+use crate::buffers::BufferPool;
 use crate::error::sampler_status;
 use crate::metrics::Metrics;
 use crate::registry::Entry;
@@ -336,12 +337,25 @@ pub(crate) fn sample_batch(
     request: &ServedRequest,
     index: u64,
     metrics: &Metrics,
+    buffers: &BufferPool,
 ) -> Result<Batch, Status> {
     let dataset = entry.dataset();
+    let voxels: usize = request.base.patch.iter().product();
+    let image_len = voxels
+        .saturating_mul(request.base.dtype.size())
+        .saturating_mul(dataset.num_channels())
+        .saturating_mul(request.base.batch);
+    let label_len = voxels
+        .saturating_mul(dataset.label_dtype().size())
+        .saturating_mul(request.base.batch);
     sample_served(
         &entry.set_aside,
         request,
-        |req| entry.sampler.sample(req, index),
+        |req| {
+            let image = buffers.take(image_len);
+            let label = buffers.take(label_len);
+            entry.sampler.sample_into(req, index, image, label)
+        },
         |err| damaged_case(dataset, err),
         |_| metrics.case_set_aside(dataset.name()),
     )

@@ -31,6 +31,7 @@
 //! ```
 
 mod auth;
+mod buffers;
 mod config;
 mod convert;
 mod damage;
@@ -207,6 +208,13 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         limits: config.limits.clone(),
         metrics: Arc::clone(&metrics),
         shutdown: shutdown.clone(),
+        // Room for the batches a few streams have in flight; beyond that, buffers are freed.
+        buffers: buffers::BufferPool::new(
+            4 * workers.max(1),
+            usize::try_from(config.limits.max_batch_bytes)
+                .unwrap_or(usize::MAX)
+                .min(1 << 30),
+        ),
     });
 
     let (health, health_service) = tonic_health::server::health_reporter();

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 
 use crate::Limits;
+use crate::buffers::BufferPool;
 use crate::convert::{EncodedBatch, StreamConfig, encode_batch, stream_config};
 use crate::damage;
 use crate::metrics::{Metrics, StreamGuard, StreamStats, dec};
@@ -35,6 +36,8 @@ pub(crate) struct StreamContext {
     pub limits: Limits,
     pub metrics: Arc<Metrics>,
     pub shutdown: CancellationToken,
+    /// Buffers of sent batches, reused for new ones.
+    pub buffers: Arc<BufferPool>,
 }
 
 /// The response stream handed to tonic.
@@ -273,11 +276,13 @@ impl Producer {
             let ignore = active.entry.dataset().ignore_label();
             let config_id = active.config_id;
             let max_message = ctx.limits.max_message_bytes;
+            let buffers = Arc::clone(&ctx.buffers);
             // The job narrows the request to the cases in service when it runs, so a case set
             // aside while the job waited is not drawn.
             let handle = ctx.pool.submit(move || {
-                damage::sample_batch(&entry, &request, index, &metrics)
-                    .map(|batch| encode_batch(batch, channels, ignore, config_id, max_message))
+                damage::sample_batch(&entry, &request, index, &metrics, &buffers).map(|batch| {
+                    encode_batch(batch, channels, ignore, config_id, max_message, &buffers)
+                })
             });
             self.jobs.push_back(Job { index, handle });
             self.stats.jobs.fetch_add(1, Ordering::Relaxed);

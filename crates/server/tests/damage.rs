@@ -299,10 +299,11 @@ async fn a_case_damaged_while_serving_is_set_aside_and_reported() {
     assert!(damaged > 0);
     let err = until_error(&fx, &mut victim).await;
     assert_data_loss_naming(&err, "case_b");
+    // Usually the checksum catches the flipped bytes; a chunk being decoded while its bytes
+    // change under the mapping can instead fail to decode after its checksum passed.
+    let message = err.message().unwrap_or_default();
     assert!(
-        err.message()
-            .unwrap_or_default()
-            .contains("checksum mismatch"),
+        message.contains("checksum mismatch") || message.contains("does not decode"),
         "{err}"
     );
 
