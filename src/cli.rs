@@ -95,7 +95,7 @@ pub struct ServeArgs {
     /// Require TCP clients to present a certificate signed by this CA (PEM); needs --tls-cert.
     #[arg(long, value_name = "PEM", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
-    /// Allow listening on a non-loopback address without a token or client certificates.
+    /// Allow listening on a non-loopback address without a token.
     /// Anyone who reaches the address can then read every served dataset.
     #[arg(long)]
     pub insecure: bool,

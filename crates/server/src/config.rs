@@ -172,10 +172,10 @@ impl ServerConfig {
         self.limits.check()
     }
 
-    /// Whether the clients of the TCP listener must prove who they are (a token or a client
-    /// certificate).
+    /// Whether every client of the TCP listener must present the token. Client certificates
+    /// add to the token on an open address; they do not replace it.
     pub(crate) fn authenticated(&self) -> bool {
-        self.token.is_some() || self.tls.as_ref().is_some_and(|t| t.client_ca.is_some())
+        self.token.is_some()
     }
 
     /// The TCP address, when it is reachable from other hosts and nothing authenticates its
@@ -260,7 +260,10 @@ mod tests {
         if let Some(tls) = &mut config.tls {
             tls.client_ca = Some("ca.pem".into());
         }
-        config.check().map_err(|e| e.to_string()).unwrap();
+        assert!(
+            config.check().is_err(),
+            "client certificates add to a token, they do not replace it"
+        );
         for local in [
             "127.0.0.1:0",
             "[::1]:0",

@@ -103,14 +103,14 @@ pub enum ServerError {
         /// Which rule the name breaks.
         reason: String,
     },
-    /// A TCP listener on a non-loopback address would accept anyone: no token, no client
-    /// certificates, and no explicit opt-out.
+    /// A TCP listener on a non-loopback address without a token and without an explicit
+    /// opt-out.
     #[error(
-        "refusing to listen on {address} without authentication: any host that reaches it could \
-         read every served dataset. Set a token (patchflow serve: --token-file PATH or the \
-         PATCHFLOW_TOKEN environment variable; ServerConfig::token), require client certificates \
-         (--tls-client-ca), listen on a loopback address or a Unix socket, or accept the risk \
-         with --insecure (ServerConfig::insecure)"
+        "refusing to listen on {address} without a token: any host that reaches it could read \
+         every served dataset. Set a token (patchflow serve: --token-file PATH or the \
+         PATCHFLOW_TOKEN environment variable; ServerConfig::token; client certificates with \
+         --tls-client-ca can be required on top of it), listen on a loopback address or a Unix \
+         socket, or accept the risk with --insecure (ServerConfig::insecure)"
     )]
     Unprotected {
         /// The TCP address asked for.
