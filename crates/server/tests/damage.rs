@@ -11,13 +11,12 @@ mod common;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use common::{Fixture, client_options, config, wait_live, within};
+use common::{Fixture, client_options, config, open_sample, wait_live, within};
 use patchflow_client::{Batch, BatchStream, Client, ClientError, ImageDtype, Item, LabelDtype};
 use patchflow_proto::v1 as pb;
 use patchflow_server::{Limits, RunningServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::Code;
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -189,17 +188,11 @@ impl RawStream {
         let mut raw = pb::patchflow_client::PatchflowClient::connect(endpoint.to_owned())
             .await
             .unwrap();
-        let (tx, rx) = mpsc::unbounded_channel();
-        tx.send(pb::SampleRequest {
+        let first = pb::SampleRequest {
             config: Some(config),
             credits: 0,
-        })
-        .unwrap();
-        let inbound = raw
-            .sample(UnboundedReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
+        };
+        let (tx, inbound) = open_sample(&mut raw, first).await.unwrap();
         RawStream { tx, inbound }
     }
 

@@ -2,16 +2,11 @@
 
 mod common;
 
-use common::{Fixture, client_options, serve_with, wait_live, within};
+use common::{Fixture, Raw, client_options, first_answer, serve_with, wait_live, within};
 use patchflow_client::{Client, StreamConfig};
 use patchflow_proto::v1 as pb;
 use patchflow_server::Limits;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::Code;
-use tonic::transport::Channel;
-
-type Raw = pb::patchflow_client::PatchflowClient<Channel>;
 
 fn good(fx: &Fixture) -> pb::SampleConfig {
     pb::SampleConfig {
@@ -20,22 +15,6 @@ fn good(fx: &Fixture) -> pb::SampleConfig {
         batch_size: 2,
         ..Default::default()
     }
-}
-
-/// Opens a stream, sends `first` and returns the stream's first answer.
-async fn first_answer(
-    raw: &mut Raw,
-    first: pb::SampleRequest,
-) -> Result<pb::SampleResponse, tonic::Status> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    tx.send(first).unwrap();
-    let mut inbound = raw
-        .sample(UnboundedReceiverStream::new(rx))
-        .await?
-        .into_inner();
-    let answer = within("first answer", inbound.message()).await;
-    drop(tx);
-    answer?.ok_or_else(|| tonic::Status::unknown("stream ended without a message"))
 }
 
 async fn expect_status(raw: &mut Raw, request: pb::SampleRequest, code: Code, needle: &str) {

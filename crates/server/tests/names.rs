@@ -4,17 +4,12 @@
 
 mod common;
 
-use common::{Fixture, client_options, config, serve, within};
+use common::{Fixture, Raw, client_options, config, first_answer, serve, within};
 use patchflow_client::{Client, StreamConfig};
 use patchflow_proto::v1 as pb;
 use patchflow_server::{Limits, ServerError};
 use patchflow_store::MAX_CASE_ID_LEN;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::Code;
-use tonic::transport::Channel;
-
-type Raw = pb::patchflow_client::PatchflowClient<Channel>;
 
 /// One name of every kind the rule refuses, with what it is.
 fn bad_names() -> Vec<(&'static str, String)> {
@@ -39,21 +34,11 @@ fn bad_names() -> Vec<(&'static str, String)> {
 
 /// Opens a Sample stream with `config` and returns its first answer.
 async fn sample_once(raw: &mut Raw, config: pb::SampleConfig) -> Result<(), tonic::Status> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    tx.send(pb::SampleRequest {
+    let first = pb::SampleRequest {
         config: Some(config),
         credits: 1,
-    })
-    .unwrap();
-    let mut inbound = raw
-        .sample(UnboundedReceiverStream::new(rx))
-        .await?
-        .into_inner();
-    let answer = within("first answer", inbound.message()).await;
-    drop(tx);
-    answer?
-        .map(drop)
-        .ok_or_else(|| tonic::Status::unknown("the stream ended without a message"))
+    };
+    first_answer(raw, first).await.map(drop)
 }
 
 fn assert_invalid(what: &str, result: Result<(), tonic::Status>, field: &str) {

@@ -5,7 +5,7 @@ mod common;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use common::{Fixture, client_options, serve, wait_live, within};
+use common::{Fixture, client_options, open_sample, serve, wait_live, within};
 use patchflow_client::{Batch, Client, ClientError, StreamConfig};
 use patchflow_proto::v1 as pb;
 use tokio::net::{TcpListener, TcpStream};
@@ -215,8 +215,7 @@ async fn clients_that_go_away_free_their_streams() {
     let mut raw = pb::patchflow_client::PatchflowClient::connect(endpoint.clone())
         .await
         .unwrap();
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tx.send(pb::SampleRequest {
+    let first = pb::SampleRequest {
         config: Some(pb::SampleConfig {
             dataset: fx.name.clone(),
             patch_size: vec![12, 12, 12],
@@ -224,13 +223,8 @@ async fn clients_that_go_away_free_their_streams() {
             ..Default::default()
         }),
         credits: 64,
-    })
-    .unwrap();
-    let inbound = raw
-        .sample(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    };
+    let (tx, inbound) = open_sample(&mut raw, first).await.unwrap();
     wait_live(&server, 1).await;
     drop(inbound);
     drop(tx);
@@ -247,8 +241,7 @@ async fn shutdown_ends_open_streams_with_unavailable() {
     let mut raw = pb::patchflow_client::PatchflowClient::connect(server.endpoint().unwrap())
         .await
         .unwrap();
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tx.send(pb::SampleRequest {
+    let first = pb::SampleRequest {
         config: Some(pb::SampleConfig {
             dataset: fx.name.clone(),
             patch_size: vec![4, 4, 4],
@@ -256,13 +249,8 @@ async fn shutdown_ends_open_streams_with_unavailable() {
             ..Default::default()
         }),
         credits: 2,
-    })
-    .unwrap();
-    let mut inbound = raw
-        .sample(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    };
+    let (tx, mut inbound) = open_sample(&mut raw, first).await.unwrap();
     assert!(
         within("first batch", inbound.message())
             .await

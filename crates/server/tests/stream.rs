@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Fixture, client_options, serve, serve_with, wait_live, within};
+use common::{Fixture, client_options, open_sample, serve, serve_with, wait_live, within};
 use patchflow_client::{Batch, Client, ImageDtype, Policy, StreamConfig};
 use patchflow_proto::v1 as pb;
 use patchflow_server::Limits;
@@ -172,8 +172,7 @@ async fn batches_above_the_message_limit_arrive_split_and_reassembled() {
     let mut raw = pb::patchflow_client::PatchflowClient::connect(endpoint.clone())
         .await
         .unwrap();
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tx.send(pb::SampleRequest {
+    let first = pb::SampleRequest {
         config: Some(pb::SampleConfig {
             dataset: fx.name.clone(),
             patch_size: patch.iter().map(|&p| p as i64).collect(),
@@ -185,13 +184,8 @@ async fn batches_above_the_message_limit_arrive_split_and_reassembled() {
             ..Default::default()
         }),
         credits: 1,
-    })
-    .unwrap();
-    let mut inbound = raw
-        .sample(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    };
+    let (tx, mut inbound) = open_sample(&mut raw, first).await.unwrap();
     let first = within("part 0", inbound.message()).await.unwrap().unwrap();
     let parts = first.parts;
     assert!(parts >= 2, "expected a split batch, got {parts} part(s)");
@@ -210,8 +204,7 @@ async fn batches_above_the_message_limit_arrive_split_and_reassembled() {
     drop(tx);
 
     // So many items that their descriptions alone would crowd a message out: refused.
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tx.send(pb::SampleRequest {
+    let first = pb::SampleRequest {
         config: Some(pb::SampleConfig {
             dataset: fx.name.clone(),
             patch_size: vec![1, 1, 1],
@@ -219,13 +212,8 @@ async fn batches_above_the_message_limit_arrive_split_and_reassembled() {
             ..Default::default()
         }),
         credits: 1,
-    })
-    .unwrap();
-    let mut inbound = raw
-        .sample(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    };
+    let (tx, mut inbound) = open_sample(&mut raw, first).await.unwrap();
     let status = within("refusal", inbound.message()).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
     assert!(

@@ -11,12 +11,52 @@ use std::time::Duration;
 
 use half::{bf16, f16};
 use patchflow_client::{Batch, ImageDtype, LabelDtype};
+use patchflow_proto::v1 as pb;
 use patchflow_server::{Limits, RunningServer, ServerConfig};
 use patchflow_store::{
     CaseData, CaseMeta, ChannelMeta, Manifest, ManifestCase, WriteOptions, case_file_name,
     write_case,
 };
 use patchflow_volume::{DType, Geometry, LabelData, NormScheme, Normalization, VoxelData};
+use tokio::sync::mpsc::UnboundedSender;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+/// A client of the generated gRPC API, for requests the Rust client would never send.
+pub type Raw = pb::patchflow_client::PatchflowClient<tonic::transport::Channel>;
+
+/// Opens a Sample stream on `raw` whose first message is `first`. The request side stays open
+/// while the returned sender lives (as a client waiting for batches keeps it).
+pub async fn open_sample(
+    raw: &mut Raw,
+    first: pb::SampleRequest,
+) -> Result<
+    (
+        UnboundedSender<pb::SampleRequest>,
+        tonic::Streaming<pb::SampleResponse>,
+    ),
+    tonic::Status,
+> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tx.send(first)
+        .map_err(|_| tonic::Status::internal("request channel closed"))?;
+    let inbound = raw
+        .sample(UnboundedReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    Ok((tx, inbound))
+}
+
+/// Opens a Sample stream whose first message is `first` and returns the stream's first answer
+/// (an error when it ends without one).
+pub async fn first_answer(
+    raw: &mut Raw,
+    first: pb::SampleRequest,
+) -> Result<pb::SampleResponse, tonic::Status> {
+    let (tx, mut inbound) = open_sample(raw, first).await?;
+    let answer = within("first answer", inbound.message()).await;
+    drop(tx);
+    answer?.ok_or_else(|| tonic::Status::unknown("the stream ended without a message"))
+}
 
 /// Upper bound for anything a test waits on, so that a bug fails the test instead of hanging it.
 pub const HANG_GUARD: Duration = Duration::from_secs(120);
