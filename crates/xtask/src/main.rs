@@ -153,11 +153,30 @@ fn run(cmd: &mut Command) -> Result<(), String> {
 }
 
 /// Runs every test of the workspace.
+///
+/// A failure reports the space left on the target folder's disk, since a full disk shows up as a
+/// bare linker error.
 fn test(root: &Path, extra: &[String]) -> Result<(), String> {
-    run(cargo()
-        .current_dir(root)
+    let mut cmd = cargo();
+    cmd.current_dir(root)
         .args(["test", "--workspace", "--exclude", "xtask"])
-        .args(extra))
+        .args(extra);
+    run(&mut cmd).map_err(|e| match free_space(&root.join("target")) {
+        Some(free) => format!("{e} (disk space left for target/: {free})"),
+        None => e,
+    })
+}
+
+/// Space left on the disk holding `dir`, as `df` prints it, if `df` can tell.
+fn free_space(dir: &Path) -> Option<String> {
+    let out = Command::new("df")
+        .arg("-h")
+        .arg("--output=avail")
+        .arg(dir)
+        .output()
+        .ok()?;
+    let text = String::from_utf8(out.stdout).ok()?;
+    text.lines().nth(1).map(|l| l.trim().to_string())
 }
 
 /// The main job: phantom dataset → ingest → serve → PGPS training → report, all under DIR.
