@@ -73,6 +73,7 @@ async fn first_answer(
     let request = pb::SampleRequest {
         config: Some(config),
         credits,
+        ..Default::default()
     };
     // The request stream stays open (as a client waiting for batches would).
     let (tx, rx) = tokio::sync::mpsc::channel(1);

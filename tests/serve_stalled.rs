@@ -80,6 +80,7 @@ async fn a_client_that_stops_reading_costs_a_bounded_amount_of_memory() {
             ..Default::default()
         }),
         credits: 64,
+        ..Default::default()
     })
     .await
     .unwrap();

@@ -187,7 +187,7 @@ impl Assembler {
 }
 
 /// Checks a complete batch against its header and builds the caller's view of it.
-fn finish(
+pub(crate) fn finish(
     index: u64,
     header: pb::BatchHeader,
     image: Bytes,
@@ -328,6 +328,7 @@ mod tests {
                     label: Bytes::copy_from_slice(
                         &label[start.saturating_sub(il)..end.saturating_sub(il)],
                     ),
+                    shared: None,
                 }
             })
             .collect()

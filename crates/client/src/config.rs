@@ -97,6 +97,22 @@ impl StreamConfig {
     }
 }
 
+/// Whether batches come through shared memory instead of inside the messages (see the proto's
+/// `SharedMemoryRequest`): the daemon writes each batch into a file in its shared-memory folder
+/// and the client maps it, so no voxel crosses the socket.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SharedMemory {
+    /// For `unix:` and loopback endpoints whose daemon offers it. Where the daemon's files
+    /// cannot be opened from this process (another user, another container), the stream falls
+    /// back to messages and goes on where it was.
+    #[default]
+    Auto,
+    /// Always; a daemon that does not offer it, or files that cannot be opened, fail the stream.
+    On,
+    /// Never.
+    Off,
+}
+
 /// Client behaviour.
 #[derive(Clone, Debug)]
 pub struct ClientOptions {
@@ -119,6 +135,12 @@ pub struct ClientOptions {
     /// TLS settings for `https://` endpoints. When any field is set, endpoints given without a
     /// scheme use TLS too, and `http://` endpoints are refused.
     pub tls: TlsOptions,
+    /// Shared-memory delivery for daemons on this host.
+    pub shared_memory: SharedMemory,
+    /// Batches the caller may hold at once (not yet dropped) on a shared-memory stream: each one
+    /// keeps a slot, and the daemon is given `prefetch + held_batches` slots. A caller holding
+    /// more stalls its stream until it drops some.
+    pub held_batches: u32,
 }
 
 impl Default for ClientOptions {
@@ -132,6 +154,8 @@ impl Default for ClientOptions {
             max_batch_bytes: 4 << 30,
             token: None,
             tls: TlsOptions::default(),
+            shared_memory: SharedMemory::Auto,
+            held_batches: 4,
         }
     }
 }

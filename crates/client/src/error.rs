@@ -47,6 +47,14 @@ pub enum ClientError {
         /// What was wrong.
         reason: String,
     },
+    /// Shared memory was asked for ([`crate::SharedMemory::On`]) and cannot be used.
+    #[error("{endpoint}: shared memory: {reason}")]
+    SharedMemory {
+        /// The daemon.
+        endpoint: String,
+        /// Why (the file and what opening it reported).
+        reason: String,
+    },
     /// A stream configuration is unusable before it is even sent.
     #[error("invalid stream configuration: {field}: {reason}")]
     Config {

@@ -36,6 +36,7 @@ mod batch;
 mod config;
 mod error;
 mod link;
+mod shared;
 
 use std::path::PathBuf;
 
@@ -47,7 +48,7 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint, Uri};
 
 pub use auth::{MAX_TOKEN_BYTES, Secret, TlsOptions};
 pub use batch::{Batch, ImageDtype, Item, LabelDtype, image_dtype_size, label_dtype_size};
-pub use config::{ClientOptions, Policy, StreamConfig};
+pub use config::{ClientOptions, Policy, SharedMemory, StreamConfig};
 pub use error::ClientError;
 pub use patchflow_proto::v1::{
     DatasetDescription, DatasetSummary, ListDatasetsResponse, ServerLimits, SetAsideCase,
@@ -70,6 +71,8 @@ struct Daemon {
     endpoint: String,
     client: Rpc,
     limits: pb::ServerLimits,
+    /// Whether its streams ask for shared memory.
+    shared: bool,
 }
 
 /// A connection to one or several daemons serving the same dataset (or shards of it).
@@ -150,6 +153,19 @@ fn channel(
     Ok(ep.connect_lazy())
 }
 
+/// Whether `endpoint` is a Unix socket or a loopback address (a daemon on this host).
+fn is_local(endpoint: &str) -> bool {
+    if endpoint.starts_with("unix:") {
+        return true;
+    }
+    let url = if endpoint.contains("://") {
+        endpoint.to_owned()
+    } else {
+        format!("http://{endpoint}")
+    };
+    url.parse::<Uri>().is_ok_and(|uri| is_loopback_url(&uri))
+}
+
 /// Whether `uri` names this host.
 fn is_loopback_url(uri: &Uri) -> bool {
     match uri.host() {
@@ -195,10 +211,16 @@ impl Client {
                 .filter(|&m| m > 0)
                 .unwrap_or(DEFAULT_MAX_MESSAGE);
             client = client.max_decoding_message_size(max_message.saturating_add(MESSAGE_SLACK));
+            let shared = match options.shared_memory {
+                SharedMemory::Off => false,
+                SharedMemory::On => true,
+                SharedMemory::Auto => limits.max_shared_slots > 0 && is_local(&endpoint),
+            };
             daemons.push(Daemon {
                 endpoint,
                 client,
                 limits,
+                shared,
             });
         }
         if daemons.is_empty() {
@@ -262,11 +284,19 @@ impl Client {
                     .prefetch
                     .min(d.limits.max_credits.max(1))
                     .max(1);
+                let shared = d.shared.then(|| {
+                    let slots = window.saturating_add(self.options.held_batches);
+                    match d.limits.max_shared_slots {
+                        0 => slots,
+                        max => slots.min(max),
+                    }
+                });
                 Link::spawn(
                     d.endpoint.clone(),
                     d.client.clone(),
                     self.options.clone(),
                     window,
+                    shared,
                 )
             })
             .collect();

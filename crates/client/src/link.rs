@@ -10,6 +10,7 @@ use tonic::Status;
 
 use crate::batch::{Assembler, Batch};
 use crate::error::{final_error, is_retryable};
+use crate::shared::{MapError, SharedSlots};
 use crate::{ClientError, ClientOptions, Rpc};
 
 /// What the consumer tells a link.
@@ -37,8 +38,15 @@ pub(crate) struct Link {
 }
 
 impl Link {
-    /// Starts the task for one daemon; it waits for a configuration.
-    pub fn spawn(endpoint: String, client: Rpc, options: ClientOptions, window: u32) -> Link {
+    /// Starts the task for one daemon; it waits for a configuration. `shared`: the number of
+    /// shared-memory slots to ask for, or `None` for batches inside the messages.
+    pub fn spawn(
+        endpoint: String,
+        client: Rpc,
+        options: ClientOptions,
+        window: u32,
+        shared: Option<u32>,
+    ) -> Link {
         let (commands, command_rx) = mpsc::unbounded_channel();
         let (event_tx, events) = mpsc::unbounded_channel();
         let task = LinkTask {
@@ -51,6 +59,7 @@ impl Link {
             config: None,
             outstanding: 0,
             failures: 0,
+            shared,
         };
         Link {
             endpoint,
@@ -86,6 +95,8 @@ struct LinkTask {
     outstanding: u32,
     /// Consecutive failed attempts.
     failures: u32,
+    /// Shared-memory slots asked for; `None`: batches inside the messages.
+    shared: Option<u32>,
 }
 
 /// How a connection ended.
@@ -96,6 +107,8 @@ enum End {
     Failed(Status),
     /// The configuration failed for good (already reported).
     Reported,
+    /// Shared memory turned out unusable: open the stream again without it.
+    WithoutSharedMemory,
 }
 
 impl LinkTask {
@@ -135,7 +148,7 @@ impl LinkTask {
             }
             match self.connection().await {
                 End::Closed => return,
-                End::Reported => {}
+                End::Reported | End::WithoutSharedMemory => {}
                 End::Failed(status) => self.fail(status),
             }
         }
@@ -180,6 +193,8 @@ impl LinkTask {
         let _ = requests.send(pb::SampleRequest {
             config: Some(config),
             credits: self.outstanding,
+            shared_memory: self.shared.map(|slots| pb::SharedMemoryRequest { slots }),
+            released: Vec::new(),
         });
         let mut client = self.client.clone();
         let mut inbound = match client
@@ -190,13 +205,17 @@ impl LinkTask {
             Err(status) => return End::Failed(status),
         };
         let mut assembler = Assembler::new(self.options.max_batch_bytes);
+        let mut slots = SharedSlots::new(self.options.max_batch_bytes);
         loop {
             tokio::select! {
                 command = self.commands.recv() => match command {
                     None => return End::Closed,
                     Some(Command::Credit) => {
                         self.outstanding = self.outstanding.saturating_add(1);
-                        let _ = requests.send(pb::SampleRequest { config: None, credits: 1 });
+                        let _ = requests.send(pb::SampleRequest {
+                            credits: 1,
+                            ..pb::SampleRequest::default()
+                        });
                     }
                     Some(Command::Configure(config)) => {
                         self.outstanding = self.window;
@@ -204,10 +223,27 @@ impl LinkTask {
                         let _ = requests.send(pb::SampleRequest {
                             config: Some(*config),
                             credits: self.window,
+                            ..pb::SampleRequest::default()
                         });
                     }
                 },
                 message = inbound.message() => match message {
+                    Ok(Some(message)) if message.shared.is_some() => {
+                        match slots.batch(message, &requests) {
+                            Ok((config_id, batch)) => {
+                                if let Err(reason) = self.deliver(config_id, batch) {
+                                    return self.protocol_error(config_id, reason);
+                                }
+                            }
+                            Err(MapError::Protocol(reason)) => {
+                                let config_id = self.config.as_ref().map_or(0, |c| c.config_id);
+                                return self.protocol_error(config_id, reason);
+                            }
+                            Err(MapError::Unusable { path, reason }) => {
+                                return self.shared_memory_unusable(&path, &reason);
+                            }
+                        }
+                    }
                     Ok(Some(message)) => match assembler.push(message) {
                         Ok(None) => {}
                         Ok(Some((config_id, batch))) => {
@@ -237,6 +273,37 @@ impl LinkTask {
                 },
             }
         }
+    }
+
+    /// Reports a protocol violation of the daemon for `config_id`.
+    fn protocol_error(&mut self, config_id: u64, reason: String) -> End {
+        let error = ClientError::Protocol {
+            endpoint: self.endpoint.clone(),
+            reason,
+        };
+        self.report(config_id, error);
+        End::Reported
+    }
+
+    /// A slot file this process cannot use: in [`crate::SharedMemory::Auto`] mode the stream
+    /// goes on without shared memory (from the first batch not delivered); otherwise it fails.
+    fn shared_memory_unusable(&mut self, path: &str, reason: &str) -> End {
+        let explanation = format!(
+            "cannot map the daemon's shared-memory file {path}: {reason} (a daemon on another \
+             host, user or container; connect with shared memory off)"
+        );
+        if self.options.shared_memory == crate::SharedMemory::Auto {
+            tracing::warn!(endpoint = %self.endpoint, "{explanation}; going on without shared memory");
+            self.shared = None;
+            return End::WithoutSharedMemory;
+        }
+        let config_id = self.config.as_ref().map_or(0, |c| c.config_id);
+        let error = ClientError::SharedMemory {
+            endpoint: self.endpoint.clone(),
+            reason: explanation,
+        };
+        self.report(config_id, error);
+        End::Reported
     }
 
     /// Hands a batch to the consumer if it belongs to the configuration in force.

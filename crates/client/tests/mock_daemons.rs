@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use patchflow_client::{Batch, Client, ClientError, ClientOptions, StreamConfig};
+use patchflow_client::{Batch, Client, ClientError, ClientOptions, SharedMemory, StreamConfig};
 use patchflow_proto::v1 as pb;
 use pb::patchflow_server::{Patchflow, PatchflowServer};
 use tokio::sync::mpsc;
@@ -32,6 +32,9 @@ struct Behaviour {
     wrong_index: bool,
     /// Refuse every configuration with this code.
     refuse: Option<Code>,
+    /// Offer shared memory, and answer streams that ask for it with slots no client can open
+    /// (as a daemon on another host, user or container would).
+    unusable_shared_memory: bool,
 }
 
 #[derive(Clone)]
@@ -75,6 +78,7 @@ fn parts_of(config: &pb::SampleConfig, index: u64) -> Vec<pb::SampleResponse> {
             header: Some(header),
             image,
             label: Bytes::new(),
+            shared: None,
         },
         pb::SampleResponse {
             index,
@@ -84,8 +88,24 @@ fn parts_of(config: &pb::SampleConfig, index: u64) -> Vec<pb::SampleResponse> {
             header: None,
             image: Bytes::new(),
             label,
+            shared: None,
         },
     ]
+}
+
+/// Part 0 of a batch turned into a shared-memory message naming a file that does not exist.
+fn unusable_slot(mut part: pb::SampleResponse) -> pb::SampleResponse {
+    let header = part.header.as_ref().expect("part 0 has the header");
+    let (image, label) = (header.image_bytes, header.label_bytes);
+    part.parts = 1;
+    part.image = Bytes::new();
+    part.shared = Some(pb::SharedBatch {
+        slot: 0,
+        path: "/nonexistent/patchflow-0-0".into(),
+        file_bytes: image + label,
+        label_offset: image,
+    });
+    part
 }
 
 #[tonic::async_trait]
@@ -104,6 +124,11 @@ impl Patchflow for Mock {
             limits: Some(pb::ServerLimits {
                 max_credits: 2,
                 max_message_bytes: 1 << 20,
+                max_shared_slots: if self.behaviour.unusable_shared_memory {
+                    8
+                } else {
+                    0
+                },
                 ..Default::default()
             }),
         }))
@@ -134,7 +159,11 @@ impl Patchflow for Mock {
             let mut next = 0u64;
             let mut credits = 0u64;
             let mut sent = 0u64;
+            let mut shared = None;
             while let Ok(Some(msg)) = inbound.message().await {
+                if shared.is_none() {
+                    shared = Some(msg.shared_memory.is_some());
+                }
                 if let Some(c) = msg.config {
                     if let Some(code) = behaviour.refuse {
                         let _ = tx.send(Err(Status::new(code, "refused by the mock"))).await;
@@ -157,7 +186,11 @@ impl Patchflow for Mock {
                         return;
                     }
                     let index = next + u64::from(behaviour.wrong_index);
-                    for part in parts_of(c, index) {
+                    let mut parts = parts_of(c, index);
+                    if shared == Some(true) && behaviour.unusable_shared_memory {
+                        parts = vec![unusable_slot(parts.swap_remove(0))];
+                    }
+                    for part in parts {
                         if tx.send(Ok(part)).await.is_err() {
                             return;
                         }
@@ -350,4 +383,47 @@ async fn protocol_violations_and_refusals_are_reported() {
         .err()
         .expect("no endpoint");
     assert!(matches!(err, ClientError::NoEndpoints));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unusable_shared_memory_falls_back_to_messages_or_fails_when_required() {
+    let d = daemon(Behaviour {
+        unusable_shared_memory: true,
+        ..Behaviour::default()
+    })
+    .await;
+    // Auto (the default) on a loopback endpoint asks for shared memory, cannot open the slot,
+    // and goes on through messages from the same batch.
+    let client = Client::connect([d.endpoint.clone()], options()).await.unwrap();
+    let mut config = StreamConfig::new("mock", [2, 2, 3], 1);
+    config.seed = 3;
+    let mut stream = client.stream(config.clone()).await.unwrap();
+    for k in 0..5 {
+        let batch = next(&mut stream).await.unwrap();
+        assert_eq!(batch.index, k);
+        check(&batch, 3, [2, 2, 3], 1);
+    }
+    assert_eq!(d.opens.load(Ordering::SeqCst), 2, "one stream more, without shared memory");
+
+    // Required: the stream fails, naming the file.
+    let required = ClientOptions {
+        shared_memory: SharedMemory::On,
+        ..options()
+    };
+    let client = Client::connect([d.endpoint.clone()], required).await.unwrap();
+    let mut stream = client.stream(config.clone()).await.unwrap();
+    let err = next(&mut stream).await.unwrap_err();
+    assert!(matches!(err, ClientError::SharedMemory { .. }), "{err}");
+    assert!(err.to_string().contains("/nonexistent/patchflow-0-0"), "{err}");
+
+    // Off: never asked for.
+    let opens = d.opens.load(Ordering::SeqCst);
+    let off = ClientOptions {
+        shared_memory: SharedMemory::Off,
+        ..options()
+    };
+    let client = Client::connect([d.endpoint.clone()], off).await.unwrap();
+    let mut stream = client.stream(config).await.unwrap();
+    check(&next(&mut stream).await.unwrap(), 3, [2, 2, 3], 1);
+    assert_eq!(d.opens.load(Ordering::SeqCst), opens + 1);
 }

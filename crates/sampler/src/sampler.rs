@@ -134,28 +134,77 @@ impl Sampler {
         image: Vec<u8>,
         label: Vec<u8>,
     ) -> Result<Batch, SamplerError> {
+        let (image_bytes, label_bytes) = self.buffer_sizes(req)?;
+        let mut image = zeroed(image, image_bytes);
+        let mut label = zeroed(label, label_bytes);
+        let items = self.fill_batch(req, index, &mut image, &mut label)?;
+        Ok(Batch {
+            index,
+            patch: req.patch,
+            dtype: req.dtype,
+            label_dtype: self.dataset.label_dtype(),
+            image,
+            label,
+            items,
+        })
+    }
+
+    /// Sizes in bytes of the image and label buffers of a batch of `req`.
+    pub fn buffer_sizes(&self, req: &BatchRequest) -> Result<(usize, usize), SamplerError> {
+        let ds = &*self.dataset;
+        let voxels = usize::try_from(patch_voxels(req.patch)).map_err(|_| too_large(self, req))?;
+        let image = voxels
+            .checked_mul(req.dtype.size())
+            .and_then(|b| b.checked_mul(ds.num_channels()))
+            .and_then(|b| b.checked_mul(req.batch))
+            .ok_or_else(|| too_large(self, req))?;
+        let label = voxels
+            .checked_mul(ds.label_dtype().size())
+            .and_then(|b| b.checked_mul(req.batch))
+            .ok_or_else(|| too_large(self, req))?;
+        Ok((image, label))
+    }
+
+    /// [`Sampler::sample`] into memory the caller owns (a shared-memory region, say): `image`
+    /// and `label` must be exactly [`Sampler::buffer_sizes`] long; whatever they held is
+    /// overwritten. Returns the placement of each item.
+    pub fn sample_to(
+        &self,
+        req: &BatchRequest,
+        index: u64,
+        image: &mut [u8],
+        label: &mut [u8],
+    ) -> Result<Vec<ItemMeta>, SamplerError> {
+        let (image_bytes, label_bytes) = self.buffer_sizes(req)?;
+        if image.len() != image_bytes || label.len() != label_bytes {
+            return Err(SamplerError::invalid(
+                "output buffers",
+                format!(
+                    "{} + {} bytes given for a batch of {image_bytes} + {label_bytes}",
+                    image.len(),
+                    label.len()
+                ),
+            ));
+        }
+        image.fill(0);
+        label.fill(0);
+        self.fill_batch(req, index, image, label)
+    }
+
+    /// Plans batch `index` and cuts its items into zeroed buffers of the right sizes.
+    fn fill_batch(
+        &self,
+        req: &BatchRequest,
+        index: u64,
+        image: &mut [u8],
+        label: &mut [u8],
+    ) -> Result<Vec<ItemMeta>, SamplerError> {
         let items = self.plan(req, index)?;
         let ds = &*self.dataset;
         let voxels = usize::try_from(patch_voxels(req.patch)).map_err(|_| too_large(self, req))?;
         let channels = ds.num_channels();
-        let osize = req.dtype.size();
-        let lsize = ds.label_dtype().size();
-        let image_channel_bytes = voxels
-            .checked_mul(osize)
-            .ok_or_else(|| too_large(self, req))?;
-        let label_item_bytes = voxels
-            .checked_mul(lsize)
-            .ok_or_else(|| too_large(self, req))?;
-        let image_bytes = image_channel_bytes
-            .checked_mul(channels)
-            .and_then(|b| b.checked_mul(req.batch))
-            .ok_or_else(|| too_large(self, req))?;
-        let label_bytes = label_item_bytes
-            .checked_mul(req.batch)
-            .ok_or_else(|| too_large(self, req))?;
-
-        let mut image = zeroed(image, image_bytes);
-        let mut label = zeroed(label, label_bytes);
+        let image_channel_bytes = voxels * req.dtype.size();
+        let label_item_bytes = voxels * ds.label_dtype().size();
         if req.augment.is_some() {
             let item_image_bytes = image_channel_bytes * channels;
             let mut images: Vec<&mut [u8]> = if item_image_bytes == 0 {
@@ -173,15 +222,7 @@ impl Sampler {
                 .into_par_iter()
                 .try_for_each(|task| self.fill_augmented(req, task))?;
             tracing::trace!(index, items = items.len(), "augmented batch assembled");
-            return Ok(Batch {
-                index,
-                patch: req.patch,
-                dtype: req.dtype,
-                label_dtype: ds.label_dtype(),
-                image,
-                label,
-                items,
-            });
+            return Ok(items);
         }
         let mut tasks: Vec<FillTask<'_>> = Vec::with_capacity(req.batch * (channels + 1));
         if image_channel_bytes > 0 {
@@ -205,23 +246,14 @@ impl Sampler {
         tasks
             .into_par_iter()
             .try_for_each(|task| self.fill(req, &items, task))?;
-
         tracing::trace!(
             index,
             items = items.len(),
-            image_bytes,
-            label_bytes,
+            image_bytes = image.len(),
+            label_bytes = label.len(),
             "batch assembled"
         );
-        Ok(Batch {
-            index,
-            patch: req.patch,
-            dtype: req.dtype,
-            label_dtype: ds.label_dtype(),
-            image,
-            label,
-            items,
-        })
+        Ok(items)
     }
 
     /// The placement of batch `index` without reading voxels (except the single label voxels

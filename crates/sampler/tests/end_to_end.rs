@@ -437,6 +437,36 @@ fn same_index_same_batch_other_index_other_plan() {
 }
 
 #[test]
+fn sample_to_fills_caller_memory_like_sample() {
+    let fx = fixture();
+    for req in [
+        request([6, 7, 5], 3, Policy::ForegroundOversample { fraction: 0.5 }),
+        // Larger than the volumes: padding must be written over whatever the memory held.
+        request([20, 9, 30], 2, Policy::Uniform),
+    ] {
+        let want = fx.sampler.sample(&req, 11).expect("sample");
+        let (ib, lb) = fx.sampler.buffer_sizes(&req).expect("sizes");
+        assert_eq!((ib, lb), (want.image.len(), want.label.len()));
+        // Dirty memory, as a reused shared-memory slot would be.
+        let mut image = vec![0xA5u8; ib];
+        let mut label = vec![0x5Au8; lb];
+        let items = fx
+            .sampler
+            .sample_to(&req, 11, &mut image, &mut label)
+            .expect("sample_to");
+        assert_eq!(items, want.items);
+        assert!(image == want.image, "image bytes differ");
+        assert!(label == want.label, "label bytes differ");
+        // Wrong sizes are refused, naming the buffers.
+        let err = fx
+            .sampler
+            .sample_to(&req, 11, &mut image[1..], &mut label)
+            .expect_err("short image buffer");
+        assert!(err.to_string().contains("output buffers"), "{err}");
+    }
+}
+
+#[test]
 fn crops_per_case_groups_items() {
     let fx = fixture();
     let mut req = request([5, 5, 5], 7, Policy::Uniform);

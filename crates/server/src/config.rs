@@ -41,6 +41,16 @@ pub struct ServerConfig {
     /// Allow a TCP listener on a non-loopback address without any authentication (no token and
     /// no client certificates). Off by default: such a configuration is refused.
     pub insecure: bool,
+    /// Folder for the shared-memory slots of clients on this host (`None`: shared memory is not
+    /// offered). The default is `/dev/shm` where it exists. See the proto's
+    /// `SharedMemoryRequest`.
+    pub shared_memory: Option<PathBuf>,
+}
+
+/// `/dev/shm` where this system has it.
+pub fn default_shared_memory_dir() -> Option<PathBuf> {
+    let dir = PathBuf::from("/dev/shm");
+    dir.is_dir().then_some(dir)
 }
 
 impl Default for ServerConfig {
@@ -57,6 +67,7 @@ impl Default for ServerConfig {
             token: None,
             tls: None,
             insecure: false,
+            shared_memory: default_shared_memory_dir(),
         }
     }
 }
@@ -84,6 +95,9 @@ pub struct Limits {
     pub jobs_per_stream: usize,
     /// Finished batches one stream may hold while the transport is busy.
     pub queued_batches_per_stream: usize,
+    /// Shared-memory slots one stream may hold (each holds one batch; memory per stream is at
+    /// most this many batches).
+    pub max_shared_slots: u32,
 }
 
 impl Default for Limits {
@@ -97,6 +111,7 @@ impl Default for Limits {
             max_credits: 64,
             jobs_per_stream: 2,
             queued_batches_per_stream: 2,
+            max_shared_slots: 16,
         }
     }
 }
@@ -116,7 +131,7 @@ impl Limits {
 
     /// Checks that every limit is usable.
     pub(crate) fn check(&self) -> Result<(), ServerError> {
-        let positive: [(&'static str, u64); 7] = [
+        let positive: [(&'static str, u64); 8] = [
             ("max_patch_voxels", self.max_patch_voxels),
             ("max_batch_bytes", self.max_batch_bytes),
             ("max_batch_size", self.max_batch_size as u64),
@@ -127,6 +142,7 @@ impl Limits {
                 "queued_batches_per_stream",
                 self.queued_batches_per_stream as u64,
             ),
+            ("max_shared_slots", u64::from(self.max_shared_slots)),
         ];
         for (field, value) in positive {
             if value == 0 {

@@ -5,8 +5,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use patchflow_proto::v1 as pb;
-use patchflow_sampler::{AugmentSpec, Batch, BatchRequest, MAX_PATCH_AXIS, OutputDType, Policy};
+use patchflow_sampler::{
+    AugmentSpec, Batch, BatchRequest, ItemMeta, MAX_PATCH_AXIS, OutputDType, Policy,
+};
 use patchflow_store::MAX_CASE_ID_LEN;
+use patchflow_volume::DType;
 use prost::Message;
 use tonic::Status;
 
@@ -15,6 +18,7 @@ use crate::buffers::BufferPool;
 use crate::damage::ServedRequest;
 use crate::error::sampler_status;
 use crate::registry::{Entry, Registry, label_dtype};
+use crate::shm::Slot;
 use crate::{Limits, config::MIN_MESSAGE_BYTES};
 
 /// Foreground fraction used when a configuration names no policy (nnU-Net's default).
@@ -192,6 +196,8 @@ pub(crate) struct EncodedBatch {
     pub bytes: u64,
     /// The messages, part 0 first.
     pub parts: Vec<pb::SampleResponse>,
+    /// The shared-memory slot holding the buffers, on a shared-memory stream.
+    pub slot: Option<Slot>,
 }
 
 fn wire_dtype(dtype: OutputDType) -> pb::ImageDtype {
@@ -278,32 +284,15 @@ pub(crate) fn encode_batch(
 ) -> EncodedBatch {
     let image = buffers.share(batch.image);
     let label = buffers.share(batch.label);
-    let header = pb::BatchHeader {
-        patch_size: batch.patch.iter().map(|&p| p as u64).collect(),
-        batch_size: u32::try_from(batch.items.len()).unwrap_or(u32::MAX),
-        channels: u32::try_from(channels).unwrap_or(u32::MAX),
-        dtype: wire_dtype(batch.dtype) as i32,
-        label_dtype: label_dtype(batch.label_dtype) as i32,
-        ignore_label: u32::from(ignore_label),
-        image_bytes: image.len() as u64,
-        label_bytes: label.len() as u64,
-        items: batch
-            .items
-            .into_iter()
-            .map(|item| pb::ItemInfo {
-                case_id: item.case_id,
-                case_index: u32::try_from(item.case).unwrap_or(u32::MAX),
-                origin: item.origin.to_vec(),
-                forced_foreground: item.forced_foreground,
-                class_value: item.class.map(u32::from),
-                augment_json: item
-                    .augment
-                    .as_ref()
-                    .and_then(|p| serde_json::to_string(p).ok())
-                    .unwrap_or_default(),
-            })
-            .collect(),
-    };
+    let header = batch_header(
+        batch.patch,
+        batch.dtype,
+        batch.label_dtype,
+        batch.items,
+        channels,
+        ignore_label,
+        (image.len(), label.len()),
+    );
     // The header travels in part 0 only, but sizing every part with it keeps the split simple.
     let room = max_message_bytes
         .max(MIN_MESSAGE_BYTES)
@@ -329,13 +318,110 @@ pub(crate) fn encode_batch(
             header: header.take(),
             image: img,
             label: lab,
+            shared: None,
         });
     }
     EncodedBatch {
         index: batch.index,
         bytes: total as u64,
         parts: out,
+        slot: None,
     }
+}
+
+/// Everything about a batch but its voxels; `sizes` are the image and label buffer lengths.
+fn batch_header(
+    patch: [usize; 3],
+    dtype: OutputDType,
+    labels: DType,
+    items: Vec<ItemMeta>,
+    channels: usize,
+    ignore_label: u16,
+    sizes: (usize, usize),
+) -> pb::BatchHeader {
+    pb::BatchHeader {
+        patch_size: patch.iter().map(|&p| p as u64).collect(),
+        batch_size: u32::try_from(items.len()).unwrap_or(u32::MAX),
+        channels: u32::try_from(channels).unwrap_or(u32::MAX),
+        dtype: wire_dtype(dtype) as i32,
+        label_dtype: label_dtype(labels) as i32,
+        ignore_label: u32::from(ignore_label),
+        image_bytes: sizes.0 as u64,
+        label_bytes: sizes.1 as u64,
+        items: items
+            .into_iter()
+            .map(|item| pb::ItemInfo {
+                case_id: item.case_id,
+                case_index: u32::try_from(item.case).unwrap_or(u32::MAX),
+                origin: item.origin.to_vec(),
+                forced_foreground: item.forced_foreground,
+                class_value: item.class.map(u32::from),
+                augment_json: item
+                    .augment
+                    .as_ref()
+                    .and_then(|p| serde_json::to_string(p).ok())
+                    .unwrap_or_default(),
+            })
+            .collect(),
+    }
+}
+
+/// A batch written into a shared-memory slot: one message naming the slot, no voxel bytes.
+pub(crate) fn encode_shared(
+    batch: SharedBatch,
+    channels: usize,
+    ignore_label: u16,
+    config_id: u64,
+) -> EncodedBatch {
+    let (image_bytes, label_bytes) = batch.sizes;
+    let shared = batch.slot.reference().map(|r| pb::SharedBatch {
+        slot: r.id,
+        path: r.path,
+        file_bytes: r.file_bytes,
+        label_offset: image_bytes as u64,
+    });
+    let header = batch_header(
+        batch.patch,
+        batch.dtype,
+        batch.label_dtype,
+        batch.items,
+        channels,
+        ignore_label,
+        batch.sizes,
+    );
+    EncodedBatch {
+        index: batch.index,
+        bytes: (image_bytes + label_bytes) as u64,
+        parts: vec![pb::SampleResponse {
+            index: batch.index,
+            config_id,
+            part: 0,
+            parts: 1,
+            header: Some(header),
+            image: Default::default(),
+            label: Default::default(),
+            shared,
+        }],
+        slot: Some(batch.slot),
+    }
+}
+
+/// A batch the sampler wrote into a shared-memory slot.
+pub(crate) struct SharedBatch {
+    /// Batch index.
+    pub index: u64,
+    /// Patch size.
+    pub patch: [usize; 3],
+    /// Image element type.
+    pub dtype: OutputDType,
+    /// Label element type.
+    pub label_dtype: DType,
+    /// Placement of each item.
+    pub items: Vec<ItemMeta>,
+    /// Image and label bytes, at the start of the slot one after the other.
+    pub sizes: (usize, usize),
+    /// The slot.
+    pub slot: Slot,
 }
 
 #[cfg(test)]

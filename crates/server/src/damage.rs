@@ -23,9 +23,11 @@ use patchflow_store::StoreError;
 use tonic::Status;
 
 use crate::buffers::BufferPool;
+use crate::convert::SharedBatch;
 use crate::error::sampler_status;
 use crate::metrics::Metrics;
 use crate::registry::Entry;
+use crate::shm::Slot;
 
 /// Set-aside cases listed by name in one status message; the rest are counted.
 const LISTED_IN_STATUS: usize = 8;
@@ -359,6 +361,46 @@ pub(crate) fn sample_batch(
         |err| damaged_case(dataset, err),
         |_| metrics.case_set_aside(dataset.name()),
     )
+}
+
+/// [`sample_batch`] written into a shared-memory slot (grown as needed) instead of a buffer.
+pub(crate) fn sample_shared(
+    entry: &Entry,
+    request: &ServedRequest,
+    index: u64,
+    metrics: &Metrics,
+    mut slot: Slot,
+) -> Result<SharedBatch, Status> {
+    let dataset = entry.dataset();
+    let sampler = &entry.sampler;
+    // The sizes depend on patch, batch and dtypes only, not on the cases drawn.
+    let sizes = sampler
+        .buffer_sizes(&request.base)
+        .map_err(|e| sampler_status(&e))?;
+    let (image, label) = slot.buffers(sizes.0, sizes.1).map_err(|e| {
+        let code = if e.kind() == std::io::ErrorKind::StorageFull {
+            tonic::Code::ResourceExhausted
+        } else {
+            tonic::Code::Internal
+        };
+        Status::new(code, format!("cannot prepare a shared-memory slot: {e}"))
+    })?;
+    let items = sample_served(
+        &entry.set_aside,
+        request,
+        |req| sampler.sample_to(req, index, &mut *image, &mut *label),
+        |err| damaged_case(dataset, err),
+        |_| metrics.case_set_aside(dataset.name()),
+    )?;
+    Ok(SharedBatch {
+        index,
+        patch: request.base.patch,
+        dtype: request.base.dtype,
+        label_dtype: dataset.label_dtype(),
+        items,
+        sizes,
+        slot,
+    })
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -40,6 +40,7 @@ mod metrics;
 mod pool;
 mod registry;
 mod service;
+mod shm;
 mod stream;
 
 use std::future::Future;
@@ -60,7 +61,9 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Server, ServerTlsConfig};
 
 pub use auth::{MAX_TOKEN_BYTES, Secret, TlsFiles};
-pub use config::{DEFAULT_PORT, Limits, MIN_MESSAGE_BYTES, ServerConfig};
+pub use config::{
+    DEFAULT_PORT, Limits, MIN_MESSAGE_BYTES, ServerConfig, default_shared_memory_dir,
+};
 pub use convert::DEFAULT_FOREGROUND_FRACTION;
 pub use error::{ServerError, sampler_status, store_status};
 pub use metrics::MetricsSnapshot;
@@ -201,6 +204,14 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         metrics.track_dataset(name);
     }
     let pool = WorkerPool::new(workers, Arc::clone(&metrics))?;
+    let shared_memory = config
+        .shared_memory
+        .as_deref()
+        .map(shm::SharedDir::open)
+        .transpose()?;
+    if let Some(dir) = &shared_memory {
+        tracing::info!(folder = %dir.path().display(), "shared memory offered to clients on this host");
+    }
     let shutdown = CancellationToken::new();
     let ctx = Arc::new(StreamContext {
         registry: Arc::new(registry),
@@ -215,6 +226,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
                 .unwrap_or(usize::MAX)
                 .min(1 << 30),
         ),
+        shared_memory,
     });
 
     let (health, health_service) = tonic_health::server::health_reporter();

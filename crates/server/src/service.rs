@@ -47,6 +47,11 @@ impl pb::patchflow_server::Patchflow for PatchflowService {
                 max_credits: limits.max_credits,
                 max_message_bytes: limits.max_message_bytes as u64,
                 max_streams: u32::try_from(limits.max_streams).unwrap_or(u32::MAX),
+                max_shared_slots: if self.ctx.shared_memory.is_some() {
+                    limits.max_shared_slots
+                } else {
+                    0
+                },
             }),
         }))
     }

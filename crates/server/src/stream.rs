@@ -23,11 +23,12 @@ use tonic::{Status, Streaming};
 
 use crate::Limits;
 use crate::buffers::BufferPool;
-use crate::convert::{EncodedBatch, StreamConfig, encode_batch, stream_config};
+use crate::convert::{EncodedBatch, StreamConfig, encode_batch, encode_shared, stream_config};
 use crate::damage;
 use crate::metrics::{Metrics, StreamGuard, StreamStats, dec};
 use crate::pool::{JobHandle, WorkerPool};
 use crate::registry::Registry;
+use crate::shm::{SharedDir, SlotTable};
 
 /// What every stream shares.
 pub(crate) struct StreamContext {
@@ -38,6 +39,8 @@ pub(crate) struct StreamContext {
     pub shutdown: CancellationToken,
     /// Buffers of sent batches, reused for new ones.
     pub buffers: Arc<BufferPool>,
+    /// The shared-memory folder, when shared memory is offered.
+    pub shared_memory: Option<Arc<SharedDir>>,
 }
 
 /// The response stream handed to tonic.
@@ -90,6 +93,10 @@ struct Producer {
     jobs: VecDeque<Job>,
     ready: Option<EncodedBatch>,
     inbound_done: bool,
+    /// Whether the client's first message is still to come.
+    first_message: bool,
+    /// The stream's shared-memory slots, when it asked for shared memory.
+    slots: Option<SlotTable>,
 }
 
 /// What woke the producer up.
@@ -129,6 +136,8 @@ async fn run(
         jobs: VecDeque::new(),
         ready: None,
         inbound_done: false,
+        first_message: true,
+        slots: None,
     };
     let result = producer.drive(&ctx, &mut inbound, &tx).await;
     producer.cancel_jobs();
@@ -185,7 +194,11 @@ impl Producer {
                 Event::ClientGone => return Ok(()),
                 Event::QueueSlot(Err(_)) => return Ok(()),
                 Event::QueueSlot(Ok(permit)) => {
-                    if let Some(batch) = self.ready.take() {
+                    if let Some(mut batch) = self.ready.take() {
+                        // From here the slot is the client's until it releases it.
+                        if let (Some(slot), Some(slots)) = (batch.slot.take(), &mut self.slots) {
+                            slots.lend(slot);
+                        }
                         self.stats.queued.fetch_add(1, Ordering::Relaxed);
                         permit.send(Outgoing::Batch(batch));
                     }
@@ -213,8 +226,14 @@ impl Producer {
         (self.active.is_none() || self.credits == 0) && self.jobs.is_empty() && self.ready.is_none()
     }
 
-    /// Applies a client message: configuration first, then credits.
+    /// Applies a client message: configuration first, then slot releases, then credits.
     fn apply(&mut self, msg: pb::SampleRequest, ctx: &StreamContext) -> Result<(), Status> {
+        if std::mem::take(&mut self.first_message)
+            && let Some(request) = &msg.shared_memory
+        {
+            self.slots = Some(shared_slots(request, msg.credits, ctx)?);
+            tracing::debug!(stream = self.stats.id, "stream uses shared memory");
+        }
         if let Some(config) = msg.config {
             let config = stream_config(&config, &ctx.registry, &ctx.limits)?;
             // Without a start index, continue from the first batch not handed out yet.
@@ -248,6 +267,11 @@ impl Producer {
             }
             self.active = Some(config);
         }
+        if let Some(slots) = &mut self.slots {
+            for &id in &msg.released {
+                slots.release(id);
+            }
+        }
         if msg.credits > 0 {
             let balance = self.credits + u64::from(msg.credits);
             if balance > u64::from(ctx.limits.max_credits) {
@@ -268,6 +292,15 @@ impl Producer {
             return Ok(());
         };
         while self.credits > 0 && self.jobs.len() < ctx.limits.jobs_per_stream {
+            // On a shared-memory stream a batch needs a slot: with every slot lent to the client,
+            // production waits for a release.
+            let slot = match &mut self.slots {
+                Some(slots) => match slots.take() {
+                    Some(slot) => Some(slot),
+                    None => break,
+                },
+                None => None,
+            };
             let index = self.next_index;
             let entry = Arc::clone(&active.entry);
             let request = Arc::clone(&active.request);
@@ -279,11 +312,17 @@ impl Producer {
             let buffers = Arc::clone(&ctx.buffers);
             // The job narrows the request to the cases in service when it runs, so a case set
             // aside while the job waited is not drawn.
-            let handle = ctx.pool.submit(move || {
-                damage::sample_batch(&entry, &request, index, &metrics, &buffers).map(|batch| {
-                    encode_batch(batch, channels, ignore, config_id, max_message, &buffers)
-                })
-            });
+            let handle = match slot {
+                Some(slot) => ctx.pool.submit(move || {
+                    damage::sample_shared(&entry, &request, index, &metrics, slot)
+                        .map(|batch| encode_shared(batch, channels, ignore, config_id))
+                }),
+                None => ctx.pool.submit(move || {
+                    damage::sample_batch(&entry, &request, index, &metrics, &buffers).map(|batch| {
+                        encode_batch(batch, channels, ignore, config_id, max_message, &buffers)
+                    })
+                }),
+            };
             self.jobs.push_back(Job { index, handle });
             self.stats.jobs.fetch_add(1, Ordering::Relaxed);
             self.credits -= 1;
@@ -305,6 +344,31 @@ impl Producer {
         }
         self.stats.jobs.store(0, Ordering::Relaxed);
     }
+}
+
+/// The slot table a stream's first message asks for, within the daemon's limit.
+fn shared_slots(
+    request: &pb::SharedMemoryRequest,
+    credits: u32,
+    ctx: &StreamContext,
+) -> Result<SlotTable, Status> {
+    let Some(dir) = &ctx.shared_memory else {
+        return Err(Status::failed_precondition(
+            "this daemon does not offer shared memory (it was started without a shared-memory \
+             folder); ask for batches inside the messages instead",
+        ));
+    };
+    let max = ctx.limits.max_shared_slots;
+    let slots = match request.slots {
+        0 => credits.saturating_add(4).min(max),
+        n if n > max => {
+            return Err(Status::resource_exhausted(format!(
+                "shared_memory.slots is {n}, the limit is {max}"
+            )));
+        }
+        n => n,
+    };
+    Ok(SlotTable::new(Arc::clone(dir), slots as usize))
 }
 
 /// Ends a stream whose request side failed. A message the server could not read (tonic

@@ -70,6 +70,7 @@ async fn every_rpc(channel: Channel, token: Option<&str>, dataset: &str) -> Vec<
             ..Default::default()
         }),
         credits: 1,
+        ..Default::default()
     })
     .unwrap();
     let r = raw

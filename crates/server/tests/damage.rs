@@ -191,6 +191,7 @@ impl RawStream {
         let first = pb::SampleRequest {
             config: Some(config),
             credits: 0,
+            ..Default::default()
         };
         let (tx, inbound) = open_sample(&mut raw, first).await.unwrap();
         RawStream { tx, inbound }
@@ -202,6 +203,7 @@ impl RawStream {
             .send(pb::SampleRequest {
                 config: None,
                 credits: n,
+                ..Default::default()
             })
             .unwrap();
         let mut out = Vec::new();

@@ -64,6 +64,7 @@ async fn bad_requests_get_clear_statuses_and_other_streams_keep_working() {
         pb::SampleRequest {
             config: Some(config),
             credits: 1,
+            ..Default::default()
         }
     };
     let cases: Vec<(pb::SampleRequest, Code, &str)> = vec![
@@ -152,6 +153,7 @@ async fn bad_requests_get_clear_statuses_and_other_streams_keep_working() {
             pb::SampleRequest {
                 config: Some(good(&fx)),
                 credits: 9,
+                ..Default::default()
             },
             Code::ResourceExhausted,
             "credit balance would be 9, the limit is 8",
@@ -233,6 +235,7 @@ async fn streams_beyond_the_limit_are_refused() {
     let request = pb::SampleRequest {
         config: Some(good(&fx)),
         credits: 1,
+        ..Default::default()
     };
     expect_status(
         &mut raw,

@@ -37,6 +37,7 @@ async fn sample_once(raw: &mut Raw, config: pb::SampleConfig) -> Result<(), toni
     let first = pb::SampleRequest {
         config: Some(config),
         credits: 1,
+        ..Default::default()
     };
     first_answer(raw, first).await.map(drop)
 }

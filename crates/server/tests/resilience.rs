@@ -223,6 +223,7 @@ async fn clients_that_go_away_free_their_streams() {
             ..Default::default()
         }),
         credits: 64,
+        ..Default::default()
     };
     let (tx, inbound) = open_sample(&mut raw, first).await.unwrap();
     wait_live(&server, 1).await;
@@ -249,6 +250,7 @@ async fn shutdown_ends_open_streams_with_unavailable() {
             ..Default::default()
         }),
         credits: 2,
+        ..Default::default()
     };
     let (tx, mut inbound) = open_sample(&mut raw, first).await.unwrap();
     assert!(

@@ -184,6 +184,7 @@ async fn batches_above_the_message_limit_arrive_split_and_reassembled() {
             ..Default::default()
         }),
         credits: 1,
+        ..Default::default()
     };
     let (tx, mut inbound) = open_sample(&mut raw, first).await.unwrap();
     let first = within("part 0", inbound.message()).await.unwrap().unwrap();
@@ -212,6 +213,7 @@ async fn batches_above_the_message_limit_arrive_split_and_reassembled() {
             ..Default::default()
         }),
         credits: 1,
+        ..Default::default()
     };
     let (tx, mut inbound) = open_sample(&mut raw, first).await.unwrap();
     let status = within("refusal", inbound.message()).await.unwrap_err();
@@ -257,10 +259,12 @@ async fn closing_the_request_side_serves_the_granted_credits_then_ends() {
         pb::SampleRequest {
             config: Some(config),
             credits: 2,
+            ..Default::default()
         },
         pb::SampleRequest {
             config: None,
             credits: 1,
+            ..Default::default()
         },
     ];
     let mut inbound = raw

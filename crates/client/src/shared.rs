@@ -1,0 +1,276 @@
+//! Batches delivered through shared memory: the daemon names a slot file and where the buffers
+//! lie in it; the client maps the file read-only and hands out views of the mapping, so a batch
+//! reaches the caller without a copy. When the caller drops the last view of a batch, its slot
+//! is released to the daemon, which then may write the next batch into it.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use memmap2::Mmap;
+use patchflow_proto::v1 as pb;
+use tokio::sync::mpsc;
+
+use crate::batch::{Batch, finish};
+
+/// One slot file as mapped here.
+struct SlotMap {
+    path: String,
+    map: Mmap,
+}
+
+/// The slot mappings of one Sample stream.
+pub(crate) struct SharedSlots {
+    maps: HashMap<u32, Arc<SlotMap>>,
+    max_batch_bytes: u64,
+}
+
+/// Sends the release of a slot when the last view of its batch is dropped.
+struct Release {
+    slot: u32,
+    requests: mpsc::UnboundedSender<pb::SampleRequest>,
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        // A stream that ended frees its slots anyway.
+        let _ = self.requests.send(pb::SampleRequest {
+            released: vec![self.slot],
+            ..pb::SampleRequest::default()
+        });
+    }
+}
+
+/// A view of part of a slot, owned by a [`Bytes`].
+struct View {
+    map: Arc<SlotMap>,
+    start: usize,
+    end: usize,
+    _release: Arc<Release>,
+}
+
+impl AsRef<[u8]> for View {
+    fn as_ref(&self) -> &[u8] {
+        &self.map.map[self.start..self.end]
+    }
+}
+
+impl SharedSlots {
+    /// Mappings for one stream, refusing batches above `max_batch_bytes`.
+    pub(crate) fn new(max_batch_bytes: u64) -> SharedSlots {
+        SharedSlots {
+            maps: HashMap::new(),
+            max_batch_bytes,
+        }
+    }
+
+    /// The batch a shared-memory message describes. `Err(reason)` when the message is
+    /// inconsistent; `Err` also when the slot file cannot be opened or mapped (see
+    /// [`MapError`]).
+    pub(crate) fn batch(
+        &mut self,
+        msg: pb::SampleResponse,
+        requests: &mpsc::UnboundedSender<pb::SampleRequest>,
+    ) -> Result<(u64, Batch), MapError> {
+        let protocol = MapError::Protocol;
+        let index = msg.index;
+        let (Some(shared), Some(header)) = (msg.shared, msg.header) else {
+            return Err(protocol(format!(
+                "batch {index}: a shared-memory message without its slot or header"
+            )));
+        };
+        if msg.parts != 1 || msg.part != 0 || !msg.image.is_empty() || !msg.label.is_empty() {
+            return Err(protocol(format!(
+                "batch {index}: a shared-memory batch must be one message without voxel bytes"
+            )));
+        }
+        let total = header.image_bytes.saturating_add(header.label_bytes);
+        if total > self.max_batch_bytes {
+            return Err(protocol(format!(
+                "batch {index} announces {total} bytes, above the client's limit of {}",
+                self.max_batch_bytes
+            )));
+        }
+        let label_end = shared.label_offset.checked_add(header.label_bytes);
+        if header.image_bytes > shared.label_offset
+            || label_end.is_none_or(|end| end > shared.file_bytes)
+        {
+            return Err(protocol(format!(
+                "batch {index}: buffers of {} + {} bytes at label offset {} do not fit a slot of {} bytes",
+                header.image_bytes, header.label_bytes, shared.label_offset, shared.file_bytes
+            )));
+        }
+        // A release guard exists from here on, so a batch refused below still frees its slot.
+        let release = Arc::new(Release {
+            slot: shared.slot,
+            requests: requests.clone(),
+        });
+        let map = self.map(&shared)?;
+        let view = |start: u64, len: u64| {
+            // Within the file: checked above against file_bytes, which the mapping covers.
+            let start = start as usize;
+            Bytes::from_owner(View {
+                map: Arc::clone(&map),
+                start,
+                end: start + len as usize,
+                _release: Arc::clone(&release),
+            })
+        };
+        let image = view(0, header.image_bytes);
+        let label = view(shared.label_offset, header.label_bytes);
+        let batch = finish(index, header, image, label).map_err(protocol)?;
+        Ok((msg.config_id, batch))
+    }
+
+    /// The mapping of a slot, (re)mapped when the slot is new, moved or grew.
+    fn map(&mut self, shared: &pb::SharedBatch) -> Result<Arc<SlotMap>, MapError> {
+        if let Some(m) = self.maps.get(&shared.slot)
+            && m.path == shared.path
+            && m.map.len() as u64 >= shared.file_bytes
+        {
+            return Ok(Arc::clone(m));
+        }
+        let fail = |reason: String| MapError::Unusable {
+            path: shared.path.clone(),
+            reason,
+        };
+        let path = Path::new(&shared.path);
+        if !path.is_absolute() {
+            return Err(MapError::Protocol(format!(
+                "slot path {:?} is not absolute",
+                shared.path
+            )));
+        }
+        let file = File::open(path).map_err(|e| fail(e.to_string()))?;
+        let len = file.metadata().map_err(|e| fail(e.to_string()))?.len();
+        if len < shared.file_bytes || !file.metadata().is_ok_and(|m| m.is_file()) {
+            return Err(fail(format!(
+                "the file has {len} bytes, the daemon announced {}",
+                shared.file_bytes
+            )));
+        }
+        // SAFETY: the file is a slot of the daemon this stream talks to, checked above to be a
+        // regular file at least as long as the announced length, which bounds every view. The
+        // daemon never shrinks a slot file while its stream lives (it grows it, or removes it,
+        // which leaves this mapping valid), and it writes a slot only after the client released
+        // it, that is after every view of the batch in it was dropped; so the bytes a view
+        // shows do not change while it exists.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| fail(e.to_string()))?;
+        let entry = Arc::new(SlotMap {
+            path: shared.path.clone(),
+            map,
+        });
+        self.maps.insert(shared.slot, Arc::clone(&entry));
+        Ok(entry)
+    }
+}
+
+/// Why a shared-memory batch could not be handed out.
+pub(crate) enum MapError {
+    /// The message breaks the protocol.
+    Protocol(String),
+    /// The slot file cannot be used from this process (another host, user or container).
+    Unusable {
+        /// The slot file.
+        path: String,
+        /// What opening or mapping it reported.
+        reason: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(path: &Path, file_bytes: u64, label_offset: u64) -> pb::SampleResponse {
+        pb::SampleResponse {
+            index: 3,
+            config_id: 2,
+            part: 0,
+            parts: 1,
+            header: Some(pb::BatchHeader {
+                patch_size: vec![1, 2, 2],
+                batch_size: 1,
+                channels: 1,
+                dtype: pb::ImageDtype::F32 as i32,
+                label_dtype: pb::LabelDtype::U8 as i32,
+                ignore_label: 255,
+                image_bytes: 16,
+                label_bytes: 4,
+                items: vec![pb::ItemInfo {
+                    case_id: "c".into(),
+                    origin: vec![0, 0, 0],
+                    ..pb::ItemInfo::default()
+                }],
+            }),
+            image: Bytes::new(),
+            label: Bytes::new(),
+            shared: Some(pb::SharedBatch {
+                slot: 7,
+                path: path.to_string_lossy().into_owned(),
+                file_bytes,
+                label_offset,
+            }),
+        }
+    }
+
+    #[test]
+    fn views_show_the_slot_and_release_it_when_dropped() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("slot");
+        let mut bytes: Vec<u8> = (0..16u8).collect();
+        bytes.extend([9, 8, 7, 6]);
+        bytes.resize(64, 0);
+        std::fs::write(&path, &bytes).unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut slots = SharedSlots::new(1 << 20);
+        let Ok((config_id, batch)) = slots.batch(message(&path, 64, 16), &tx) else {
+            panic!("batch refused");
+        };
+        assert_eq!(config_id, 2);
+        assert_eq!(&batch.image[..], &bytes[..16]);
+        assert_eq!(&batch.label[..], &[9, 8, 7, 6]);
+        let label = batch.label.clone();
+        drop(batch);
+        assert!(rx.try_recv().is_err(), "a view is still alive");
+        drop(label);
+        assert_eq!(rx.try_recv().unwrap().released, vec![7]);
+    }
+
+    #[test]
+    fn inconsistent_or_unusable_slots_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("slot");
+        std::fs::write(&path, [0u8; 32]).unwrap();
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let mut slots = SharedSlots::new(1 << 20);
+        // Buffers beyond the announced length.
+        assert!(matches!(
+            slots.batch(message(&path, 18, 16), &tx),
+            Err(MapError::Protocol(r)) if r.contains("do not fit")
+        ));
+        // Image overlapping the label.
+        assert!(matches!(
+            slots.batch(message(&path, 32, 8), &tx),
+            Err(MapError::Protocol(_))
+        ));
+        // A file shorter than announced: mapping it could fault past its end.
+        assert!(matches!(
+            slots.batch(message(&path, 64, 16), &tx),
+            Err(MapError::Unusable { reason, .. }) if reason.contains("32 bytes")
+        ));
+        // A file this process cannot open.
+        assert!(matches!(
+            slots.batch(message(&tmp.path().join("gone"), 32, 16), &tx),
+            Err(MapError::Unusable { .. })
+        ));
+        // Above the client's batch limit.
+        let mut small = SharedSlots::new(10);
+        assert!(matches!(
+            small.batch(message(&path, 32, 16), &tx),
+            Err(MapError::Protocol(r)) if r.contains("limit")
+        ));
+    }
+}

@@ -1,0 +1,367 @@
+//! Shared-memory slots: batches for clients on the daemon's host without a byte on the socket.
+//!
+//! Over loopback TCP a 128³ batch crosses four copies (protobuf encode, the kernel on each side,
+//! the client's reassembly) and the daemon spent several times more CPU on them than on cutting
+//! the patches. A stream that asks for shared memory gets a small table of slots instead: each
+//! slot is a file in the daemon's shared-memory folder (`/dev/shm` by default), mapped by the
+//! daemon, into which the sampler writes a batch directly. The message names the slot; the client
+//! maps the file read-only and hands out views of it. A slot is written again only after the
+//! client released it, so the bytes a client holds never change under it.
+//!
+//! Files are created readable by the daemon's user only, named `patchflow-<pid>-<n>`, grown (never
+//! shrunk) when a larger batch needs them, and removed when their slot is dropped: when the stream
+//! ends, or with a job that was cancelled. Files left by a daemon that was killed are removed by
+//! the next daemon that starts on the same folder.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use memmap2::MmapMut;
+
+use crate::ServerError;
+
+/// File name prefix of every slot file.
+const PREFIX: &str = "patchflow-";
+
+/// Number of the next slot file of this process (several servers of one process may share a
+/// folder).
+static NEXT_FILE: AtomicU64 = AtomicU64::new(0);
+
+/// The daemon's shared-memory folder.
+pub(crate) struct SharedDir {
+    dir: PathBuf,
+    /// `patchflow-<pid>-`.
+    prefix: String,
+}
+
+impl SharedDir {
+    /// Checks that `dir` takes files and removes the slot files of daemons no longer running.
+    pub(crate) fn open(dir: &Path) -> Result<Arc<SharedDir>, ServerError> {
+        let config = |reason: String| ServerError::Config {
+            field: "shared_memory",
+            reason: format!("{}: {reason}", dir.display()),
+        };
+        let dir = std::fs::canonicalize(dir).map_err(|e| config(e.to_string()))?;
+        if !dir.is_dir() {
+            return Err(config("not a folder".into()));
+        }
+        let shared = SharedDir {
+            prefix: format!("{PREFIX}{}-", std::process::id()),
+            dir,
+        };
+        // A first file proves the folder takes ours.
+        let (path, _file) = shared
+            .create()
+            .map_err(|e| config(format!("cannot create a file there: {e}")))?;
+        let _ = std::fs::remove_file(path);
+        shared.remove_stale();
+        Ok(Arc::new(shared))
+    }
+
+    /// The folder.
+    pub(crate) fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A new empty file readable by this user only. A name taken already (left by a killed
+    /// daemon that had this process id) is skipped.
+    fn create(&self) -> io::Result<(PathBuf, File)> {
+        loop {
+            let n = NEXT_FILE.fetch_add(1, Ordering::Relaxed);
+            let path = self.dir.join(format!("{}{n}", self.prefix));
+            match OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+            {
+                Ok(file) => return Ok((path, file)),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Removes slot files whose daemon is gone (`patchflow-<pid>-*` with no process `<pid>`).
+    fn remove_stale(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        let mut removed = 0usize;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix(PREFIX))
+                .and_then(|rest| rest.split_once('-'))
+                .and_then(|(pid, n)| n.parse::<u64>().ok().and(pid.parse::<u32>().ok()))
+            else {
+                continue;
+            };
+            if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+                continue;
+            }
+            if std::fs::remove_file(entry.path()).is_ok() {
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            tracing::info!(
+                folder = %self.dir.display(),
+                removed,
+                "removed shared-memory files left by daemons no longer running"
+            );
+        }
+    }
+}
+
+/// One slot: a file and its mapping, created on first use.
+pub(crate) struct Slot {
+    id: u32,
+    dir: Arc<SharedDir>,
+    mapped: Option<Mapped>,
+    /// Slots of the stream alive (counted down on drop).
+    alive: Arc<AtomicUsize>,
+}
+
+struct Mapped {
+    path: PathBuf,
+    file: File,
+    map: MmapMut,
+}
+
+/// Where a batch was written in its slot.
+pub(crate) struct SlotRef {
+    /// Slot number.
+    pub id: u32,
+    /// The slot's file.
+    pub path: String,
+    /// Its length.
+    pub file_bytes: u64,
+}
+
+impl Slot {
+    /// Slot number.
+    pub(crate) fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// The image and label buffers of a batch at the start of the slot, the file created or
+    /// grown as needed (runs on a sampling worker: this is file I/O).
+    pub(crate) fn buffers(
+        &mut self,
+        image: usize,
+        label: usize,
+    ) -> io::Result<(&mut [u8], &mut [u8])> {
+        let need = image
+            .checked_add(label)
+            .ok_or_else(|| io::Error::other("batch too large"))?;
+        let have = self.mapped.as_ref().map_or(0, |m| m.map.len());
+        if have < need || self.mapped.is_none() {
+            let mapped = match self.mapped.take() {
+                Some(old) => {
+                    drop(old.map);
+                    (old.path, old.file)
+                }
+                None => self.dir.create()?,
+            };
+            let (path, file) = mapped;
+            // A file is never empty (a zero-length mapping fails), and grows by at least an
+            // eighth so that growing patch sizes do not remap at every step.
+            let len = need.max(have + have / 8).max(4096);
+            file.set_len(len as u64)?;
+            // SAFETY: the file was created by this daemon with mode 0600 under a name no other
+            // daemon uses, and only this slot writes it; its length is set just above and only
+            // ever grows, so the mapping never reaches past the end of the file. Clients map it
+            // read-only and only read a slot while the daemon does not write it (the protocol's
+            // release rule).
+            let map = unsafe { MmapMut::map_mut(&file)? };
+            self.mapped = Some(Mapped { path, file, map });
+        }
+        let Some(mapped) = self.mapped.as_mut() else {
+            return Err(io::Error::other("slot not mapped"));
+        };
+        let (image_buf, rest) = mapped.map.split_at_mut(image);
+        Ok((image_buf, &mut rest[..label]))
+    }
+
+    /// Where the last batch was written (after [`Slot::buffers`]).
+    pub(crate) fn reference(&self) -> Option<SlotRef> {
+        self.mapped.as_ref().map(|m| SlotRef {
+            id: self.id,
+            path: m.path.to_string_lossy().into_owned(),
+            file_bytes: m.map.len() as u64,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(mapped) = self.mapped.take() {
+            drop(mapped.map);
+            drop(mapped.file);
+            if let Err(e) = std::fs::remove_file(&mapped.path) {
+                tracing::warn!(path = %mapped.path.display(), error = %e, "cannot remove a shared-memory file");
+            }
+        }
+        self.alive.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The slots of one stream: free ones, ones lent to the client, and (counted only) ones a job
+/// is writing.
+pub(crate) struct SlotTable {
+    dir: Arc<SharedDir>,
+    max: usize,
+    next_id: u32,
+    free: Vec<Slot>,
+    lent: HashMap<u32, Slot>,
+    alive: Arc<AtomicUsize>,
+}
+
+impl SlotTable {
+    /// A table of at most `max` slots in `dir`.
+    pub(crate) fn new(dir: Arc<SharedDir>, max: usize) -> SlotTable {
+        SlotTable {
+            dir,
+            max,
+            next_id: 0,
+            free: Vec::new(),
+            lent: HashMap::new(),
+            alive: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// A slot for the next batch: a free one, or a new one while the table has room.
+    pub(crate) fn take(&mut self) -> Option<Slot> {
+        if let Some(slot) = self.free.pop() {
+            return Some(slot);
+        }
+        if self.alive.load(Ordering::Relaxed) >= self.max {
+            return None;
+        }
+        self.alive.fetch_add(1, Ordering::Relaxed);
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        Some(Slot {
+            id,
+            dir: Arc::clone(&self.dir),
+            mapped: None,
+            alive: Arc::clone(&self.alive),
+        })
+    }
+
+    /// Records that `slot` went to the client with a batch.
+    pub(crate) fn lend(&mut self, slot: Slot) {
+        self.lent.insert(slot.id(), slot);
+    }
+
+    /// The client no longer reads slot `id`.
+    pub(crate) fn release(&mut self, id: u32) {
+        if let Some(slot) = self.lent.remove(&id) {
+            self.free.push(slot);
+        }
+    }
+
+    /// Slots in existence (free, lent or being written).
+    #[cfg(test)]
+    fn alive(&self) -> usize {
+        self.alive.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files(dir: &Path) -> usize {
+        std::fs::read_dir(dir).unwrap().count()
+    }
+
+    #[test]
+    fn slots_are_bounded_reused_grown_and_removed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = SharedDir::open(tmp.path()).unwrap();
+        let mut table = SlotTable::new(Arc::clone(&dir), 2);
+        let mut a = table.take().unwrap();
+        let mut b = table.take().unwrap();
+        assert!(table.take().is_none(), "two slots at most");
+        assert_eq!(files(tmp.path()), 0, "files come with the first batch");
+        {
+            let (img, lab) = a.buffers(10, 3).unwrap();
+            img.fill(1);
+            lab.fill(2);
+        }
+        b.buffers(100_000, 1).unwrap();
+        assert_eq!(files(tmp.path()), 2);
+        let ra = a.reference().unwrap();
+        assert_eq!(ra.file_bytes, 4096);
+        let on_disk = std::fs::read(&ra.path).unwrap();
+        assert_eq!(&on_disk[..13], &[1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2]);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&ra.path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        // Lent slots come back only when released.
+        let (ida, idb) = (a.id(), b.id());
+        table.lend(a);
+        table.lend(b);
+        assert!(table.take().is_none());
+        table.release(99);
+        assert!(table.take().is_none(), "an unknown slot changes nothing");
+        table.release(ida);
+        let mut again = table.take().unwrap();
+        assert_eq!(again.id(), ida);
+        // Growing keeps the file and its name.
+        again.buffers(8192, 8192).unwrap();
+        let grown = again.reference().unwrap();
+        assert_eq!(grown.path, ra.path);
+        assert_eq!(grown.file_bytes, 16384);
+        assert_eq!(files(tmp.path()), 2);
+
+        // A slot dropped (a cancelled job) frees its place and its file.
+        drop(again);
+        assert_eq!(table.alive(), 1);
+        assert_eq!(files(tmp.path()), 1);
+        let fresh = table.take().unwrap();
+        assert_ne!(fresh.id(), ida);
+        assert_ne!(fresh.id(), idb);
+        drop(fresh);
+        drop(table);
+        assert_eq!(files(tmp.path()), 0, "the stream's end removes every file");
+    }
+
+    #[test]
+    fn files_of_dead_daemons_are_removed_at_start() {
+        let tmp = tempfile::tempdir().unwrap();
+        // pid 0 is never a process of ours; i32::MAX exceeds every pid_max.
+        let stale = tmp.path().join(format!("{PREFIX}{}-3", i32::MAX));
+        let mine = tmp.path().join(format!("{PREFIX}{}-0", std::process::id()));
+        // (A name of this process that exists is skipped, not overwritten.)
+        let other = tmp.path().join("patchflow-notes.txt");
+        for p in [&stale, &mine, &other] {
+            std::fs::write(p, b"x").unwrap();
+        }
+        SharedDir::open(tmp.path()).unwrap();
+        assert!(!stale.exists());
+        assert!(mine.exists());
+        assert!(other.exists());
+    }
+
+    #[test]
+    fn an_unusable_folder_is_a_configuration_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let err = SharedDir::open(&tmp.path().join("missing")).err().unwrap();
+        assert!(err.to_string().contains("shared_memory"), "{err}");
+        let file = tmp.path().join("file");
+        std::fs::write(&file, b"").unwrap();
+        let err = SharedDir::open(&file).err().unwrap();
+        assert!(err.to_string().contains("not a folder"), "{err}");
+    }
+}
