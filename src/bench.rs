@@ -115,8 +115,10 @@ pub struct SuiteArgs {
 pub enum PeerTransport {
     /// The sampler in this process.
     Inproc,
-    /// A daemon child process over loopback gRPC.
+    /// A daemon child process over loopback gRPC, voxels inside the messages.
     Grpc,
+    /// The same, voxels through shared memory.
+    GrpcShm,
 }
 
 /// Augmentation of `bench peer`.
@@ -315,6 +317,7 @@ fn peer(a: PeerArgs) -> Result<ExitCode> {
         transport: match a.transport {
             PeerTransport::Inproc => bench::Transport::InProcess,
             PeerTransport::Grpc => bench::Transport::Grpc,
+            PeerTransport::GrpcShm => bench::Transport::GrpcShared,
         },
         augment: a.augment == PeerAugment::Nnunet,
         workers: a.workers.max(1),

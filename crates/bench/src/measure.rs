@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use patchflow_client::{Client, ClientOptions, StreamConfig};
+use patchflow_client::{Client, ClientOptions, SharedMemory, StreamConfig};
 use patchflow_sampler::{BatchRequest, Dataset, Sampler};
 use patchflow_store::{ArrayId, ChunkCache};
 use serde::Serialize;
@@ -19,8 +19,11 @@ use crate::procstat::{self, ProcSample};
 pub enum Transport {
     /// The sampler called in this process.
     InProcess,
-    /// A `patchflow serve` process over loopback gRPC.
+    /// A `patchflow serve` process over loopback gRPC, voxels inside the messages.
     Grpc,
+    /// The same daemon and stream, voxels through shared memory (the default for a client on
+    /// the daemon's host).
+    GrpcShared,
 }
 
 impl Transport {
@@ -29,6 +32,7 @@ impl Transport {
         match self {
             Transport::InProcess => "in-process",
             Transport::Grpc => "gRPC",
+            Transport::GrpcShared => "gRPC+shm",
         }
     }
 }
@@ -160,7 +164,7 @@ impl Measurement {
                 / (voxels * ctx.stored_bytes_per_voxel).max(1) as f64,
             latency_p50_ms: percentile(&lat, 0.50) * 1e3,
             latency_p99_ms: percentile(&lat, 0.99) * 1e3,
-            daemon_peak_rss_bytes: (ctx.transport == Transport::Grpc)
+            daemon_peak_rss_bytes: (ctx.transport != Transport::InProcess)
                 .then_some(sampler.peak_rss_bytes),
             cache_hit_ratio,
         }
@@ -344,17 +348,27 @@ fn unlimited() -> patchflow_sampler::Limits {
 
 /// Streams `config` from `endpoint` on `clients` connections at once (client `c` uses seed
 /// `config.seed + c`) until `until`, after `warmup` of the same streams that is not counted.
+/// `transport` says whether voxels come inside the messages or through shared memory.
 pub async fn run_remote(
     endpoint: &str,
     config: &StreamConfig,
     clients: usize,
+    transport: Transport,
     warmup: Duration,
     until: Until,
     stop: &AtomicBool,
 ) -> Result<Counts, BenchError> {
+    let options = ClientOptions {
+        shared_memory: if transport == Transport::GrpcShared {
+            SharedMemory::On
+        } else {
+            SharedMemory::Off
+        },
+        ..ClientOptions::default()
+    };
     let mut streams = Vec::with_capacity(clients);
     for c in 0..clients {
-        let client = Client::connect([endpoint], ClientOptions::default()).await?;
+        let client = Client::connect([endpoint], options.clone()).await?;
         let cfg = StreamConfig {
             seed: config.seed.wrapping_add(c as u64),
             ..config.clone()

@@ -107,7 +107,7 @@ pub fn run_peer(cfg: &PeerConfig, stop: &AtomicBool) -> Result<PeerReport, Bench
             let (counts, me, _) = local.run(&req, 0, Until::Elapsed(seconds), stop)?;
             (counts, me.cpu_s)
         }
-        Transport::Grpc => {
+        Transport::Grpc | Transport::GrpcShared => {
             let exe = cfg.exe.clone().ok_or(BenchError::Config {
                 field: "--transport",
                 reason: "grpc needs the patchflow binary".into(),
@@ -142,13 +142,23 @@ pub fn run_peer(cfg: &PeerConfig, stop: &AtomicBool) -> Result<PeerReport, Bench
                     });
                 }
                 let endpoint = daemon.endpoint();
-                run_remote(&endpoint, &config, 1, warmup, Until::Batches(0), stop).await?;
+                run_remote(
+                    &endpoint,
+                    &config,
+                    1,
+                    cfg.transport,
+                    warmup,
+                    Until::Batches(0),
+                    stop,
+                )
+                .await?;
                 let d0 = daemon.sample()?;
                 let c0 = procstat::sample(None)?;
                 let counts = run_remote(
                     &endpoint,
                     &config,
                     1,
+                    cfg.transport,
                     Duration::ZERO,
                     Until::Elapsed(seconds),
                     stop,

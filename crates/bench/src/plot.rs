@@ -50,6 +50,11 @@ pub fn write_plot(report: &SuiteReport, path: &Path) -> Result<(), BenchError> {
             series(ms, Transport::Grpc, CacheState::Warm, c, rate),
         ));
     }
+    warm.push(Series::new(
+        "gRPC + shared memory",
+        PALETTE[(clients.len() + 1) % PALETTE.len()],
+        series(ms, Transport::GrpcShared, CacheState::Warm, 1, rate),
+    ));
     let cold = vec![
         Series::new(
             "in-process",

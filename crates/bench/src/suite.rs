@@ -193,6 +193,8 @@ pub struct LoopbackRatio {
     pub patch: [usize; 3],
     /// gRPC patches/s over in-process patches/s (same workers, warm).
     pub ratio: f64,
+    /// The same with the voxels through shared memory.
+    pub shared_ratio: Option<f64>,
 }
 
 /// Everything `patchflow bench` writes to its JSON report.
@@ -264,8 +266,9 @@ pub fn run_suite(cfg: &SuiteConfig, stop: &AtomicBool) -> Result<SuiteReport, Be
     };
 
     let remote = cfg.exe.as_ref().filter(|_| !cfg.clients.is_empty());
-    let per_size =
-        1 + usize::from(cfg.cold) + remote.map_or(0, |_| cfg.clients.len() + usize::from(cfg.cold));
+    let per_size = 1
+        + usize::from(cfg.cold)
+        + remote.map_or(0, |_| cfg.clients.len() + 1 + usize::from(cfg.cold));
     let bar = bar(cfg.progress, (sizes.len() * per_size) as u64, "measuring");
     let mut measurements = Vec::new();
     let seconds = Duration::from_secs_f64(cfg.seconds);
@@ -338,6 +341,22 @@ pub fn run_suite(cfg: &SuiteConfig, stop: &AtomicBool) -> Result<SuiteReport, Be
                     measurements.push(m);
                     bar.inc(1);
                 }
+                // The same stream with its voxels through shared memory, as a trainer on
+                // the daemon's host gets it.
+                bar.set_message(format!("gRPC+shm {}", fmt_patch(patch)));
+                let config = stream_config(&name, patch, cfg, s as u64);
+                let m = remote_measurement(
+                    &mut daemon,
+                    &config,
+                    ctx(Transport::GrpcShared, CacheState::Warm, patch, 1),
+                    warmup,
+                    Until::Elapsed(seconds),
+                    stop,
+                )
+                .await?;
+                peak = peak.max(m.daemon_peak_rss_bytes.unwrap_or(0));
+                measurements.push(m);
+                bar.inc(1);
             }
             daemon.stop()?;
             if cfg.cold {
@@ -383,9 +402,11 @@ pub fn run_suite(cfg: &SuiteConfig, stop: &AtomicBool) -> Result<SuiteReport, Be
                 })
             };
             let (local, grpc) = (find(Transport::InProcess)?, find(Transport::Grpc)?);
+            let local_rate = local.patches_per_s.max(1e-12);
             Some(LoopbackRatio {
                 patch,
-                ratio: grpc.patches_per_s / local.patches_per_s.max(1e-12),
+                ratio: grpc.patches_per_s / local_rate,
+                shared_ratio: find(Transport::GrpcShared).map(|m| m.patches_per_s / local_rate),
             })
         })
         .collect();
@@ -499,6 +520,7 @@ pub(crate) async fn remote_measurement(
             &endpoint,
             config,
             ctx.clients,
+            ctx.transport,
             warmup,
             Until::Batches(0),
             stop,
@@ -507,7 +529,16 @@ pub(crate) async fn remote_measurement(
     }
     let d0 = daemon.sample()?;
     let c0 = crate::procstat::sample(None)?;
-    let counts = run_remote(&endpoint, config, ctx.clients, Duration::ZERO, until, stop).await?;
+    let counts = run_remote(
+        &endpoint,
+        config,
+        ctx.clients,
+        ctx.transport,
+        Duration::ZERO,
+        until,
+        stop,
+    )
+    .await?;
     let d1 = daemon.sample()?;
     let c1 = crate::procstat::sample(None)?;
     let daemon_side: ProcSample = d1.since(&d0);
@@ -600,11 +631,14 @@ pub fn render_table(r: &SuiteReport) -> String {
         let ratios: Vec<String> = r
             .loopback
             .iter()
-            .map(|l| format!("{} {:.2}", fmt_patch(l.patch), l.ratio))
+            .map(|l| match l.shared_ratio {
+                Some(shm) => format!("{} {:.2} (shm {shm:.2})", fmt_patch(l.patch), l.ratio),
+                None => format!("{} {:.2}", fmt_patch(l.patch), l.ratio),
+            })
             .collect();
         let _ = writeln!(
             out,
-            "\nloopback gRPC / in-process (warm, 1 client): {}",
+            "\nloopback gRPC / in-process (warm, 1 client; with shared memory in brackets): {}",
             ratios.join(", ")
         );
     }

@@ -205,9 +205,20 @@ impl LinkTask {
             Err(status) => return End::Failed(status),
         };
         let mut assembler = Assembler::new(self.options.max_batch_bytes);
-        let mut slots = SharedSlots::new(self.options.max_batch_bytes);
+        let mut slots = SharedSlots::new(self.shared.unwrap_or(0), self.options.max_batch_bytes);
+        let (releases, mut released) = mpsc::unbounded_channel::<u32>();
         loop {
             tokio::select! {
+                Some(slot) = released.recv() => {
+                    let mut slots = vec![slot];
+                    while let Ok(slot) = released.try_recv() {
+                        slots.push(slot);
+                    }
+                    let _ = requests.send(pb::SampleRequest {
+                        released: slots,
+                        ..pb::SampleRequest::default()
+                    });
+                }
                 command = self.commands.recv() => match command {
                     None => return End::Closed,
                     Some(Command::Credit) => {
@@ -229,7 +240,7 @@ impl LinkTask {
                 },
                 message = inbound.message() => match message {
                     Ok(Some(message)) if message.shared.is_some() => {
-                        match slots.batch(message, &requests) {
+                        match slots.batch(message, &releases) {
                             Ok((config_id, batch)) => {
                                 if let Err(reason) = self.deliver(config_id, batch) {
                                     return self.protocol_error(config_id, reason);
@@ -240,7 +251,21 @@ impl LinkTask {
                                 return self.protocol_error(config_id, reason);
                             }
                             Err(MapError::Unusable { path, reason }) => {
-                                return self.shared_memory_unusable(&path, &reason);
+                                // Either the stream is ending (the daemon removes a stream's
+                                // files with it, and batches already on the way name them) or
+                                // this process cannot use the daemon's files. One more batch
+                                // tells which: a live stream sends it, an ending one its status.
+                                let _ = requests.send(pb::SampleRequest {
+                                    credits: 1,
+                                    ..pb::SampleRequest::default()
+                                });
+                                return match inbound.message().await {
+                                    Ok(Some(_)) => self.shared_memory_unusable(&path, &reason),
+                                    Ok(None) => End::Failed(Status::unavailable(
+                                        "the daemon closed the stream",
+                                    )),
+                                    Err(status) => End::Failed(status),
+                                };
                             }
                         }
                     }

@@ -2,11 +2,17 @@
 //! lie in it; the client maps the file read-only and hands out views of the mapping, so a batch
 //! reaches the caller without a copy. When the caller drops the last view of a batch, its slot
 //! is released to the daemon, which then may write the next batch into it.
+//!
+//! A caller that keeps many batches alive would keep every slot, and the daemon, which writes
+//! only into released slots, would stop. So once all but two of the stream's slots are lent,
+//! further batches are copied out of their slot, which is released at once: holding batches
+//! then costs a copy each, never a stalled stream.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use memmap2::Mmap;
@@ -25,21 +31,29 @@ struct SlotMap {
 pub(crate) struct SharedSlots {
     maps: HashMap<u32, Arc<SlotMap>>,
     max_batch_bytes: u64,
+    /// Slots whose batch the client still holds.
+    lent: Arc<AtomicUsize>,
+    /// Lent slots from which on batches are copied out instead.
+    copy_from: usize,
 }
 
-/// Sends the release of a slot when the last view of its batch is dropped.
+/// Sends the release of a slot when the last view of its batch is dropped. The release goes to
+/// the connection task, which forwards it on the stream; a guard never holds the request stream
+/// itself, so batches kept after their stream ended do not keep it open.
 struct Release {
     slot: u32,
-    requests: mpsc::UnboundedSender<pb::SampleRequest>,
+    releases: mpsc::UnboundedSender<u32>,
+    /// Counted while the batch is held by views; `None` for a batch that was copied.
+    lent: Option<Arc<AtomicUsize>>,
 }
 
 impl Drop for Release {
     fn drop(&mut self) {
+        if let Some(lent) = &self.lent {
+            lent.fetch_sub(1, Ordering::Relaxed);
+        }
         // A stream that ended frees its slots anyway.
-        let _ = self.requests.send(pb::SampleRequest {
-            released: vec![self.slot],
-            ..pb::SampleRequest::default()
-        });
+        let _ = self.releases.send(self.slot);
     }
 }
 
@@ -58,11 +72,13 @@ impl AsRef<[u8]> for View {
 }
 
 impl SharedSlots {
-    /// Mappings for one stream, refusing batches above `max_batch_bytes`.
-    pub(crate) fn new(max_batch_bytes: u64) -> SharedSlots {
+    /// Mappings for a stream of `slots` slots, refusing batches above `max_batch_bytes`.
+    pub(crate) fn new(slots: u32, max_batch_bytes: u64) -> SharedSlots {
         SharedSlots {
             maps: HashMap::new(),
             max_batch_bytes,
+            lent: Arc::new(AtomicUsize::new(0)),
+            copy_from: (slots as usize).saturating_sub(2).max(1),
         }
     }
 
@@ -72,7 +88,7 @@ impl SharedSlots {
     pub(crate) fn batch(
         &mut self,
         msg: pb::SampleResponse,
-        requests: &mpsc::UnboundedSender<pb::SampleRequest>,
+        releases: &mpsc::UnboundedSender<u32>,
     ) -> Result<(u64, Batch), MapError> {
         let protocol = MapError::Protocol;
         let index = msg.index;
@@ -103,23 +119,34 @@ impl SharedSlots {
             )));
         }
         // A release guard exists from here on, so a batch refused below still frees its slot.
+        let copy = self.lent.load(Ordering::Relaxed) >= self.copy_from;
         let release = Arc::new(Release {
             slot: shared.slot,
-            requests: requests.clone(),
+            releases: releases.clone(),
+            lent: (!copy).then(|| {
+                self.lent.fetch_add(1, Ordering::Relaxed);
+                Arc::clone(&self.lent)
+            }),
         });
         let map = self.map(&shared)?;
         let view = |start: u64, len: u64| {
             // Within the file: checked above against file_bytes, which the mapping covers.
             let start = start as usize;
+            let end = start + len as usize;
+            if copy {
+                return Bytes::copy_from_slice(&map.map[start..end]);
+            }
             Bytes::from_owner(View {
                 map: Arc::clone(&map),
                 start,
-                end: start + len as usize,
+                end,
                 _release: Arc::clone(&release),
             })
         };
         let image = view(0, header.image_bytes);
         let label = view(shared.label_offset, header.label_bytes);
+        // A copied batch gives its slot back now.
+        drop(release);
         let batch = finish(index, header, image, label).map_err(protocol)?;
         Ok((msg.config_id, batch))
     }
@@ -225,7 +252,7 @@ mod tests {
         bytes.resize(64, 0);
         std::fs::write(&path, &bytes).unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let mut slots = SharedSlots::new(1 << 20);
+        let mut slots = SharedSlots::new(8, 1 << 20);
         let Ok((config_id, batch)) = slots.batch(message(&path, 64, 16), &tx) else {
             panic!("batch refused");
         };
@@ -236,7 +263,35 @@ mod tests {
         drop(batch);
         assert!(rx.try_recv().is_err(), "a view is still alive");
         drop(label);
-        assert_eq!(rx.try_recv().unwrap().released, vec![7]);
+        assert_eq!(rx.try_recv().unwrap(), 7);
+    }
+
+    #[test]
+    fn a_caller_holding_many_batches_gets_copies_and_the_slots_back() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("slot");
+        let bytes: Vec<u8> = (0..64u8).collect();
+        std::fs::write(&path, &bytes).unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        // Four slots: two may be held as views, then batches are copies.
+        let mut slots = SharedSlots::new(4, 1 << 20);
+        let mut held = Vec::new();
+        for _ in 0..5 {
+            let Ok((_, batch)) = slots.batch(message(&path, 64, 16), &tx) else {
+                panic!("batch refused");
+            };
+            assert_eq!(&batch.image[..], &bytes[..16]);
+            held.push(batch);
+        }
+        let released: Vec<u32> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        assert_eq!(
+            released.len(),
+            3,
+            "the copied batches' slots come back at once"
+        );
+        drop(held);
+        let later: Vec<u32> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        assert_eq!(later.len(), 2, "the views' slots come back when dropped");
     }
 
     #[test]
@@ -245,7 +300,7 @@ mod tests {
         let path = tmp.path().join("slot");
         std::fs::write(&path, [0u8; 32]).unwrap();
         let (tx, _rx) = mpsc::unbounded_channel();
-        let mut slots = SharedSlots::new(1 << 20);
+        let mut slots = SharedSlots::new(8, 1 << 20);
         // Buffers beyond the announced length.
         assert!(matches!(
             slots.batch(message(&path, 18, 16), &tx),
@@ -267,7 +322,7 @@ mod tests {
             Err(MapError::Unusable { .. })
         ));
         // Above the client's batch limit.
-        let mut small = SharedSlots::new(10);
+        let mut small = SharedSlots::new(8, 10);
         assert!(matches!(
             small.batch(message(&path, 32, 16), &tx),
             Err(MapError::Protocol(r)) if r.contains("limit")

@@ -394,7 +394,9 @@ async fn unusable_shared_memory_falls_back_to_messages_or_fails_when_required() 
     .await;
     // Auto (the default) on a loopback endpoint asks for shared memory, cannot open the slot,
     // and goes on through messages from the same batch.
-    let client = Client::connect([d.endpoint.clone()], options()).await.unwrap();
+    let client = Client::connect([d.endpoint.clone()], options())
+        .await
+        .unwrap();
     let mut config = StreamConfig::new("mock", [2, 2, 3], 1);
     config.seed = 3;
     let mut stream = client.stream(config.clone()).await.unwrap();
@@ -403,18 +405,27 @@ async fn unusable_shared_memory_falls_back_to_messages_or_fails_when_required() 
         assert_eq!(batch.index, k);
         check(&batch, 3, [2, 2, 3], 1);
     }
-    assert_eq!(d.opens.load(Ordering::SeqCst), 2, "one stream more, without shared memory");
+    assert_eq!(
+        d.opens.load(Ordering::SeqCst),
+        2,
+        "one stream more, without shared memory"
+    );
 
     // Required: the stream fails, naming the file.
     let required = ClientOptions {
         shared_memory: SharedMemory::On,
         ..options()
     };
-    let client = Client::connect([d.endpoint.clone()], required).await.unwrap();
+    let client = Client::connect([d.endpoint.clone()], required)
+        .await
+        .unwrap();
     let mut stream = client.stream(config.clone()).await.unwrap();
     let err = next(&mut stream).await.unwrap_err();
     assert!(matches!(err, ClientError::SharedMemory { .. }), "{err}");
-    assert!(err.to_string().contains("/nonexistent/patchflow-0-0"), "{err}");
+    assert!(
+        err.to_string().contains("/nonexistent/patchflow-0-0"),
+        "{err}"
+    );
 
     // Off: never asked for.
     let opens = d.opens.load(Ordering::SeqCst);

@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use memmap2::MmapMut;
+use tokio::sync::Notify;
 
 use crate::ServerError;
 
@@ -128,6 +129,9 @@ pub(crate) struct Slot {
     mapped: Option<Mapped>,
     /// Slots of the stream alive (counted down on drop).
     alive: Arc<AtomicUsize>,
+    /// Told when the slot is dropped (a cancelled job's slot goes on a worker thread, and the
+    /// stream may be waiting for a slot).
+    dropped: Arc<Notify>,
 }
 
 struct Mapped {
@@ -211,6 +215,7 @@ impl Drop for Slot {
             }
         }
         self.alive.fetch_sub(1, Ordering::Relaxed);
+        self.dropped.notify_one();
     }
 }
 
@@ -223,6 +228,7 @@ pub(crate) struct SlotTable {
     free: Vec<Slot>,
     lent: HashMap<u32, Slot>,
     alive: Arc<AtomicUsize>,
+    dropped: Arc<Notify>,
 }
 
 impl SlotTable {
@@ -235,7 +241,13 @@ impl SlotTable {
             free: Vec::new(),
             lent: HashMap::new(),
             alive: Arc::new(AtomicUsize::new(0)),
+            dropped: Arc::new(Notify::new()),
         }
+    }
+
+    /// Completes when a slot of the table was dropped since the last call (a place is free).
+    pub(crate) fn slot_dropped(&self) -> Arc<Notify> {
+        Arc::clone(&self.dropped)
     }
 
     /// A slot for the next batch: a free one, or a new one while the table has room.
@@ -254,6 +266,7 @@ impl SlotTable {
             dir: Arc::clone(&self.dir),
             mapped: None,
             alive: Arc::clone(&self.alive),
+            dropped: Arc::clone(&self.dropped),
         })
     }
 

@@ -107,6 +107,16 @@ enum Event<'a> {
     Message(Result<Option<Box<pb::SampleRequest>>, Status>),
     JobDone(Result<Result<EncodedBatch, Status>, oneshot::error::RecvError>),
     QueueSlot(Result<mpsc::Permit<'a, Outgoing>, mpsc::error::SendError<()>>),
+    /// A shared-memory slot was dropped: there may be room for a new one.
+    SlotDropped,
+}
+
+/// Completes when a slot of `slots` is dropped (never without a slot table).
+async fn slot_dropped(slots: Option<Arc<tokio::sync::Notify>>) {
+    match slots {
+        Some(notify) => notify.notified().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Waits for the oldest job (never completes when there is none).
@@ -181,6 +191,9 @@ impl Producer {
             let take_job = self.ready.is_none() && !self.jobs.is_empty();
             let has_ready = self.ready.is_some();
             let reading = !self.inbound_done;
+            // Credits left but no job: the stream waits for a slot.
+            let slot_wait = self.credits > 0 && self.jobs.is_empty() && self.active.is_some();
+            let dropped = self.slots.as_ref().map(SlotTable::slot_dropped);
             let event = tokio::select! {
                 biased;
                 _ = ctx.shutdown.cancelled() => Event::Shutdown,
@@ -188,6 +201,7 @@ impl Producer {
                 permit = tx.reserve(), if has_ready => Event::QueueSlot(permit),
                 done = oldest(&mut self.jobs), if take_job => Event::JobDone(done),
                 msg = inbound.message(), if reading => Event::Message(msg.map(|m| m.map(Box::new))),
+                _ = slot_dropped(dropped), if slot_wait => Event::SlotDropped,
             };
             match event {
                 Event::Shutdown => return Err(Status::unavailable("the server is shutting down")),
@@ -216,6 +230,7 @@ impl Producer {
                 }
                 Event::Message(Ok(Some(msg))) => self.apply(*msg, ctx)?,
                 Event::Message(Ok(None)) => self.inbound_done = true,
+                Event::SlotDropped => {}
                 Event::Message(Err(status)) => return unreadable_request(self.stats.id, status),
             }
         }
