@@ -99,6 +99,16 @@ pub struct ServeArgs {
     /// Anyone who reaches the address can then read every served dataset.
     #[arg(long)]
     pub insecure: bool,
+    /// Folder for the shared-memory slots of clients on this host (default: /dev/shm). Clients
+    /// on this host then get batches without a byte on the socket.
+    #[arg(long, value_name = "DIR", conflicts_with = "no_shared_memory")]
+    pub shm_dir: Option<PathBuf>,
+    /// Do not offer shared memory: every batch travels inside the messages.
+    #[arg(long)]
+    pub no_shared_memory: bool,
+    /// Most shared-memory slots (batches) one stream may hold.
+    #[arg(long)]
+    pub max_shared_slots: Option<u32>,
 }
 
 /// `patchflow demo`.
@@ -435,8 +445,17 @@ fn serve(a: ServeArgs) -> Result<ExitCode> {
         token,
         tls,
         insecure: a.insecure,
+        shared_memory: if a.no_shared_memory {
+            None
+        } else {
+            a.shm_dir
+                .or_else(patchflow_server::default_shared_memory_dir)
+        },
         ..Default::default()
     };
+    if let Some(v) = a.max_shared_slots {
+        config.limits.max_shared_slots = v;
+    }
     if let Some(v) = a.max_patch_voxels {
         config.limits.max_patch_voxels = v;
     }
