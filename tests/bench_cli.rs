@@ -80,8 +80,9 @@ fn suite_measures_every_size_mode_and_state() {
     sizes.sort();
     sizes.dedup();
     let ms = r["measurements"].as_array().unwrap();
-    // Per size: in-process warm + cold, gRPC warm with 1 and 2 clients, gRPC cold.
-    assert_eq!(ms.len(), sizes.len() * 5, "{ms:#?}");
+    // Per size: in-process warm + cold, gRPC warm with 1 and 2 clients, gRPC with shared memory
+    // warm, gRPC cold.
+    assert_eq!(ms.len(), sizes.len() * 6, "{ms:#?}");
     for size in &sizes {
         let of = |t: &str, st: &str, c: u64| {
             ms.iter()
@@ -104,6 +105,7 @@ fn suite_measures_every_size_mode_and_state() {
         assert_eq!(of("grpc", "warm", 1), 1, "{size:?}");
         assert_eq!(of("grpc", "warm", 2), 1, "{size:?}");
         assert_eq!(of("grpc", "cold", 1), 1, "{size:?}");
+        assert_eq!(of("grpc-shared", "warm", 1), 1, "{size:?}");
     }
     for m in ms {
         let patches = m["patches"].as_u64().unwrap();
@@ -123,12 +125,18 @@ fn suite_measures_every_size_mode_and_state() {
         if m["state"] == "cold" {
             assert_eq!(m["batches"], 2, "{m}");
         }
-        if m["transport"] == "grpc" {
+        if m["transport"] == "grpc" || m["transport"] == "grpc-shared" {
             assert!(m["daemon_peak_rss_bytes"].as_u64().unwrap() > 0);
             assert!(m["client_cpu_s_per_patch"].as_f64().is_some());
         }
     }
-    assert!(!r["loopback"].as_array().unwrap().is_empty());
+    let loopback = r["loopback"].as_array().unwrap();
+    assert!(!loopback.is_empty());
+    assert!(
+        loopback
+            .iter()
+            .all(|l| l["shared_ratio"].as_f64().unwrap() > 0.0)
+    );
     let png = std::fs::read(work.join("bench.png")).unwrap();
     assert_eq!(&png[1..4], b"PNG");
 
@@ -206,6 +214,7 @@ fn peer_mode_on_real_cases_in_process_and_over_grpc() {
         ("grpc", "none"),
         ("inproc", "nnunet"),
         ("grpc", "nnunet"),
+        ("grpc-shm", "none"),
     ] {
         let out_json = dir.path().join(format!("{transport}-{augment}.json"));
         let out = run_ok(&[

@@ -8,7 +8,7 @@ mod common;
 use std::collections::HashMap;
 
 use common::{case_id, crop_ref, pairs, preprocess_in_memory, run_ok, s, shared_data};
-use patchflow_client::{Client, ClientOptions, LabelDtype, StreamConfig};
+use patchflow_client::{Client, ClientOptions, LabelDtype, SharedMemory, StreamConfig};
 use patchflow_ingest::DatasetPlan;
 use patchflow_store::Manifest;
 use patchflow_volume::{LabelData, PreprocessedCase, with_voxels};
@@ -94,14 +94,29 @@ async fn two_hundred_batches_with_size_changes_equal_the_preprocessed_volumes() 
     let mut config = StreamConfig::new("pairs", sizes[0].map(|v| v as i64), 2);
     config.seed = 2024;
     let mut stream = client.stream(config.clone()).await.unwrap();
+    // The client's default on a loopback address is shared memory; the same stream with the
+    // voxels inside the messages must give the same bytes.
+    let by_messages = ClientOptions {
+        shared_memory: SharedMemory::Off,
+        ..ClientOptions::default()
+    };
+    let client_off = Client::connect([server.endpoint().unwrap()], by_messages)
+        .await
+        .unwrap();
+    let mut stream_off = client_off.stream(config.clone()).await.unwrap();
     let mut forced = 0usize;
     for b in 0..200u64 {
         let stage = (b / 50) as usize;
         if b > 0 && b % 50 == 0 {
             config.patch = sizes[stage].map(|v| v as i64);
             stream.reconfigure(config.clone()).unwrap();
+            stream_off.reconfigure(config.clone()).unwrap();
         }
         let batch = stream.next().await.unwrap();
+        assert!(
+            batch == stream_off.next().await.unwrap(),
+            "batch {b} differs between shared memory and messages"
+        );
         assert_eq!(batch.index, b, "batches arrive in order, none skipped");
         let patch = sizes[stage];
         assert_eq!(batch.patch, patch, "batch {b} has the size asked for");

@@ -289,6 +289,9 @@ impl InProcess {
                     scope.spawn(move || {
                         pool.install(|| {
                             let mut counts = Counts::default();
+                            // Each batch reuses the previous one's buffers, as a loader in a
+                            // trainer's process would.
+                            let mut spare = (Vec::new(), Vec::new());
                             loop {
                                 if stop.load(Ordering::Relaxed) {
                                     return Err(BenchError::Interrupted);
@@ -300,11 +303,15 @@ impl InProcess {
                                     _ => {}
                                 }
                                 let t = Instant::now();
-                                let batch = self.sampler.sample(req, first_index + k)?;
+                                let (image, label) = std::mem::take(&mut spare);
+                                let batch =
+                                    self.sampler
+                                        .sample_into(req, first_index + k, image, label)?;
                                 counts.latencies_s.push(t.elapsed().as_secs_f64());
                                 counts.batches += 1;
                                 counts.patches += batch.items.len() as u64;
                                 counts.bytes += (batch.image.len() + batch.label.len()) as u64;
+                                spare = (batch.image, batch.label);
                             }
                             Ok(counts)
                         })

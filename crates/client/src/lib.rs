@@ -18,7 +18,10 @@
 //!   continue where it stopped: nothing is skipped or repeated, because batch `k` depends only
 //!   on the dataset, the configuration and `k`;
 //! * each [`Batch`] holds its image and label as contiguous [`bytes::Bytes`] buffers with their
-//!   shapes and element types, ready to become tensors.
+//!   shapes and element types, ready to become tensors;
+//! * from a daemon on the same host (`unix:` or loopback), batches arrive through shared memory:
+//!   the buffers are views of the daemon's slot file, mapped read-only, without a copy
+//!   ([`ClientOptions::shared_memory`]).
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), patchflow_client::ClientError> {

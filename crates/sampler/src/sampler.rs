@@ -135,8 +135,12 @@ impl Sampler {
         label: Vec<u8>,
     ) -> Result<Batch, SamplerError> {
         let (image_bytes, label_bytes) = self.buffer_sizes(req)?;
-        let mut image = zeroed(image, image_bytes);
-        let mut label = zeroed(label, label_bytes);
+        // Plain crops write every byte of their buffers (runs cover the box exactly, padding
+        // included), so recycled buffers keep their old bytes until overwritten instead of
+        // being cleared first: a 128³ batch is 21 MB of memset saved.
+        let clear = req.augment.is_some();
+        let mut image = sized(image, image_bytes, clear);
+        let mut label = sized(label, label_bytes, clear);
         let items = self.fill_batch(req, index, &mut image, &mut label)?;
         Ok(Batch {
             index,
@@ -186,8 +190,10 @@ impl Sampler {
                 ),
             ));
         }
-        image.fill(0);
-        label.fill(0);
+        if req.augment.is_some() {
+            image.fill(0);
+            label.fill(0);
+        }
         self.fill_batch(req, index, image, label)
     }
 
@@ -575,13 +581,19 @@ pub(crate) fn visit_into<C: RunConvert>(
     Ok(Ok(()))
 }
 
-/// `buf` emptied and filled with `len` zero bytes, keeping its allocation when it is large
-/// enough.
-fn zeroed(mut buf: Vec<u8>, len: usize) -> Vec<u8> {
+/// `buf` resized to `len` bytes, keeping its allocation when it is large enough. With `clear`
+/// every byte is zero; without, bytes the buffer already held keep their old values (the caller
+/// overwrites them all) and only new ones are zero.
+fn sized(mut buf: Vec<u8>, len: usize, clear: bool) -> Vec<u8> {
     if buf.capacity() < len {
+        // Fresh zeroed memory comes from the kernel without a memset.
         return vec![0u8; len];
     }
-    buf.clear();
+    if clear {
+        buf.clear();
+    } else {
+        buf.truncate(len);
+    }
     buf.resize(len, 0);
     buf
 }

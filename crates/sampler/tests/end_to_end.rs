@@ -457,6 +457,12 @@ fn sample_to_fills_caller_memory_like_sample() {
         assert_eq!(items, want.items);
         assert!(image == want.image, "image bytes differ");
         assert!(label == want.label, "label bytes differ");
+        // Recycled vectors with old contents (longer and shorter than needed) give the same.
+        let again = fx
+            .sampler
+            .sample_into(&req, 11, vec![0xA5u8; ib + 100], vec![0x5Au8; lb / 2])
+            .expect("sample_into");
+        assert!(again == want, "recycled buffers change the batch");
         // Wrong sizes are refused, naming the buffers.
         let err = fx
             .sampler

@@ -363,6 +363,15 @@ pub(crate) fn sample_batch(
     )
 }
 
+/// What became of a batch meant for a shared-memory slot.
+pub(crate) enum SharedOutcome {
+    /// Written into the slot.
+    Written(SharedBatch),
+    /// The slot could not be prepared (the shared-memory folder is full, say); nothing was
+    /// sampled and the slot is gone, so the batch is to travel inside the messages.
+    SlotUnusable(std::io::Error),
+}
+
 /// [`sample_batch`] written into a shared-memory slot (grown as needed) instead of a buffer.
 pub(crate) fn sample_shared(
     entry: &Entry,
@@ -370,21 +379,17 @@ pub(crate) fn sample_shared(
     index: u64,
     metrics: &Metrics,
     mut slot: Slot,
-) -> Result<SharedBatch, Status> {
+) -> Result<SharedOutcome, Status> {
     let dataset = entry.dataset();
     let sampler = &entry.sampler;
     // The sizes depend on patch, batch and dtypes only, not on the cases drawn.
     let sizes = sampler
         .buffer_sizes(&request.base)
         .map_err(|e| sampler_status(&e))?;
-    let (image, label) = slot.buffers(sizes.0, sizes.1).map_err(|e| {
-        let code = if e.kind() == std::io::ErrorKind::StorageFull {
-            tonic::Code::ResourceExhausted
-        } else {
-            tonic::Code::Internal
-        };
-        Status::new(code, format!("cannot prepare a shared-memory slot: {e}"))
-    })?;
+    let (image, label) = match slot.buffers(sizes.0, sizes.1) {
+        Ok(buffers) => buffers,
+        Err(e) => return Ok(SharedOutcome::SlotUnusable(e)),
+    };
     let items = sample_served(
         &entry.set_aside,
         request,
@@ -392,7 +397,7 @@ pub(crate) fn sample_shared(
         |err| damaged_case(dataset, err),
         |_| metrics.case_set_aside(dataset.name()),
     )?;
-    Ok(SharedBatch {
+    Ok(SharedOutcome::Written(SharedBatch {
         index,
         patch: request.base.patch,
         dtype: request.base.dtype,
@@ -400,7 +405,7 @@ pub(crate) fn sample_shared(
         items,
         sizes,
         slot,
-    })
+    }))
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -17,6 +17,8 @@
 //! * damaged stored data met while serving: the stream that meets it ends with DATA_LOSS and
 //!   the case is set aside, reported (log, metrics, ListDatasets and DescribeDataset), and no
 //!   longer drawn by any stream until the daemon restarts;
+//! * shared memory for clients on the daemon's host: the sampler writes a batch straight into a
+//!   slot file the client maps, so no voxel crosses the socket (`shm`);
 //! * graceful shutdown.
 //!
 //! ```no_run

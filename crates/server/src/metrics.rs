@@ -61,6 +61,11 @@ pub(crate) struct Metrics {
     pub busy_nanos: AtomicU64,
     /// Cases set aside (damaged stored data) since start, over every dataset.
     cases_set_aside: AtomicU64,
+    /// Batches written into shared-memory slots.
+    shared_batches: AtomicU64,
+    /// Batches of shared-memory streams sent inside the messages because no slot could be
+    /// prepared.
+    shared_fallbacks: AtomicU64,
     /// Cases set aside per served dataset (every dataset listed, from 0).
     set_aside_by_dataset: Mutex<BTreeMap<String, u64>>,
     live: watch::Sender<usize>,
@@ -87,6 +92,10 @@ pub struct MetricsSnapshot {
     pub auth_refused: u64,
     /// Cases set aside because their stored data is damaged, over every dataset.
     pub cases_set_aside: u64,
+    /// Batches delivered through shared memory.
+    pub shared_memory_batches: u64,
+    /// Batches of shared-memory streams sent inside the messages (no slot could be prepared).
+    pub shared_memory_fallbacks: u64,
     /// Seconds the worker threads spent sampling.
     pub worker_busy_seconds: f64,
     /// Chunk cache hits.
@@ -111,6 +120,8 @@ impl Metrics {
             jobs_running: AtomicU64::new(0),
             busy_nanos: AtomicU64::new(0),
             cases_set_aside: AtomicU64::new(0),
+            shared_batches: AtomicU64::new(0),
+            shared_fallbacks: AtomicU64::new(0),
             set_aside_by_dataset: Mutex::new(BTreeMap::new()),
             live: watch::Sender::new(0),
             next_stream: AtomicU64::new(1),
@@ -156,6 +167,26 @@ impl Metrics {
             .or_insert(0) += 1;
     }
 
+    /// Records a batch written into a shared-memory slot.
+    pub fn shared_batch(&self) {
+        self.shared_batches.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records a batch of a shared-memory stream that goes inside the messages because its slot
+    /// could not be prepared (warned about once, then counted).
+    pub fn shared_memory_fallback(&self, error: &std::io::Error) {
+        if self.shared_fallbacks.fetch_add(1, Ordering::Relaxed) == 0 {
+            tracing::warn!(
+                %error,
+                "cannot prepare a shared-memory slot (is the shared-memory folder full?); such \
+                 batches are sent inside the messages (counted in \
+                 patchflow_shared_memory_fallbacks_total)"
+            );
+        } else {
+            tracing::debug!(%error, "shared-memory slot unusable; batch sent inside the messages");
+        }
+    }
+
     /// Receiver of the number of live streams.
     pub fn live_streams(&self) -> watch::Receiver<usize> {
         self.live.subscribe()
@@ -182,6 +213,8 @@ impl Metrics {
             stream_errors: self.stream_errors.load(Ordering::Relaxed),
             auth_refused: self.auth_refused.load(Ordering::Relaxed),
             cases_set_aside: self.cases_set_aside.load(Ordering::Relaxed),
+            shared_memory_batches: self.shared_batches.load(Ordering::Relaxed),
+            shared_memory_fallbacks: self.shared_fallbacks.load(Ordering::Relaxed),
             worker_busy_seconds: Duration::from_nanos(self.busy_nanos.load(Ordering::Relaxed))
                 .as_secs_f64(),
             cache_hits: cache.hits,
@@ -252,6 +285,18 @@ impl Metrics {
             "counter",
             "Cases set aside because their stored data is damaged (served again after a restart).",
             snap.cases_set_aside.to_string(),
+        );
+        metric(
+            "patchflow_shared_memory_batches_total",
+            "counter",
+            "Batches delivered through shared-memory slots (clients on this host).",
+            snap.shared_memory_batches.to_string(),
+        );
+        metric(
+            "patchflow_shared_memory_fallbacks_total",
+            "counter",
+            "Batches of shared-memory streams sent inside the messages because no slot could be prepared.",
+            snap.shared_memory_fallbacks.to_string(),
         );
         metric(
             "patchflow_workers",

@@ -168,25 +168,36 @@ impl Slot {
             .ok_or_else(|| io::Error::other("batch too large"))?;
         let have = self.mapped.as_ref().map_or(0, |m| m.map.len());
         if have < need || self.mapped.is_none() {
-            let mapped = match self.mapped.take() {
+            let (path, file) = match self.mapped.take() {
                 Some(old) => {
                     drop(old.map);
                     (old.path, old.file)
                 }
                 None => self.dir.create()?,
             };
-            let (path, file) = mapped;
             // A file is never empty (a zero-length mapping fails), and grows by at least an
             // eighth so that growing patch sizes do not remap at every step.
             let len = need.max(have + have / 8).max(4096);
-            file.set_len(len as u64)?;
-            // SAFETY: the file was created by this daemon with mode 0600 under a name no other
-            // daemon uses, and only this slot writes it; its length is set just above and only
-            // ever grows, so the mapping never reaches past the end of the file. Clients map it
-            // read-only and only read a slot while the daemon does not write it (the protocol's
-            // release rule).
-            let map = unsafe { MmapMut::map_mut(&file)? };
-            self.mapped = Some(Mapped { path, file, map });
+            match reserve(&file, len) {
+                // SAFETY: the file was created by this daemon with mode 0600 under a name no
+                // other daemon uses, and only this slot writes it; its length was set and its
+                // blocks reserved just above (so writing cannot fault on a full tmpfs), and it
+                // only ever grows, so the mapping never reaches past the end of the file.
+                // Clients map it read-only and only read a slot while the daemon does not
+                // write it (the protocol's release rule).
+                Ok(()) => match unsafe { MmapMut::map_mut(&file) } {
+                    Ok(map) => self.mapped = Some(Mapped { path, file, map }),
+                    Err(e) => {
+                        remove(&path);
+                        return Err(e);
+                    }
+                },
+                Err(e) => {
+                    // Unusable now (the folder is full): the slot starts afresh next time.
+                    remove(&path);
+                    return Err(e);
+                }
+            }
         }
         let Some(mapped) = self.mapped.as_mut() else {
             return Err(io::Error::other("slot not mapped"));
@@ -205,14 +216,32 @@ impl Slot {
     }
 }
 
+/// Sets `file`'s length to `len` and reserves its blocks, so that writes through a mapping
+/// cannot fail (on tmpfs a write to a block that cannot be allocated is a SIGBUS).
+fn reserve(file: &File, len: usize) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    file.set_len(len as u64)?;
+    let len = libc::off_t::try_from(len).map_err(|_| io::Error::other("slot too large"))?;
+    // SAFETY: a plain system call on a descriptor this function borrows for its duration.
+    match unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) } {
+        0 => Ok(()),
+        code => Err(io::Error::from_raw_os_error(code)),
+    }
+}
+
+/// Removes a slot file, logging (not failing) when it cannot.
+fn remove(path: &Path) {
+    if let Err(e) = std::fs::remove_file(path) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot remove a shared-memory file");
+    }
+}
+
 impl Drop for Slot {
     fn drop(&mut self) {
         if let Some(mapped) = self.mapped.take() {
             drop(mapped.map);
             drop(mapped.file);
-            if let Err(e) = std::fs::remove_file(&mapped.path) {
-                tracing::warn!(path = %mapped.path.display(), error = %e, "cannot remove a shared-memory file");
-            }
+            remove(&mapped.path);
         }
         self.alive.fetch_sub(1, Ordering::Relaxed);
         self.dropped.notify_one();
@@ -279,6 +308,23 @@ impl SlotTable {
     pub(crate) fn release(&mut self, id: u32) {
         if let Some(slot) = self.lent.remove(&id) {
             self.free.push(slot);
+        }
+    }
+
+    /// Drops every slot of the table (removing their files) and waits until the slots still in
+    /// jobs are dropped too.
+    pub(crate) async fn close(self) {
+        let SlotTable {
+            free,
+            lent,
+            alive,
+            dropped,
+            ..
+        } = self;
+        drop(free);
+        drop(lent);
+        while alive.load(Ordering::Relaxed) > 0 {
+            dropped.notified().await;
         }
     }
 

@@ -24,7 +24,7 @@ use tonic::{Status, Streaming};
 use crate::Limits;
 use crate::buffers::BufferPool;
 use crate::convert::{EncodedBatch, StreamConfig, encode_batch, encode_shared, stream_config};
-use crate::damage;
+use crate::damage::{self, SharedOutcome};
 use crate::metrics::{Metrics, StreamGuard, StreamStats, dec};
 use crate::pool::{JobHandle, WorkerPool};
 use crate::registry::Registry;
@@ -169,6 +169,15 @@ async fn run(
                 _ = tx.send(Outgoing::Error(status)) => {}
                 _ = ctx.shutdown.cancelled() => {}
             }
+        }
+    }
+    // Shared-memory files go before the live gauge says the stream is gone: those of free and
+    // lent slots now, those of slots in cancelled jobs when the workers drop them.
+    if let Some(slots) = producer.slots.take() {
+        tokio::select! {
+            biased;
+            () = slots.close() => {}
+            _ = ctx.shutdown.cancelled() => {}
         }
     }
     // The stream slot is free before the live gauge says so.
@@ -329,8 +338,28 @@ impl Producer {
             // aside while the job waited is not drawn.
             let handle = match slot {
                 Some(slot) => ctx.pool.submit(move || {
-                    damage::sample_shared(&entry, &request, index, &metrics, slot)
-                        .map(|batch| encode_shared(batch, channels, ignore, config_id))
+                    match damage::sample_shared(&entry, &request, index, &metrics, slot)? {
+                        SharedOutcome::Written(batch) => {
+                            metrics.shared_batch();
+                            Ok(encode_shared(batch, channels, ignore, config_id))
+                        }
+                        // A full shared-memory folder slows the stream down; it does not end it.
+                        SharedOutcome::SlotUnusable(e) => {
+                            metrics.shared_memory_fallback(&e);
+                            damage::sample_batch(&entry, &request, index, &metrics, &buffers).map(
+                                |batch| {
+                                    encode_batch(
+                                        batch,
+                                        channels,
+                                        ignore,
+                                        config_id,
+                                        max_message,
+                                        &buffers,
+                                    )
+                                },
+                            )
+                        }
+                    }
                 }),
                 None => ctx.pool.submit(move || {
                     damage::sample_batch(&entry, &request, index, &metrics, &buffers).map(|batch| {

@@ -84,7 +84,13 @@ async fn shared_memory_serves_the_same_bytes_as_messages_and_cleans_up() {
     // Both shared streams used slot files, and each removed them when it ended.
     wait_live(&server, 0).await;
     assert_eq!(slot_files(shm.path()), 0, "slot files left behind");
-    assert!(server.metrics().batches >= 3 * by_messages.len() as u64);
+    let m = server.metrics();
+    assert!(m.batches >= 3 * by_messages.len() as u64);
+    assert!(
+        m.shared_memory_batches >= 2 * by_messages.len() as u64,
+        "{m:?}"
+    );
+    assert_eq!(m.shared_memory_fallbacks, 0);
     server.shutdown().await.unwrap();
 }
 
@@ -211,5 +217,34 @@ async fn slot_requests_beyond_the_limit_are_refused() {
     drop(inbound);
     wait_live(&server, 0).await;
     assert_eq!(slot_files(shm.path()), 0);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_go_inside_the_messages_when_no_slot_can_be_prepared() {
+    let fx = Fixture::new();
+    let shm = tempfile::tempdir().unwrap();
+    let server = serve_shared(&fx, Some(shm.path())).await;
+    // The folder goes away after the start (as a full /dev/shm refuses new blocks): every slot
+    // fails to prepare, and the stream goes on through messages.
+    let folder = shm.path().to_path_buf();
+    drop(shm);
+    assert!(!folder.exists());
+    let client = Client::connect([server.endpoint().unwrap()], options(SharedMemory::On))
+        .await
+        .unwrap();
+    let mut cfg = StreamConfig::new(&fx.name, [6, 7, 8], 2);
+    cfg.seed = 3;
+    let mut stream = client.stream(cfg).await.unwrap();
+    for k in 0..8 {
+        let batch = within("next batch", stream.next()).await.unwrap();
+        assert_eq!(batch.index, k);
+        fx.check_batch(&batch, [6, 7, 8], 2);
+    }
+    let m = server.metrics();
+    assert!(m.shared_memory_fallbacks >= 8, "{m:?}");
+    assert_eq!(m.shared_memory_batches, 0);
+    drop(stream);
+    wait_live(&server, 0).await;
     server.shutdown().await.unwrap();
 }
