@@ -325,13 +325,24 @@ pub fn run_suite(cfg: &SuiteConfig, stop: &AtomicBool) -> Result<SuiteReport, Be
         runtime.block_on(async {
             let mut daemon = Daemon::start(&spec).await?;
             for (s, &patch) in sizes.iter().enumerate() {
-                for &clients in &cfg.clients {
-                    bar.set_message(format!("gRPC ×{clients} {}", fmt_patch(patch)));
+                // Voxels in the messages with each client count, then the same stream with its
+                // voxels through shared memory, as a trainer on the daemon's host gets it.
+                let runs = cfg
+                    .clients
+                    .iter()
+                    .map(|&clients| (Transport::Grpc, clients))
+                    .chain([(Transport::GrpcShared, 1)]);
+                for (transport, clients) in runs {
+                    bar.set_message(format!(
+                        "{} ×{clients} {}",
+                        transport.name(),
+                        fmt_patch(patch)
+                    ));
                     let config = stream_config(&name, patch, cfg, s as u64);
                     let m = remote_measurement(
                         &mut daemon,
                         &config,
-                        ctx(Transport::Grpc, CacheState::Warm, patch, clients),
+                        ctx(transport, CacheState::Warm, patch, clients),
                         warmup,
                         Until::Elapsed(seconds),
                         stop,
@@ -341,22 +352,6 @@ pub fn run_suite(cfg: &SuiteConfig, stop: &AtomicBool) -> Result<SuiteReport, Be
                     measurements.push(m);
                     bar.inc(1);
                 }
-                // The same stream with its voxels through shared memory, as a trainer on
-                // the daemon's host gets it.
-                bar.set_message(format!("gRPC+shm {}", fmt_patch(patch)));
-                let config = stream_config(&name, patch, cfg, s as u64);
-                let m = remote_measurement(
-                    &mut daemon,
-                    &config,
-                    ctx(Transport::GrpcShared, CacheState::Warm, patch, 1),
-                    warmup,
-                    Until::Elapsed(seconds),
-                    stop,
-                )
-                .await?;
-                peak = peak.max(m.daemon_peak_rss_bytes.unwrap_or(0));
-                measurements.push(m);
-                bar.inc(1);
             }
             daemon.stop()?;
             if cfg.cold {

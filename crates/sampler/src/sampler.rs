@@ -197,7 +197,8 @@ impl Sampler {
         self.fill_batch(req, index, image, label)
     }
 
-    /// Plans batch `index` and cuts its items into zeroed buffers of the right sizes.
+    /// Plans batch `index` and cuts its items into buffers of the right sizes. Plain crops write
+    /// every byte (padding included); augmented items expect zeroed buffers.
     fn fill_batch(
         &self,
         req: &BatchRequest,
