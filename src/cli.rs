@@ -109,6 +109,10 @@ pub struct ServeArgs {
     /// Most shared-memory slots (batches) one stream may hold.
     #[arg(long)]
     pub max_shared_slots: Option<u32>,
+    /// Most MiB of shared memory all streams together may hold; beyond it, batches go inside
+    /// the messages.
+    #[arg(long, value_name = "MIB", default_value_t = 4096)]
+    pub shm_mb: u64,
 }
 
 /// `patchflow demo`.
@@ -451,6 +455,7 @@ fn serve(a: ServeArgs) -> Result<ExitCode> {
             a.shm_dir
                 .or_else(patchflow_server::default_shared_memory_dir)
         },
+        shared_memory_mb: a.shm_mb,
         ..Default::default()
     };
     if let Some(v) = a.max_shared_slots {

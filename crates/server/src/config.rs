@@ -45,6 +45,10 @@ pub struct ServerConfig {
     /// offered). The default is `/dev/shm` where it exists. See the proto's
     /// `SharedMemoryRequest`.
     pub shared_memory: Option<PathBuf>,
+    /// Most MiB of shared memory all slot files together may hold. Shared memory is not
+    /// reclaimed under memory pressure like the page cache, so it is bounded for the whole
+    /// daemon; beyond it, batches of shared-memory streams go inside the messages.
+    pub shared_memory_mb: u64,
 }
 
 /// `/dev/shm` where this system has it.
@@ -68,6 +72,7 @@ impl Default for ServerConfig {
             tls: None,
             insecure: false,
             shared_memory: default_shared_memory_dir(),
+            shared_memory_mb: 4096,
         }
     }
 }

@@ -209,7 +209,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let shared_memory = config
         .shared_memory
         .as_deref()
-        .map(shm::SharedDir::open)
+        .map(|dir| shm::SharedDir::open(dir, config.shared_memory_mb.saturating_mul(1 << 20)))
         .transpose()?;
     if let Some(dir) = &shared_memory {
         tracing::info!(folder = %dir.path().display(), "shared memory offered to clients on this host");

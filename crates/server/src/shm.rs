@@ -38,11 +38,16 @@ pub(crate) struct SharedDir {
     dir: PathBuf,
     /// `patchflow-<pid>-`.
     prefix: String,
+    /// Most bytes all slot files together may hold.
+    budget: u64,
+    /// Bytes the slot files hold now.
+    used: AtomicU64,
 }
 
 impl SharedDir {
     /// Checks that `dir` takes files and removes the slot files of daemons no longer running.
-    pub(crate) fn open(dir: &Path) -> Result<Arc<SharedDir>, ServerError> {
+    /// The slot files together may hold at most `budget` bytes.
+    pub(crate) fn open(dir: &Path, budget: u64) -> Result<Arc<SharedDir>, ServerError> {
         let config = |reason: String| ServerError::Config {
             field: "shared_memory",
             reason: format!("{}: {reason}", dir.display()),
@@ -54,6 +59,8 @@ impl SharedDir {
         let shared = SharedDir {
             prefix: format!("{PREFIX}{}-", std::process::id()),
             dir,
+            budget,
+            used: AtomicU64::new(0),
         };
         // A first file proves the folder takes ours.
         let (path, _file) = shared
@@ -87,6 +94,32 @@ impl SharedDir {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Takes `bytes` more of the budget, or says why not.
+    fn charge(&self, bytes: u64) -> io::Result<()> {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(bytes)
+                    .filter(|&total| total <= self.budget)
+            })
+            .map(drop)
+            .map_err(|used| {
+                io::Error::new(
+                    io::ErrorKind::StorageFull,
+                    format!(
+                        "the shared-memory budget of {} MiB is in use ({} MiB held, {} more asked)",
+                        self.budget >> 20,
+                        used >> 20,
+                        bytes.div_ceil(1 << 20)
+                    ),
+                )
+            })
+    }
+
+    /// Gives `bytes` of the budget back.
+    fn refund(&self, bytes: u64) {
+        self.used.fetch_sub(bytes, Ordering::AcqRel);
     }
 
     /// Removes slot files whose daemon is gone (`patchflow-<pid>-*` with no process `<pid>`).
@@ -178,6 +211,13 @@ impl Slot {
             // A file is never empty (a zero-length mapping fails), and grows by at least an
             // eighth so that growing patch sizes do not remap at every step.
             let len = need.max(have + have / 8).max(4096);
+            // The growth is charged to the daemon's budget; a refusal resets the slot (its
+            // file goes, and the bytes it held come back).
+            if let Err(e) = self.dir.charge((len - have) as u64) {
+                self.dir.refund(have as u64);
+                remove(&path);
+                return Err(e);
+            }
             match reserve(&file, len) {
                 // SAFETY: the file was created by this daemon with mode 0600 under a name no
                 // other daemon uses, and only this slot writes it; its length was set and its
@@ -188,12 +228,14 @@ impl Slot {
                 Ok(()) => match unsafe { MmapMut::map_mut(&file) } {
                     Ok(map) => self.mapped = Some(Mapped { path, file, map }),
                     Err(e) => {
+                        self.dir.refund(len as u64);
                         remove(&path);
                         return Err(e);
                     }
                 },
                 Err(e) => {
                     // Unusable now (the folder is full): the slot starts afresh next time.
+                    self.dir.refund(len as u64);
                     remove(&path);
                     return Err(e);
                 }
@@ -239,6 +281,7 @@ fn remove(path: &Path) {
 impl Drop for Slot {
     fn drop(&mut self) {
         if let Some(mapped) = self.mapped.take() {
+            self.dir.refund(mapped.map.len() as u64);
             drop(mapped.map);
             drop(mapped.file);
             remove(&mapped.path);
@@ -346,7 +389,7 @@ mod tests {
     #[test]
     fn slots_are_bounded_reused_grown_and_removed() {
         let tmp = tempfile::tempdir().unwrap();
-        let dir = SharedDir::open(tmp.path()).unwrap();
+        let dir = SharedDir::open(tmp.path(), 1 << 30).unwrap();
         let mut table = SlotTable::new(Arc::clone(&dir), 2);
         let mut a = table.take().unwrap();
         let mut b = table.take().unwrap();
@@ -397,6 +440,38 @@ mod tests {
     }
 
     #[test]
+    fn the_budget_bounds_every_slot_file_together() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = SharedDir::open(tmp.path(), 40_000).unwrap();
+        let mut a = SlotTable::new(Arc::clone(&dir), 4);
+        let mut b = SlotTable::new(Arc::clone(&dir), 4);
+        let mut s1 = a.take().unwrap();
+        let mut s2 = b.take().unwrap();
+        s1.buffers(20_000, 5_000).unwrap();
+        let err = s2.buffers(20_000, 0).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::StorageFull);
+        assert!(err.to_string().contains("budget"), "{err}");
+        assert_eq!(files(tmp.path()), 1, "a refused slot leaves no file");
+        s2.buffers(10_000, 0).unwrap();
+        // Growing charges the difference only.
+        s1.buffers(28_000, 0).unwrap();
+        assert_eq!(dir.used.load(Ordering::Relaxed), 28_125 + 10_000);
+        // A growth beyond the budget resets the slot: its file and bytes go.
+        assert!(s1.buffers(36_000, 0).is_err());
+        assert_eq!(dir.used.load(Ordering::Relaxed), 10_000);
+        assert_eq!(files(tmp.path()), 1);
+        s1.buffers(100, 0).unwrap();
+        drop(s1);
+        drop(s2);
+        assert_eq!(
+            dir.used.load(Ordering::Relaxed),
+            0,
+            "dropped slots give their bytes back"
+        );
+        assert_eq!(files(tmp.path()), 0);
+    }
+
+    #[test]
     fn files_of_dead_daemons_are_removed_at_start() {
         let tmp = tempfile::tempdir().unwrap();
         // pid 0 is never a process of ours; i32::MAX exceeds every pid_max.
@@ -407,7 +482,7 @@ mod tests {
         for p in [&stale, &mine, &other] {
             std::fs::write(p, b"x").unwrap();
         }
-        SharedDir::open(tmp.path()).unwrap();
+        SharedDir::open(tmp.path(), 1 << 30).unwrap();
         assert!(!stale.exists());
         assert!(mine.exists());
         assert!(other.exists());
@@ -416,11 +491,13 @@ mod tests {
     #[test]
     fn an_unusable_folder_is_a_configuration_error() {
         let tmp = tempfile::tempdir().unwrap();
-        let err = SharedDir::open(&tmp.path().join("missing")).err().unwrap();
+        let err = SharedDir::open(&tmp.path().join("missing"), 1 << 30)
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("shared_memory"), "{err}");
         let file = tmp.path().join("file");
         std::fs::write(&file, b"").unwrap();
-        let err = SharedDir::open(&file).err().unwrap();
+        let err = SharedDir::open(&file, 1 << 30).err().unwrap();
         assert!(err.to_string().contains("not a folder"), "{err}");
     }
 }
