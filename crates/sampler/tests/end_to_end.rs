@@ -2,200 +2,16 @@
 //! in-memory arrays the store was written from.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+
 use std::sync::Arc;
 
 use half::{bf16, f16};
 use patchflow_sampler::{
     Batch, BatchRequest, Dataset, ItemMeta, Limits, OutputDType, Policy, Sampler, SamplerError,
 };
-use patchflow_store::{
-    CaseData, CaseMeta, ChannelMeta, ChunkCache, Manifest, ManifestCase, WriteOptions,
-    case_file_name, write_case,
-};
-use patchflow_volume::{DType, Geometry, LabelData, NormScheme, Normalization, VoxelData};
-
-/// A small deterministic generator for test data (independent of the sampler's).
-struct Lcg(u64);
-impl Lcg {
-    fn next(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        self.0 >> 33
-    }
-}
-
-/// One synthetic case kept in memory next to its stored copy.
-struct MemCase {
-    meta: CaseMeta,
-    channels: Vec<VoxelData>,
-    label: LabelData,
-}
-
-impl MemCase {
-    fn label_at(&self, z: i64, y: i64, x: i64) -> Option<u16> {
-        self.index(z, y, x).map(|i| self.label.get(i))
-    }
-
-    fn index(&self, z: i64, y: i64, x: i64) -> Option<usize> {
-        let s = self.meta.shape;
-        if z < 0 || y < 0 || x < 0 || z >= s[0] as i64 || y >= s[1] as i64 || x >= s[2] as i64 {
-            return None;
-        }
-        Some((z as usize * s[1] + y as usize) * s[2] + x as usize)
-    }
-}
-
-fn ct_norm() -> Normalization {
-    Normalization {
-        scheme: NormScheme::Ct,
-        clip: Some([-200.0, 400.0]),
-        mean: 35.5,
-        inv_std: 1.0 / 91.25,
-    }
-}
-
-fn mr_norm() -> Normalization {
-    Normalization {
-        scheme: NormScheme::ZScore,
-        clip: None,
-        mean: 0.37,
-        inv_std: 2.5,
-    }
-}
-
-/// A case with an `i16` CT-like channel and an `f32` channel; labels: a box of class 1 and,
-/// when `with_class2`, a small box of class 2 (or of `big_class` when given); background
-/// elsewhere.
-fn make_case(
-    id: &str,
-    shape: [usize; 3],
-    seed: u64,
-    with_class2: bool,
-    big_class: Option<u16>,
-) -> MemCase {
-    let n: usize = shape.iter().product();
-    let mut rng = Lcg(seed);
-    let ch0: Vec<i16> = (0..n).map(|_| (rng.next() % 1400) as i16 - 700).collect();
-    let ch1: Vec<f32> = (0..n)
-        .map(|_| (rng.next() % 100_000) as f32 / 1000.0 - 50.0)
-        .collect();
-    let second = big_class.unwrap_or(2);
-    let mut labels = vec![0u16; n];
-    for z in 0..shape[0] {
-        for y in 0..shape[1] {
-            for x in 0..shape[2] {
-                let i = (z * shape[1] + y) * shape[2] + x;
-                if (1..4).contains(&z) && (2..6).contains(&y) && (3..7).contains(&x) {
-                    labels[i] = 1;
-                } else if with_class2 && z + 2 >= shape[0] && y + 3 >= shape[1] && x + 2 >= shape[2]
-                {
-                    labels[i] = second;
-                }
-            }
-        }
-    }
-    let mut class_voxels = BTreeMap::new();
-    for &l in &labels {
-        *class_voxels.entry(l).or_insert(0u64) += 1;
-    }
-    let label = if labels.iter().all(|&l| l < 256) {
-        LabelData::U8(labels.iter().map(|&l| l as u8).collect())
-    } else {
-        LabelData::U16(labels)
-    };
-    let meta = CaseMeta {
-        id: id.to_string(),
-        shape,
-        spacing: [1.0, 1.0, 1.0],
-        original: Geometry {
-            shape,
-            spacing: [1.0, 1.0, 1.0],
-            affine: [
-                [1.0, 0.0, 0.0, 0.0],
-                [0.0, 1.0, 0.0, 0.0],
-                [0.0, 0.0, 1.0, 0.0],
-                [0.0, 0.0, 0.0, 1.0],
-            ],
-        },
-        crop_box: [[0, shape[0]], [0, shape[1]], [0, shape[2]]],
-        channels: vec![
-            ChannelMeta {
-                name: "CT".into(),
-                dtype: DType::I16,
-                norm: ct_norm(),
-            },
-            ChannelMeta {
-                name: "T2".into(),
-                dtype: DType::F32,
-                norm: mr_norm(),
-            },
-        ],
-        label_dtype: label.dtype(),
-        label_names: [(0u16, "background".to_string()), (1, "organ".to_string())].into(),
-        class_voxels,
-        ignore_label: None,
-    };
-    MemCase {
-        meta,
-        channels: vec![VoxelData::I16(ch0), VoxelData::F32(ch1)],
-        label,
-    }
-}
-
-/// All voxels of each foreground class, as `[z, y, x]`.
-fn locations(case: &MemCase) -> BTreeMap<u16, Vec<[u32; 3]>> {
-    let s = case.meta.shape;
-    let mut out: BTreeMap<u16, Vec<[u32; 3]>> = BTreeMap::new();
-    for z in 0..s[0] {
-        for y in 0..s[1] {
-            for x in 0..s[2] {
-                let c = case.label.get((z * s[1] + y) * s[2] + x);
-                if c != 0 {
-                    out.entry(c)
-                        .or_default()
-                        .push([z as u32, y as u32, x as u32]);
-                }
-            }
-        }
-    }
-    out
-}
-
-/// Writes `cases` (small chunks so that boxes cross chunk borders) and a manifest.
-fn write_store(dir: &Path, cases: &[MemCase]) {
-    let opts = WriteOptions {
-        chunk_shape: [4, 5, 6],
-        ..WriteOptions::default()
-    };
-    let mut manifest = Manifest {
-        format: 1,
-        dataset: "synthetic".into(),
-        plan: serde_json::Value::Null,
-        cases: Vec::new(),
-    };
-    // Written in reverse id order: the dataset must sort by id.
-    for case in cases.iter().rev() {
-        let file = case_file_name(&case.meta.id);
-        let locs = locations(case);
-        let data = CaseData {
-            meta: &case.meta,
-            channels: &case.channels,
-            label: &case.label,
-            class_locations: &locs,
-        };
-        let report = write_case(&dir.join(&file), &data, &opts).expect("write case");
-        manifest.cases.push(ManifestCase {
-            id: case.meta.id.clone(),
-            file,
-            stored_bytes: report.stored_bytes,
-            source: serde_json::Value::Null,
-        });
-    }
-    manifest.save(dir).expect("save manifest");
-}
+use patchflow_store::ChunkCache;
+use patchflow_testkit::synthetic::{MemCase, make_case, write_store};
+use patchflow_volume::DType;
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -206,9 +22,9 @@ struct Fixture {
 /// Three cases of different shapes; case "c" has no class 2.
 fn fixture() -> Fixture {
     let cases = vec![
-        make_case("a", [12, 20, 17], 1, true, None),
-        make_case("b", [9, 14, 22], 2, true, None),
-        make_case("c", [16, 11, 13], 3, false, None),
+        make_case("a", [12, 20, 17], 1, Some(2)),
+        make_case("b", [9, 14, 22], 2, Some(2)),
+        make_case("c", [16, 11, 13], 3, None),
     ];
     let dir = tempfile::tempdir().expect("tempdir");
     write_store(dir.path(), &cases);
@@ -702,14 +518,14 @@ fn dataset_metadata() {
     assert_eq!(ds.label_dtype(), DType::U8);
     assert_eq!(ds.ignore_label(), 255);
     assert_eq!(ds.classes(), vec![1, 2]);
-    assert_eq!(ds.label_names().get(&1).map(String::as_str), Some("organ"));
+    assert_eq!(ds.label_names().get(&1).map(String::as_str), Some("liver"));
 }
 
 #[test]
 fn wide_classes_are_served_as_u16() {
     let cases = vec![
-        make_case("p", [10, 12, 9], 7, true, Some(300)),
-        make_case("q", [8, 9, 10], 8, false, None),
+        make_case("p", [10, 12, 9], 7, Some(300)),
+        make_case("q", [8, 9, 10], 8, None),
     ];
     let dir = tempfile::tempdir().expect("tempdir");
     write_store(dir.path(), &cases);
@@ -739,10 +555,10 @@ fn open_rejects_inconsistent_stores() {
     assert!(matches!(err, SamplerError::NotFound(_)), "{err}");
 
     // Different channel counts.
-    let mut one_channel = make_case("m", [5, 5, 5], 1, false, None);
+    let mut one_channel = make_case("m", [5, 5, 5], 1, None);
     one_channel.meta.channels.truncate(1);
     one_channel.channels.truncate(1);
-    let two = make_case("n", [5, 5, 5], 2, false, None);
+    let two = make_case("n", [5, 5, 5], 2, None);
     let dir = tempfile::tempdir().expect("tempdir");
     write_store(dir.path(), &[one_channel, two]);
     let err = Dataset::open("x", dir.path(), ChunkCache::new(0)).expect_err("channel mismatch");
@@ -752,7 +568,7 @@ fn open_rejects_inconsistent_stores() {
     );
 
     // A class that collides with the u16 ignore label.
-    let clash = make_case("o", [5, 5, 5], 3, true, Some(u16::MAX));
+    let clash = make_case("o", [5, 5, 9], 3, Some(u16::MAX));
     let dir = tempfile::tempdir().expect("tempdir");
     write_store(dir.path(), &[clash]);
     let err = Dataset::open("x", dir.path(), ChunkCache::new(0)).expect_err("class 65535");
@@ -1011,8 +827,8 @@ fn augmentation_does_not_move_crops() {
 #[test]
 fn wide_labels_are_augmented_as_u16() {
     let cases = vec![
-        make_case("p", [10, 12, 9], 7, true, Some(300)),
-        make_case("q", [8, 9, 10], 8, false, None),
+        make_case("p", [10, 12, 9], 7, Some(300)),
+        make_case("q", [8, 9, 10], 8, None),
     ];
     let dir = tempfile::tempdir().expect("tempdir");
     write_store(dir.path(), &cases);

@@ -6,18 +6,15 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use half::{bf16, f16};
 use patchflow_client::{Batch, ImageDtype, LabelDtype};
 use patchflow_proto::v1 as pb;
 use patchflow_server::{Limits, RunningServer, ServerConfig};
-use patchflow_store::{
-    CaseData, CaseMeta, ChannelMeta, Manifest, ManifestCase, WriteOptions, case_file_name,
-    write_case,
-};
-use patchflow_volume::{DType, Geometry, LabelData, NormScheme, Normalization, VoxelData};
+pub use patchflow_testkit::synthetic::MemCase;
+use patchflow_testkit::synthetic::{make_case, write_store};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
@@ -69,141 +66,6 @@ pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
     }
 }
 
-/// Deterministic source of test voxel values.
-struct Lcg(u64);
-impl Lcg {
-    fn next(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        self.0 >> 33
-    }
-}
-
-/// A case as written to the store.
-pub struct MemCase {
-    pub meta: CaseMeta,
-    pub channels: Vec<VoxelData>,
-    pub label: LabelData,
-}
-
-impl MemCase {
-    fn index(&self, z: i64, y: i64, x: i64) -> Option<usize> {
-        let s = self.meta.shape;
-        if z < 0 || y < 0 || x < 0 || z >= s[0] as i64 || y >= s[1] as i64 || x >= s[2] as i64 {
-            return None;
-        }
-        Some((z as usize * s[1] + y as usize) * s[2] + x as usize)
-    }
-}
-
-fn ct_norm() -> Normalization {
-    Normalization {
-        scheme: NormScheme::Ct,
-        clip: Some([-300.0, 500.0]),
-        mean: 41.25,
-        inv_std: 1.0 / 87.5,
-    }
-}
-
-fn mr_norm(mean: f32) -> Normalization {
-    Normalization {
-        scheme: NormScheme::ZScore,
-        clip: None,
-        mean,
-        inv_std: 1.75,
-    }
-}
-
-/// A case with an `i16` CT-like channel and an `f32` channel; class 1 is a box, class 2 a
-/// corner blob (when `class2`), background elsewhere.
-fn make_case(id: &str, shape: [usize; 3], seed: u64, class2: bool) -> MemCase {
-    let n: usize = shape.iter().product();
-    let mut rng = Lcg(seed);
-    let ch0: Vec<i16> = (0..n).map(|_| (rng.next() % 1600) as i16 - 800).collect();
-    let ch1: Vec<f32> = (0..n)
-        .map(|_| (rng.next() % 200_000) as f32 / 1000.0 - 100.0)
-        .collect();
-    let mut labels = vec![0u8; n];
-    for z in 0..shape[0] {
-        for y in 0..shape[1] {
-            for x in 0..shape[2] {
-                let i = (z * shape[1] + y) * shape[2] + x;
-                if (2..6).contains(&z) && (3..8).contains(&y) && (1..5).contains(&x) {
-                    labels[i] = 1;
-                } else if class2 && z + 3 >= shape[0] && y + 2 >= shape[1] && x + 4 >= shape[2] {
-                    labels[i] = 2;
-                }
-            }
-        }
-    }
-    let mut class_voxels = BTreeMap::new();
-    for &l in &labels {
-        *class_voxels.entry(u16::from(l)).or_insert(0u64) += 1;
-    }
-    let meta = CaseMeta {
-        id: id.to_string(),
-        shape,
-        spacing: [2.5, 0.75, 0.75],
-        original: Geometry {
-            shape,
-            spacing: [2.5, 0.75, 0.75],
-            affine: [
-                [0.75, 0.0, 0.0, 0.0],
-                [0.0, 0.75, 0.0, 0.0],
-                [0.0, 0.0, 2.5, 0.0],
-                [0.0, 0.0, 0.0, 1.0],
-            ],
-        },
-        crop_box: [[0, shape[0]], [0, shape[1]], [0, shape[2]]],
-        channels: vec![
-            ChannelMeta {
-                name: "CT".into(),
-                dtype: DType::I16,
-                norm: ct_norm(),
-            },
-            ChannelMeta {
-                name: "T2".into(),
-                dtype: DType::F32,
-                norm: mr_norm(seed as f32 * 0.01),
-            },
-        ],
-        label_dtype: DType::U8,
-        label_names: [
-            (0u16, "background".to_string()),
-            (1, "liver".to_string()),
-            (2, "tumour".to_string()),
-        ]
-        .into(),
-        class_voxels,
-        ignore_label: None,
-    };
-    MemCase {
-        meta,
-        channels: vec![VoxelData::I16(ch0), VoxelData::F32(ch1)],
-        label: LabelData::U8(labels),
-    }
-}
-
-fn locations(case: &MemCase) -> BTreeMap<u16, Vec<[u32; 3]>> {
-    let s = case.meta.shape;
-    let mut out: BTreeMap<u16, Vec<[u32; 3]>> = BTreeMap::new();
-    for z in 0..s[0] {
-        for y in 0..s[1] {
-            for x in 0..s[2] {
-                let c = case.label.get((z * s[1] + y) * s[2] + x);
-                if c != 0 {
-                    out.entry(c)
-                        .or_default()
-                        .push([z as u32, y as u32, x as u32]);
-                }
-            }
-        }
-    }
-    out
-}
-
 /// A store folder with its in-memory copy.
 pub struct Fixture {
     pub root: tempfile::TempDir,
@@ -213,39 +75,6 @@ pub struct Fixture {
     pub cases: BTreeMap<String, MemCase>,
 }
 
-/// Writes `cases` into `dir` (small chunks, so that patches cross chunk borders).
-fn write_store(dir: &Path, cases: &[&MemCase]) {
-    std::fs::create_dir_all(dir).unwrap();
-    let opts = WriteOptions {
-        chunk_shape: [4, 5, 6],
-        ..WriteOptions::default()
-    };
-    let mut manifest = Manifest {
-        format: patchflow_store::MANIFEST_FORMAT,
-        dataset: "synthetic".into(),
-        plan: serde_json::Value::Null,
-        cases: Vec::new(),
-    };
-    for case in cases {
-        let file = case_file_name(&case.meta.id);
-        let locs = locations(case);
-        let data = CaseData {
-            meta: &case.meta,
-            channels: &case.channels,
-            label: &case.label,
-            class_locations: &locs,
-        };
-        let report = write_case(&dir.join(&file), &data, &opts).unwrap();
-        manifest.cases.push(ManifestCase {
-            id: case.meta.id.clone(),
-            file,
-            stored_bytes: report.stored_bytes,
-            source: serde_json::Value::Null,
-        });
-    }
-    manifest.save(dir).unwrap();
-}
-
 impl Fixture {
     /// Three cases of different shapes, two with class 2.
     pub fn new() -> Fixture {
@@ -253,11 +82,11 @@ impl Fixture {
         let name = "Dataset900_Synthetic".to_string();
         let store = root.path().join(&name);
         let cases = [
-            make_case("case_a", [12, 14, 16], 11, true),
-            make_case("case_b", [10, 17, 13], 23, false),
-            make_case("case_c", [15, 9, 11], 37, true),
+            make_case("case_a", [12, 14, 16], 11, Some(2)),
+            make_case("case_b", [10, 17, 13], 23, None),
+            make_case("case_c", [15, 9, 11], 37, Some(2)),
         ];
-        write_store(&store, &cases.iter().collect::<Vec<_>>());
+        write_store(&store, &cases);
         Fixture {
             root,
             store,
@@ -269,8 +98,7 @@ impl Fixture {
     /// Writes a second, one-case store named `name` next to the fixture's and returns its path.
     pub fn add_store(&self, name: &str) -> PathBuf {
         let dir = self.root.path().join(name);
-        let case = make_case("only", [8, 9, 10], 5, false);
-        write_store(&dir, &[&case]);
+        write_store(&dir, &[make_case("only", [8, 9, 10], 5, None)]);
         dir
     }
 
