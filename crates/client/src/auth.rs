@@ -2,7 +2,6 @@
 //! for `https://` endpoints.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -12,70 +11,7 @@ use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 use tonic::{Request, Status};
 
 use crate::ClientError;
-
-/// Longest token accepted, in bytes.
-pub const MAX_TOKEN_BYTES: usize = 4096;
-
-/// A bearer token. Its value is never printed: `Debug` shows `Secret(<redacted>)`.
-#[derive(Clone)]
-pub struct Secret(Arc<str>);
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
-}
-
-impl Secret {
-    /// A token given directly (e.g. from the environment): 1 to [`MAX_TOKEN_BYTES`] visible
-    /// ASCII characters without spaces.
-    pub fn new(token: impl Into<String>) -> Result<Secret, ClientError> {
-        Secret::checked(token.into(), "the given token")
-    }
-
-    /// Reads a token from `path`; one trailing line break (`\n` or `\r\n`) is dropped. An
-    /// empty file, or one whose content is not a usable token, is an error naming the file.
-    pub fn from_file(path: &Path) -> Result<Secret, ClientError> {
-        let origin = format!("token file {}", path.display());
-        let bytes = std::fs::read(path).map_err(|e| ClientError::Credentials {
-            origin: origin.clone(),
-            reason: format!("cannot read: {e}"),
-        })?;
-        let text = String::from_utf8(bytes).map_err(|_| ClientError::Credentials {
-            origin: origin.clone(),
-            reason: "not UTF-8 text".into(),
-        })?;
-        let token = text
-            .strip_suffix("\r\n")
-            .or_else(|| text.strip_suffix('\n'))
-            .unwrap_or(&text)
-            .to_owned();
-        Secret::checked(token, &origin)
-    }
-
-    fn checked(token: String, origin: &str) -> Result<Secret, ClientError> {
-        let bad = |reason: String| ClientError::Credentials {
-            origin: origin.to_owned(),
-            reason,
-        };
-        if token.is_empty() {
-            return Err(bad("empty (a token needs at least one character)".into()));
-        }
-        if token.len() > MAX_TOKEN_BYTES {
-            return Err(bad(format!(
-                "{} bytes long, at most {MAX_TOKEN_BYTES} allowed",
-                token.len()
-            )));
-        }
-        if let Some(at) = token.bytes().position(|b| !(0x21..=0x7e).contains(&b)) {
-            return Err(bad(format!(
-                "byte {at} is a space, a control character or not ASCII (a token is visible \
-                 ASCII characters only, so that it can travel in an HTTP header)"
-            )));
-        }
-        Ok(Secret(token.into()))
-    }
-}
+pub use patchflow_proto::token::Secret;
 
 /// Adds `authorization: Bearer <token>` to every call (nothing without a token).
 #[derive(Clone)]
@@ -96,12 +32,13 @@ impl Credentials {
         let Some(token) = token else {
             return Ok(Credentials(None));
         };
-        let mut value = MetadataValue::try_from(format!("Bearer {}", token.0)).map_err(|_| {
-            ClientError::Credentials {
-                origin: "the given token".into(),
-                reason: "cannot be sent as a header value".into(),
-            }
-        })?;
+        let mut value =
+            MetadataValue::try_from(format!("Bearer {}", token.expose())).map_err(|_| {
+                ClientError::Credentials {
+                    origin: "the given token".into(),
+                    reason: "cannot be sent as a header value".into(),
+                }
+            })?;
         // Keeps the header out of HPACK's shared tables.
         value.set_sensitive(true);
         Ok(Credentials(Some(value)))
@@ -217,24 +154,6 @@ fn read_key(path: &Path) -> Result<Vec<u8>, ClientError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn token_files_drop_one_line_break_and_name_the_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("token");
-        std::fs::write(&path, "abc\n").unwrap();
-        let s = Secret::from_file(&path).unwrap();
-        assert_eq!(&*s.0, "abc");
-        assert_eq!(format!("{s:?}"), "Secret(<redacted>)");
-        for bad in ["", "\n", "a b", "abc\n\n"] {
-            std::fs::write(&path, bad).unwrap();
-            let err = Secret::from_file(&path).unwrap_err().to_string();
-            assert!(err.contains(&path.display().to_string()), "{err}");
-        }
-        std::fs::write(&path, "\n").unwrap();
-        let err = Secret::from_file(&path).unwrap_err().to_string();
-        assert!(err.contains("empty"), "{err}");
-    }
 
     #[test]
     fn credentials_add_the_bearer_header() {

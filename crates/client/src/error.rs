@@ -2,6 +2,15 @@
 
 use tonic::{Code, Status};
 
+impl From<patchflow_proto::token::TokenError> for ClientError {
+    fn from(e: patchflow_proto::token::TokenError) -> ClientError {
+        ClientError::Credentials {
+            origin: e.origin,
+            reason: e.reason,
+        }
+    }
+}
+
 /// Why a client call or stream failed. Every variant names the endpoint it concerns.
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum ClientError {

@@ -49,10 +49,11 @@ use patchflow_proto::v1::patchflow_client::PatchflowClient;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint, Uri};
 
-pub use auth::{MAX_TOKEN_BYTES, Secret, TlsOptions};
+pub use auth::TlsOptions;
 pub use batch::{Batch, ImageDtype, Item, LabelDtype, image_dtype_size, label_dtype_size};
 pub use config::{ClientOptions, Policy, SharedMemory, StreamConfig};
 pub use error::ClientError;
+pub use patchflow_proto::token::{MAX_TOKEN_BYTES, Secret, TokenError};
 pub use patchflow_proto::v1::{
     DatasetDescription, DatasetSummary, ListDatasetsResponse, ServerLimits, SetAsideCase,
 };

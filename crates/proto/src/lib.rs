@@ -5,6 +5,8 @@
 //! Byte fields are [`bytes::Bytes`], so batch buffers move between the sampler, the transport
 //! and the caller without being copied.
 
+pub mod token;
+
 /// Package `patchflow.v1`: messages, enums, `patchflow_client` and `patchflow_server`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod v1 {

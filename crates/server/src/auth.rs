@@ -18,82 +18,7 @@ use tonic::{Request, Status};
 
 use crate::ServerError;
 use crate::metrics::Metrics;
-
-/// Longest token accepted, in bytes.
-pub const MAX_TOKEN_BYTES: usize = 4096;
-
-/// A bearer token. Its value is never printed: `Debug` shows `Secret(<redacted>)`, and it has
-/// no `Display` and no `PartialEq` (comparisons go through a constant-time check).
-#[derive(Clone)]
-pub struct Secret(Arc<str>);
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
-}
-
-impl Secret {
-    /// A token given directly (e.g. from the environment). It must be 1 to
-    /// [`MAX_TOKEN_BYTES`] visible ASCII characters without spaces, so that it can travel in
-    /// an HTTP header.
-    pub fn new(token: impl Into<String>) -> Result<Secret, ServerError> {
-        Secret::checked(token.into(), "the given token")
-    }
-
-    /// Reads a token from `path`; one trailing line break (`\n` or `\r\n`) is dropped. An
-    /// empty file, or one whose content is not a usable token, is an error naming the file.
-    pub fn from_file(path: &Path) -> Result<Secret, ServerError> {
-        let bytes = std::fs::read(path).map_err(|source| ServerError::Io {
-            what: "reading token file",
-            path: path.display().to_string(),
-            source,
-        })?;
-        let origin = format!("token file {}", path.display());
-        let text = String::from_utf8(bytes).map_err(|_| ServerError::Token {
-            origin: origin.clone(),
-            reason: "not UTF-8 text".into(),
-        })?;
-        let token = text
-            .strip_suffix("\r\n")
-            .or_else(|| text.strip_suffix('\n'))
-            .unwrap_or(&text)
-            .to_owned();
-        Secret::checked(token, &origin)
-    }
-
-    fn checked(token: String, origin: &str) -> Result<Secret, ServerError> {
-        token_rule(&token).map_err(|reason| ServerError::Token {
-            origin: origin.to_owned(),
-            reason,
-        })?;
-        Ok(Secret(token.into()))
-    }
-
-    fn bytes(&self) -> &[u8] {
-        self.0.as_bytes()
-    }
-}
-
-/// Why `token` cannot be used, if it cannot. Never quotes the token.
-fn token_rule(token: &str) -> Result<(), String> {
-    if token.is_empty() {
-        return Err("empty (a token needs at least one character)".into());
-    }
-    if token.len() > MAX_TOKEN_BYTES {
-        return Err(format!(
-            "{} bytes long, at most {MAX_TOKEN_BYTES} allowed",
-            token.len()
-        ));
-    }
-    if let Some(at) = token.bytes().position(|b| !(0x21..=0x7e).contains(&b)) {
-        return Err(format!(
-            "byte {at} is a space, a control character or not ASCII (a token is visible ASCII \
-             characters only, so that it can travel in an HTTP header)"
-        ));
-    }
-    Ok(())
-}
+pub use patchflow_proto::token::Secret;
 
 /// Compares `given` with `expected` in time that depends only on the length of `expected`.
 fn constant_time_eq(expected: &[u8], given: &[u8]) -> bool {
@@ -120,7 +45,7 @@ fn check_bearer(metadata: &MetadataMap, token: &Secret) -> Result<(), &'static s
         return Err("unsupported credentials: the authorization header must be `Bearer <token>`");
     }
     let given = rest.trim_ascii();
-    if constant_time_eq(token.bytes(), given) {
+    if constant_time_eq(token.expose().as_bytes(), given) {
         Ok(())
     } else {
         Err("invalid bearer token")
@@ -262,7 +187,7 @@ mod tests {
     use tonic::metadata::MetadataValue;
 
     fn secret(s: &str) -> Secret {
-        Secret::new(s).map_err(|e| e.to_string()).unwrap()
+        Secret::new(s).unwrap()
     }
 
     fn with_auth(value: &str) -> MetadataMap {
@@ -309,42 +234,6 @@ mod tests {
     fn secrets_are_never_printed() {
         let s = secret("hunter2");
         assert_eq!(format!("{s:?}"), "Secret(<redacted>)");
-    }
-
-    #[test]
-    fn token_files_drop_one_line_break_and_reject_empty_ones() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("token");
-        for (content, ok) in [
-            ("abc\n", true),
-            ("abc\r\n", true),
-            ("abc", true),
-            ("\n", false),
-            ("", false),
-            ("abc\n\n", false),
-            ("a b\n", false),
-        ] {
-            std::fs::write(&path, content).unwrap();
-            match Secret::from_file(&path) {
-                Ok(s) => {
-                    assert!(ok, "{content:?} accepted");
-                    assert_eq!(s.bytes(), b"abc");
-                }
-                Err(e) => {
-                    assert!(!ok, "{content:?} refused: {e}");
-                    assert!(e.to_string().contains(&path.display().to_string()), "{e}");
-                }
-            }
-        }
-        let err = Secret::from_file(&dir.path().join("missing")).unwrap_err();
-        assert!(err.to_string().contains("missing"), "{err}");
-        std::fs::write(&path, "\n").unwrap();
-        assert!(
-            Secret::from_file(&path)
-                .unwrap_err()
-                .to_string()
-                .contains("empty")
-        );
     }
 
     #[test]

@@ -161,6 +161,15 @@ pub fn store_status(err: &StoreError) -> Status {
     Status::new(code, err.to_string())
 }
 
+impl From<patchflow_proto::token::TokenError> for ServerError {
+    fn from(e: patchflow_proto::token::TokenError) -> ServerError {
+        ServerError::Token {
+            origin: e.origin,
+            reason: e.reason,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -62,13 +62,14 @@ use tonic::service::{InterceptorLayer, Routes};
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Server, ServerTlsConfig};
 
-pub use auth::{MAX_TOKEN_BYTES, Secret, TlsFiles};
+pub use auth::TlsFiles;
 pub use config::{
     DEFAULT_PORT, Limits, MIN_MESSAGE_BYTES, ServerConfig, default_shared_memory_dir,
 };
 pub use convert::DEFAULT_FOREGROUND_FRACTION;
 pub use error::{ServerError, sampler_status, store_status};
 pub use metrics::MetricsSnapshot;
+pub use patchflow_proto::token::{MAX_TOKEN_BYTES, Secret, TokenError};
 
 use auth::Authenticator;
 use metrics::Metrics;
