@@ -251,21 +251,9 @@ impl LinkTask {
                                 return self.protocol_error(config_id, reason);
                             }
                             Err(MapError::Unusable { path, reason }) => {
-                                // Either the stream is ending (the daemon removes a stream's
-                                // files with it, and batches already on the way name them) or
-                                // this process cannot use the daemon's files. One more batch
-                                // tells which: a live stream sends it, an ending one its status.
-                                let _ = requests.send(pb::SampleRequest {
-                                    credits: 1,
-                                    ..pb::SampleRequest::default()
-                                });
-                                return match inbound.message().await {
-                                    Ok(Some(_)) => self.shared_memory_unusable(&path, &reason),
-                                    Ok(None) => End::Failed(Status::unavailable(
-                                        "the daemon closed the stream",
-                                    )),
-                                    Err(status) => End::Failed(status),
-                                };
+                                return self
+                                    .after_unusable_slot(&mut inbound, &requests, &path, &reason)
+                                    .await;
                             }
                         }
                     }
@@ -308,6 +296,41 @@ impl LinkTask {
         };
         self.report(config_id, error);
         End::Reported
+    }
+
+    /// A slot that could not be mapped means either that the stream is ending (the daemon
+    /// removes a stream's files with it, while batches already on their way still name them)
+    /// or that this process cannot use the daemon's files at all. An ending stream sends at
+    /// most the batches it owed when the failure was seen, then its status; a live one keeps
+    /// producing as long as it gets credits. So each unreadable batch is replaced by a credit,
+    /// and a message beyond the ones owed proves the stream alive.
+    async fn after_unusable_slot(
+        &mut self,
+        inbound: &mut tonic::Streaming<pb::SampleResponse>,
+        requests: &mpsc::UnboundedSender<pb::SampleRequest>,
+        path: &str,
+        reason: &str,
+    ) -> End {
+        let owed = self.outstanding.max(1);
+        let mut seen = 0u32;
+        loop {
+            let _ = requests.send(pb::SampleRequest {
+                credits: 1,
+                ..pb::SampleRequest::default()
+            });
+            match inbound.message().await {
+                Ok(Some(_)) => {
+                    seen += 1;
+                    if seen >= owed {
+                        return self.shared_memory_unusable(path, reason);
+                    }
+                }
+                Ok(None) => {
+                    return End::Failed(Status::unavailable("the daemon closed the stream"));
+                }
+                Err(status) => return End::Failed(status),
+            }
+        }
     }
 
     /// A slot file this process cannot use: in [`crate::SharedMemory::Auto`] mode the stream
