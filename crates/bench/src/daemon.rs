@@ -165,6 +165,15 @@ fn spawn(spec: &DaemonSpec, addr: SocketAddr) -> Result<Child, BenchError> {
     if let Some(n) = spec.max_streams {
         cmd.arg("--max-streams").arg(n.to_string());
     }
+    // Shared memory is measured too: without /dev/shm, the slots go beside the daemon's log.
+    if !Path::new("/dev/shm").is_dir() {
+        let dir = spec
+            .log
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        cmd.arg("--shm-dir").arg(dir);
+    }
     cmd.args(&spec.extra_args);
     // A loopback daemon of the benchmark's own: no token, whatever the shell exports.
     cmd.env_remove("PATCHFLOW_TOKEN")
