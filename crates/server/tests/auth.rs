@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{Fixture, client_options, config, within};
+use common::{Fixture, client_options, config, metrics_text, within};
 use patchflow_client::{Client, ClientError, ClientOptions, Secret, StreamConfig, TlsOptions};
 use patchflow_proto::v1 as pb;
 use patchflow_server::{Limits, RunningServer, ServerConfig, ServerError, TlsFiles};
@@ -222,20 +222,6 @@ async fn every_rpc_needs_the_token_on_tcp_and_unix_sockets() {
         "{text}"
     );
     server.shutdown().await.unwrap();
-}
-
-async fn metrics_text(server: &RunningServer) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = server.metrics_addr().unwrap();
-    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut text = String::new();
-    within("metrics", conn.read_to_string(&mut text))
-        .await
-        .unwrap();
-    text
 }
 
 /// A CA, a server certificate for `patchflow.test` and a client certificate, as PEM files.

@@ -11,11 +11,10 @@ mod common;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use common::{Fixture, client_options, config, open_sample, wait_live, within};
+use common::{Fixture, client_options, config, metrics_text, open_sample, wait_live, within};
 use patchflow_client::{Batch, BatchStream, Client, ClientError, ImageDtype, Item, LabelDtype};
 use patchflow_proto::v1 as pb;
 use patchflow_server::{Limits, RunningServer};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tonic::Code;
 use xxhash_rust::xxh3::xxh3_64;
@@ -163,20 +162,6 @@ fn set_aside_ids(cases: &[pb::SetAsideCase]) -> Vec<&str> {
     cases.iter().map(|c| c.id.as_str()).collect()
 }
 
-async fn scrape(server: &RunningServer) -> String {
-    let mut conn = tokio::net::TcpStream::connect(server.metrics_addr().unwrap())
-        .await
-        .unwrap();
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
-        .await
-        .unwrap();
-    let mut text = String::new();
-    within("metrics", conn.read_to_string(&mut text))
-        .await
-        .unwrap();
-    text
-}
-
 /// A Sample stream driven message by message, with credits granted by the test only.
 struct RawStream {
     tx: mpsc::UnboundedSender<pb::SampleRequest>,
@@ -320,7 +305,7 @@ async fn a_case_damaged_while_serving_is_set_aside_and_reported() {
     assert_eq!(summary.set_aside, description.set_aside);
     // ... and in the metrics.
     assert_eq!(server.metrics().cases_set_aside, 1);
-    let text = scrape(&server).await;
+    let text = metrics_text(&server).await;
     assert!(
         text.contains("\npatchflow_cases_set_aside_total 1\n"),
         "{text}"

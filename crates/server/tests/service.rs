@@ -4,11 +4,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Fixture, client_options, config, serve, wait_live, within};
+use common::{Fixture, client_options, config, http_get, serve, wait_live, within};
 use patchflow_client::{Client, StreamConfig};
 use patchflow_proto::v1 as pb;
 use patchflow_server::{Limits, ServerError};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 use tonic_reflection::pb::v1::ServerReflectionRequest;
@@ -193,19 +192,6 @@ async fn health_and_reflection_answer() {
     }
 
     server.shutdown().await.unwrap();
-}
-
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    within("http answer", stream.read_to_string(&mut out))
-        .await
-        .unwrap();
-    out
 }
 
 fn metric(text: &str, name: &str) -> f64 {

@@ -211,6 +211,31 @@ pub fn client_options() -> patchflow_client::ClientOptions {
     }
 }
 
+/// The raw HTTP answer (status line, headers and body) of `GET path` on `addr`, e.g. the
+/// metrics endpoint.
+pub async fn http_get(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    within("http answer", stream.read_to_string(&mut out))
+        .await
+        .unwrap();
+    out
+}
+
+/// The daemon's Prometheus text, as its metrics endpoint answers it.
+pub async fn metrics_text(server: &RunningServer) -> String {
+    http_get(
+        server.metrics_addr().expect("a metrics listener"),
+        "/metrics",
+    )
+    .await
+}
+
 /// Waits until the server reports `n` live streams.
 pub async fn wait_live(server: &RunningServer, n: usize) {
     let mut live = server.live_streams();
