@@ -46,6 +46,20 @@ torch.set_num_interop_threads(1)
 # measurement
 
 
+def endless(loader):
+    """A function returning the loader's next batch, starting a new epoch when one ends."""
+    state = {"it": iter(loader)}
+
+    def next_batch():
+        try:
+            return next(state["it"])
+        except StopIteration:
+            state["it"] = iter(loader)
+            return next(state["it"])
+
+    return next_batch
+
+
 def measure(next_batch, batch, seconds, warmup_batches=2):
     """Draws batches for `seconds` of wall time after a warm-up; returns counts and times."""
     for _ in range(warmup_batches):
@@ -199,14 +213,7 @@ def monai_factory(args):
         ds = CacheDataset(data, transform=Compose(steps), cache_rate=1.0, num_workers=0, progress=False,
                           copy_cache=False)
         dl = DataLoader(ds, batch_size=args.batch, shuffle=True, num_workers=0, drop_last=True)
-        state = {"it": iter(dl)}
-
-        def next_batch():
-            try:
-                return next(state["it"])
-            except StopIteration:
-                state["it"] = iter(dl)
-                return next(state["it"])
+        next_batch = endless(dl)
 
         return next_batch, {"monai": monai.__version__}
 
@@ -269,14 +276,7 @@ def torchio_factory(args):
 
             source = Augmented()
         dl = tio.SubjectsLoader(source, batch_size=args.batch, num_workers=0)
-        state = {"it": iter(dl)}
-
-        def next_batch():
-            try:
-                return next(state["it"])
-            except StopIteration:
-                state["it"] = iter(dl)
-                return next(state["it"])
+        next_batch = endless(dl)
 
         return next_batch, {"torchio": tio.__version__, "queue": {"max_length": 32, "samples_per_volume": 8}}
 
