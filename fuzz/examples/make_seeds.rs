@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use patchflow_store::{CaseData, CaseMeta, ChannelMeta, WriteOptions, write_case};
+use patchflow_store::{CaseData, CaseMeta, WriteOptions, write_case};
 use patchflow_volume::{
     CaseInput, CtStats, Geometry, Interp, LabelData, NiftiImage, NormScheme, PHANTOM_LABELS,
     PhantomSpec, PreprocessPlan, VoxelData, foreground_samples, phantom, preprocess, write_nifti,
@@ -144,31 +144,11 @@ fn store_seed(
         label_geometry: g,
     };
     let pre = preprocess(&input, &plan)?;
-    let meta = CaseMeta {
-        id: pre.id.clone(),
-        shape: pre.shape,
-        spacing: pre.spacing,
-        original: pre.original.clone(),
-        crop_box: pre.crop_box,
-        channels: pre
-            .channels
-            .iter()
-            .zip(&pre.norms)
-            .zip(&names)
-            .map(|((d, norm), name)| ChannelMeta {
-                name: name.clone(),
-                dtype: d.dtype(),
-                norm: *norm,
-            })
-            .collect(),
-        label_dtype: pre.label.dtype(),
-        label_names: PHANTOM_LABELS
-            .iter()
-            .map(|(c, n)| (*c, n.to_string()))
-            .collect::<BTreeMap<_, _>>(),
-        class_voxels: pre.class_voxels.clone(),
-        ignore_label: None,
-    };
+    let label_names = PHANTOM_LABELS
+        .iter()
+        .map(|(c, n)| (*c, n.to_string()))
+        .collect::<BTreeMap<_, _>>();
+    let meta = CaseMeta::from_preprocessed(&pre, label_names);
     let path = tmp.join(format!("{name}.pfc"));
     let label: &LabelData = &pre.label;
     write_case(

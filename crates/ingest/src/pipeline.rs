@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use patchflow_store::{
-    CaseData, CaseMeta, ChannelMeta, MANIFEST_FORMAT, Manifest, ManifestCase, WriteOptions,
-    case_file_name, is_temp_file_name,
+    CaseData, CaseMeta, MANIFEST_FORMAT, Manifest, ManifestCase, WriteOptions, case_file_name,
+    is_temp_file_name,
 };
 use patchflow_volume::{CaseInput, NormScheme, median_spacing};
 use serde::{Deserialize, Serialize};
@@ -467,28 +467,7 @@ fn ingest_case(
             case.label.display()
         ));
     }
-    let meta = CaseMeta {
-        id: pre.id.clone(),
-        shape: pre.shape,
-        spacing: pre.spacing,
-        original: pre.original.clone(),
-        crop_box: pre.crop_box,
-        channels: pre
-            .channels
-            .iter()
-            .zip(&pre.norms)
-            .zip(&pre.channel_names)
-            .map(|((data, norm), name)| ChannelMeta {
-                name: name.clone(),
-                dtype: data.dtype(),
-                norm: *norm,
-            })
-            .collect(),
-        label_dtype: pre.label.dtype(),
-        label_names: label_names.clone(),
-        class_voxels: pre.class_voxels.clone(),
-        ignore_label: None,
-    };
+    let meta = CaseMeta::from_preprocessed(&pre, label_names.clone());
     let path = out.join(case_file_name(&case.id));
     let written = patchflow_store::write_case(
         &path,

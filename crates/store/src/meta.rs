@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use patchflow_volume::{DType, Geometry, LabelData, Normalization, VoxelData};
+use patchflow_volume::{DType, Geometry, LabelData, Normalization, PreprocessedCase, VoxelData};
 use serde::{Deserialize, Serialize};
 
 /// Per-channel metadata.
@@ -40,6 +40,37 @@ pub struct CaseMeta {
     pub class_voxels: BTreeMap<u16, u64>,
     /// Label value to ignore in the loss (reserved; `None` from ingest for now).
     pub ignore_label: Option<u16>,
+}
+
+impl CaseMeta {
+    /// The metadata of a preprocessed case, its classes named by `label_names`.
+    pub fn from_preprocessed(
+        pre: &PreprocessedCase,
+        label_names: BTreeMap<u16, String>,
+    ) -> CaseMeta {
+        CaseMeta {
+            id: pre.id.clone(),
+            shape: pre.shape,
+            spacing: pre.spacing,
+            original: pre.original.clone(),
+            crop_box: pre.crop_box,
+            channels: pre
+                .channels
+                .iter()
+                .zip(&pre.norms)
+                .zip(&pre.channel_names)
+                .map(|((data, norm), name)| ChannelMeta {
+                    name: name.clone(),
+                    dtype: data.dtype(),
+                    norm: *norm,
+                })
+                .collect(),
+            label_dtype: pre.label.dtype(),
+            label_names,
+            class_voxels: pre.class_voxels.clone(),
+            ignore_label: None,
+        }
+    }
 }
 
 /// Which array of a case.
