@@ -239,46 +239,34 @@ impl LinkTask {
                     }
                 },
                 message = inbound.message() => match message {
-                    Ok(Some(message)) if message.shared.is_some() => {
-                        match slots.batch(message, &releases) {
-                            Ok((config_id, batch)) => {
+                    Ok(Some(message)) => {
+                        // A batch completes from one shared-memory message or from its parts.
+                        let received = if message.shared.is_some() {
+                            match slots.batch(message, &releases) {
+                                Ok(done) => Ok(Some(done)),
+                                Err(MapError::Protocol(reason)) => Err(reason),
+                                Err(MapError::Unusable { path, reason }) => {
+                                    return self
+                                        .after_unusable_slot(&mut inbound, &requests, &path, &reason)
+                                        .await;
+                                }
+                            }
+                        } else {
+                            assembler.push(message)
+                        };
+                        match received {
+                            Ok(None) => {}
+                            Ok(Some((config_id, batch))) => {
                                 if let Err(reason) = self.deliver(config_id, batch) {
                                     return self.protocol_error(config_id, reason);
                                 }
                             }
-                            Err(MapError::Protocol(reason)) => {
+                            Err(reason) => {
                                 let config_id = self.config.as_ref().map_or(0, |c| c.config_id);
                                 return self.protocol_error(config_id, reason);
                             }
-                            Err(MapError::Unusable { path, reason }) => {
-                                return self
-                                    .after_unusable_slot(&mut inbound, &requests, &path, &reason)
-                                    .await;
-                            }
                         }
                     }
-                    Ok(Some(message)) => match assembler.push(message) {
-                        Ok(None) => {}
-                        Ok(Some((config_id, batch))) => {
-                            if let Err(reason) = self.deliver(config_id, batch) {
-                                let error = ClientError::Protocol {
-                                    endpoint: self.endpoint.clone(),
-                                    reason,
-                                };
-                                self.report(config_id, error);
-                                return End::Reported;
-                            }
-                        }
-                        Err(reason) => {
-                            let config_id = self.config.as_ref().map_or(0, |c| c.config_id);
-                            let error = ClientError::Protocol {
-                                endpoint: self.endpoint.clone(),
-                                reason,
-                            };
-                            self.report(config_id, error);
-                            return End::Reported;
-                        }
-                    },
                     Ok(None) => {
                         return End::Failed(Status::unavailable("the daemon closed the stream"));
                     }
