@@ -336,37 +336,22 @@ impl Producer {
             let buffers = Arc::clone(&ctx.buffers);
             // The job narrows the request to the cases in service when it runs, so a case set
             // aside while the job waited is not drawn.
-            let handle = match slot {
-                Some(slot) => ctx.pool.submit(move || {
+            let handle = ctx.pool.submit(move || {
+                if let Some(slot) = slot {
                     match damage::sample_shared(&entry, &request, index, &metrics, slot)? {
                         SharedOutcome::Written(batch) => {
                             metrics.shared_batch();
-                            Ok(encode_shared(batch, channels, ignore, config_id))
+                            return Ok(encode_shared(batch, channels, ignore, config_id));
                         }
-                        // A full shared-memory folder slows the stream down; it does not end it.
-                        SharedOutcome::SlotUnusable(e) => {
-                            metrics.shared_memory_fallback(&e);
-                            damage::sample_batch(&entry, &request, index, &metrics, &buffers).map(
-                                |batch| {
-                                    encode_batch(
-                                        batch,
-                                        channels,
-                                        ignore,
-                                        config_id,
-                                        max_message,
-                                        &buffers,
-                                    )
-                                },
-                            )
-                        }
+                        // A full shared-memory folder slows the stream down; it does not end
+                        // it: the batch goes inside the messages.
+                        SharedOutcome::SlotUnusable(e) => metrics.shared_memory_fallback(&e),
                     }
-                }),
-                None => ctx.pool.submit(move || {
-                    damage::sample_batch(&entry, &request, index, &metrics, &buffers).map(|batch| {
-                        encode_batch(batch, channels, ignore, config_id, max_message, &buffers)
-                    })
-                }),
-            };
+                }
+                damage::sample_batch(&entry, &request, index, &metrics, &buffers).map(|batch| {
+                    encode_batch(batch, channels, ignore, config_id, max_message, &buffers)
+                })
+            });
             self.jobs.push_back(Job { index, handle });
             self.stats.jobs.fetch_add(1, Ordering::Relaxed);
             self.credits -= 1;
