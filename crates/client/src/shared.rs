@@ -171,8 +171,12 @@ impl SharedSlots {
             )));
         }
         let file = File::open(path).map_err(|e| fail(e.to_string()))?;
-        let len = file.metadata().map_err(|e| fail(e.to_string()))?.len();
-        if len < shared.file_bytes || !file.metadata().is_ok_and(|m| m.is_file()) {
+        let metadata = file.metadata().map_err(|e| fail(e.to_string()))?;
+        if !metadata.is_file() {
+            return Err(fail("not a regular file".into()));
+        }
+        let len = metadata.len();
+        if len < shared.file_bytes {
             return Err(fail(format!(
                 "the file has {len} bytes, the daemon announced {}",
                 shared.file_bytes
