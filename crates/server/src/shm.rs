@@ -211,31 +211,24 @@ impl Slot {
             // A file is never empty (a zero-length mapping fails), and grows by at least an
             // eighth so that growing patch sizes do not remap at every step.
             let len = need.max(have + have / 8).max(4096);
-            // The growth is charged to the daemon's budget; a refusal resets the slot (its
-            // file goes, and the bytes it held come back).
-            if let Err(e) = self.dir.charge((len - have) as u64) {
-                self.dir.refund(have as u64);
-                remove(&path);
-                return Err(e);
-            }
-            match reserve(&file, len) {
-                // SAFETY: the file was created by this daemon with mode 0600 under a name no
-                // other daemon uses, and only this slot writes it; its length was set and its
-                // blocks reserved just above (so writing cannot fault on a full tmpfs), and it
-                // only ever grows, so the mapping never reaches past the end of the file.
-                // Clients map it read-only and only read a slot while the daemon does not
-                // write it (the protocol's release rule).
-                Ok(()) => match unsafe { MmapMut::map_mut(&file) } {
-                    Ok(map) => self.mapped = Some(Mapped { path, file, map }),
-                    Err(e) => {
-                        self.dir.refund(len as u64);
-                        remove(&path);
-                        return Err(e);
-                    }
-                },
+            // The growth is charged to the daemon's budget. Any failure resets the slot: its
+            // file goes, and every byte it held comes back.
+            let growth = (len - have) as u64;
+            let grown = self.dir.charge(growth).and_then(|()| {
+                reserve(&file, len)
+                    // SAFETY: the file was created by this daemon with mode 0600 under a name
+                    // no other daemon uses, and only this slot writes it; its length was set
+                    // and its blocks reserved just above (so writing cannot fault on a full
+                    // tmpfs), and it only ever grows, so the mapping never reaches past the end
+                    // of the file. Clients map it read-only and only read a slot while the
+                    // daemon does not write it (the protocol's release rule).
+                    .and_then(|()| unsafe { MmapMut::map_mut(&file) })
+                    .inspect_err(|_| self.dir.refund(growth))
+            });
+            match grown {
+                Ok(map) => self.mapped = Some(Mapped { path, file, map }),
                 Err(e) => {
-                    // Unusable now (the folder is full): the slot starts afresh next time.
-                    self.dir.refund(len as u64);
+                    self.dir.refund(have as u64);
                     remove(&path);
                     return Err(e);
                 }
