@@ -557,6 +557,18 @@ pub struct TensorBatch {
     pub produce: Duration,
 }
 
+/// A copy of `t` in page-locked memory, so that its copy to the CUDA `device` can run
+/// asynchronously.
+///
+/// `Tensor::pin_memory` with a device argument (tch always passes one) makes libtorch print a
+/// deprecation warning, twice per call and so twice per batch. This calls the backend operation
+/// `pin_memory` itself ends in (`_pin_memory`, same arguments, no warning), and only if that
+/// fails the public one.
+fn pinned(t: &Tensor, device: Device) -> Result<Tensor, tch::TchError> {
+    t.f_internal_pin_memory(device)
+        .or_else(|_| t.f_pin_memory(device))
+}
+
 /// Runs a [`BatchSource`] on its own thread, `depth` batches ahead of the training loop.
 pub struct Prefetcher {
     rx: Option<Receiver<Result<TensorBatch, TrainerError>>>,
@@ -591,9 +603,9 @@ impl Prefetcher {
                         .and_then(|(image, label)| {
                             if device.is_cuda() {
                                 let image =
-                                    image.f_pin_memory(device).ctx("pinning the image batch")?;
+                                    pinned(&image, device).ctx("pinning the image batch")?;
                                 let label =
-                                    label.f_pin_memory(device).ctx("pinning the label batch")?;
+                                    pinned(&label, device).ctx("pinning the label batch")?;
                                 Ok((image, label))
                             } else {
                                 Ok((image, label))
