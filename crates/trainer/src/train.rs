@@ -842,6 +842,7 @@ pub fn compare_runs(dirs: &[PathBuf]) -> Result<String, TrainerError> {
         .iter()
         .find(|(_, s)| s.mode == Mode::Constant.name())
         .map(|(_, s)| s.train_seconds);
+    let labels = run_labels(&runs);
     let mut rows: Vec<Vec<String>> = vec![
         [
             "section",
@@ -874,10 +875,10 @@ pub fn compare_runs(dirs: &[PathBuf]) -> Result<String, TrainerError> {
             ]);
         }
     }
-    for (_, s) in &runs {
+    for ((_, s), label) in runs.iter().zip(&labels) {
         for st in &s.stages {
             rows.push(vec![
-                format!("{} stages", s.mode),
+                format!("{label} stages"),
                 format!("stage {}", st.stage),
                 fmt_patch(st.patch),
                 st.batch.to_string(),
@@ -890,7 +891,7 @@ pub fn compare_runs(dirs: &[PathBuf]) -> Result<String, TrainerError> {
             ]);
         }
     }
-    for (_, s) in &runs {
+    for ((_, s), label) in runs.iter().zip(&labels) {
         let iters = s.epochs_done * s.iters_per_epoch;
         let ratio = baseline
             .filter(|&b| b > 0.0)
@@ -902,7 +903,7 @@ pub fn compare_runs(dirs: &[PathBuf]) -> Result<String, TrainerError> {
             .map_or("n/a".to_string(), |d| format!("{d:.4}"));
         rows.push(vec![
             "total".into(),
-            s.mode.clone(),
+            label.clone(),
             fmt_patch(s.final_patch),
             s.batch.to_string(),
             iters.to_string(),
@@ -929,6 +930,20 @@ pub fn compare_runs(dirs: &[PathBuf]) -> Result<String, TrainerError> {
         ));
     }
     Ok(text)
+}
+
+/// A name per run for the comparison table: its mode, followed by its folder's name where
+/// several runs share the mode (e.g. the same curriculum fed in process and by a daemon).
+fn run_labels(runs: &[(PathBuf, RunSummary)]) -> Vec<String> {
+    runs.iter()
+        .map(|(dir, s)| {
+            let shared = runs.iter().filter(|(_, o)| o.mode == s.mode).count() > 1;
+            match dir.file_name() {
+                Some(name) if shared => format!("{} ({})", s.mode, name.to_string_lossy()),
+                _ => s.mode.clone(),
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -91,6 +91,23 @@ fn trains_reports_resumes_and_compares() {
             .lines()
             .any(|l| l.starts_with("total") && l.contains("pgps-performance"))
     );
+
+    // Two runs of one curriculum (say, fed in process and by a daemon) are told apart by
+    // their folders' names.
+    let twin = dir.path().join("twin");
+    std::fs::create_dir(&twin).unwrap();
+    std::fs::copy(out.join("summary.json"), twin.join("summary.json")).unwrap();
+    let o = bin().arg("compare").arg(&out).arg(&twin).output().unwrap();
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success());
+    for name in ["pgps-performance (run)", "pgps-performance (twin)"] {
+        assert!(
+            table
+                .lines()
+                .any(|l| l.starts_with("total") && l.contains(name)),
+            "{name} missing:\n{table}"
+        );
+    }
 }
 
 #[test]
