@@ -64,4 +64,48 @@ fn gpu_bench_script_runs_in_cpu_tiny_mode() {
             .join("runs/constant/predictions/slab_2.nii.gz")
             .is_file()
     );
+
+    // daemon.sh: the same PGPS-efficiency run fed by a local daemon trains identically on the
+    // CPU (same batches, same weights), so it ends with the same validation Dice.
+    let train_bin = PathBuf::from(env!("CARGO_BIN_EXE_patchflow-train"));
+    let daemon_bin = train_bin.with_file_name("patchflow");
+    if !daemon_bin.is_file() {
+        eprintln!(
+            "skipping daemon.sh: {} not built (cargo test --workspace builds it)",
+            daemon_bin.display()
+        );
+        return;
+    }
+    let fed = work.path().join("daemon");
+    let out = Command::new("bash")
+        .arg(root.join("benches/gpu/daemon.sh"))
+        .arg(work.path().join("store"))
+        .arg(&fed)
+        .args(["--curriculum", "pgps-efficiency", "--epochs", "10"])
+        .args(["--iters-per-epoch", "4", "--final-patch", "16,32,32"])
+        .args(["--tiny", "--threads", "1", "--device", "cpu"])
+        .env("PATCHFLOW", &daemon_bin)
+        .env("PATCHFLOW_TRAIN", &train_bin)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.contains("data wait"), "{stdout}");
+    let summary = |dir: &std::path::Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap()
+    };
+    let fed = summary(&fed);
+    let local = summary(&work.path().join("runs/pgps-efficiency"));
+    assert!(
+        fed["source"].as_str().unwrap().starts_with("daemons unix:"),
+        "{}",
+        fed["source"]
+    );
+    assert_eq!(fed["stages"].as_array().unwrap().len(), 10);
+    assert_eq!(
+        fed["validation"]["mean_foreground_dice"], local["validation"]["mean_foreground_dice"],
+        "the daemon-fed run trained differently"
+    );
 }
