@@ -59,8 +59,8 @@ pub struct BenchConfig {
 
 impl BenchConfig {
     /// The GPU settings: 3 slabs, final patch 48×96×96, batch 2, 16 epochs of 40 iterations
-    /// per run, 8 timed iterations per stage, full nnU-Net widths (about 5 minutes on one H100
-    /// including start-up and cuDNN autotuning of every new patch shape).
+    /// per run, 8 timed iterations per stage, full nnU-Net widths (150 s on one H100 including
+    /// start-up, ingest and cuDNN autotuning of every new patch shape).
     pub fn gpu(image: PathBuf, label: PathBuf, work: PathBuf) -> BenchConfig {
         BenchConfig {
             image,
