@@ -121,6 +121,15 @@ pub enum PeerTransport {
     GrpcShm,
 }
 
+/// How `bench load` delivers batches.
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum LoadTransport {
+    /// Voxels inside the gRPC messages.
+    Grpc,
+    /// Voxels through shared memory, the messages naming the slot.
+    GrpcShm,
+}
+
 /// Augmentation of `bench peer`.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PeerAugment {
@@ -208,6 +217,13 @@ pub struct LoadArgs {
     /// Daemon log file.
     #[arg(long, default_value = "patchflow-load-daemon.log")]
     pub log: PathBuf,
+    /// How batches reach the streams: through shared memory (what trainers on the daemon's
+    /// host get) or inside the gRPC messages (what remote trainers get).
+    #[arg(long, value_enum, default_value = "grpc-shm")]
+    pub transport: LoadTransport,
+    /// Cap on the daemon's shared-memory slot files together, MiB (`serve --shm-mb`).
+    #[arg(long, default_value_t = 4096)]
+    pub shm_mb: u64,
     /// Further argument for the `patchflow serve` child (repeat for several, e.g.
     /// `--daemon-arg=--max-message-bytes --daemon-arg=4194304`).
     #[arg(long, allow_hyphen_values = true)]
@@ -356,6 +372,11 @@ fn load(a: LoadArgs, progress: bool) -> Result<ExitCode> {
         progress,
         command: command_line(),
         daemon_args: a.daemon_arg,
+        transport: match a.transport {
+            LoadTransport::Grpc => bench::Transport::Grpc,
+            LoadTransport::GrpcShm => bench::Transport::GrpcShared,
+        },
+        shm_mb: a.shm_mb,
     };
     let stop = stop_flag()?;
     let report = bench::run_load(&cfg, &stop)?;

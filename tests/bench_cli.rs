@@ -272,36 +272,55 @@ fn load_mode_runs_many_changing_streams_without_errors() {
         "--seconds",
         "0.2",
     ]);
-    let report = dir.path().join("load.json");
-    let out = run_ok(&[
-        "bench",
-        "load",
-        "--store",
-        s(&work.join("store")),
-        "--streams",
-        "6",
-        "--duration",
-        "2",
-        "--sizes",
-        "8,16,16;16,16,16;16,32,32",
-        "--switch-every",
-        "2",
-        "--workers",
-        "2",
-        "--cache-mb",
-        "16",
-        "--json",
-        s(&report),
-        "--log",
-        s(&dir.path().join("daemon.log")),
-    ]);
-    assert!(out.contains("errors: 0"), "{out}");
-    let r = json(&report);
-    assert_eq!(r["errors"], 0, "{r}");
-    assert_eq!(r["streams"], 6);
-    assert!(r["batches"].as_u64().unwrap() >= 6, "{r}");
-    assert!(r["size_changes"].as_u64().unwrap() >= 1, "{r}");
-    assert!(r["within_bound"].as_bool().unwrap(), "{r}");
-    assert!(r["daemon_peak_rss_bytes"].as_u64().unwrap() > 0);
-    assert!(r["latency_p99_ms"].as_f64().unwrap() >= r["latency_p50_ms"].as_f64().unwrap());
+    // Through shared memory (the default on the daemon's host) and inside the messages.
+    for (transport, name) in [("grpc-shm", "gRPC+shm"), ("grpc", "gRPC")] {
+        let report = dir.path().join(format!("load-{transport}.json"));
+        let out = run_ok(&[
+            "bench",
+            "load",
+            "--store",
+            s(&work.join("store")),
+            "--streams",
+            "6",
+            "--duration",
+            "2",
+            "--sizes",
+            "8,16,16;16,16,16;16,32,32",
+            "--switch-every",
+            "2",
+            "--workers",
+            "2",
+            "--cache-mb",
+            "16",
+            "--transport",
+            transport,
+            "--shm-mb",
+            "64",
+            "--json",
+            s(&report),
+            "--log",
+            s(&dir.path().join("daemon.log")),
+        ]);
+        assert!(out.contains("errors: 0"), "{out}");
+        assert!(out.contains(&format!("6 streams over {name},")), "{out}");
+        let r = json(&report);
+        assert_eq!(r["errors"], 0, "{r}");
+        assert_eq!(r["streams"], 6);
+        assert_eq!(r["transport"], name);
+        assert!(r["batches"].as_u64().unwrap() >= 6, "{r}");
+        assert!(r["size_changes"].as_u64().unwrap() >= 1, "{r}");
+        assert!(r["within_bound"].as_bool().unwrap(), "{r}");
+        assert!(r["daemon_peak_rss_bytes"].as_u64().unwrap() > 0);
+        assert!(r["latency_p99_ms"].as_f64().unwrap() >= r["latency_p50_ms"].as_f64().unwrap());
+        let shared = r["daemon_peak_shared_bytes"].as_u64().unwrap();
+        if transport == "grpc-shm" {
+            // The slot files were there while the streams ran, within the cap given.
+            assert!(shared > 0, "{r}");
+            assert_eq!(r["shared_memory_cap_bytes"], 64 << 20);
+            assert!(out.contains("shared-memory slots"), "{out}");
+        } else {
+            assert_eq!(shared, 0, "{r}");
+            assert_eq!(r["shared_memory_cap_bytes"], 0);
+        }
+    }
 }

@@ -33,6 +33,26 @@ pub struct DaemonSpec {
     pub extra_args: Vec<String>,
 }
 
+impl DaemonSpec {
+    /// The folder of the daemon's shared-memory slot files: `--shm-dir` among the extra
+    /// arguments, else `/dev/shm`, else the log's folder.
+    pub fn shm_dir(&self) -> PathBuf {
+        if let Some(i) = self.extra_args.iter().position(|a| a == "--shm-dir")
+            && let Some(dir) = self.extra_args.get(i + 1)
+        {
+            return PathBuf::from(dir);
+        }
+        if Path::new("/dev/shm").is_dir() {
+            return PathBuf::from("/dev/shm");
+        }
+        self.log
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf()
+    }
+}
+
 /// A running daemon; killed when dropped.
 pub struct Daemon {
     child: Child,
@@ -102,6 +122,23 @@ impl Daemon {
         procstat::sample(Some(self.pid()))
     }
 
+    /// Memory held by the daemon's shared-memory slot files now (`patchflow-<pid>-*` in its
+    /// shared-memory folder), bytes: the blocks allocated to them, which a memory-backed folder
+    /// such as `/dev/shm` takes from RAM whether or not a process maps them.
+    pub fn shared_memory_bytes(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let prefix = format!("patchflow-{}-", self.pid());
+        let Ok(entries) = std::fs::read_dir(self.spec.shm_dir()) else {
+            return 0;
+        };
+        entries
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.blocks() * 512)
+            .sum()
+    }
+
     /// Stops the daemon (SIGTERM, then SIGKILL if it has not exited within 10 s) and waits.
     pub fn stop(mut self) -> Result<(), BenchError> {
         self.terminate()
@@ -166,13 +203,12 @@ fn spawn(spec: &DaemonSpec, addr: SocketAddr) -> Result<Child, BenchError> {
         cmd.arg("--max-streams").arg(n.to_string());
     }
     // Shared memory is measured too: without /dev/shm, the slots go beside the daemon's log.
-    if !Path::new("/dev/shm").is_dir() {
-        let dir = spec
-            .log
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        cmd.arg("--shm-dir").arg(dir);
+    if !spec
+        .extra_args
+        .iter()
+        .any(|a| a == "--shm-dir" || a == "--no-shared-memory")
+    {
+        cmd.arg("--shm-dir").arg(spec.shm_dir());
     }
     cmd.args(&spec.extra_args);
     // A loopback daemon of the benchmark's own: no token, whatever the shell exports.

@@ -7,13 +7,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use patchflow_client::{Client, ClientOptions, StreamConfig};
+use patchflow_client::{Client, ClientOptions, SharedMemory, StreamConfig};
 use serde::Serialize;
 
 use crate::daemon::{Daemon, DaemonSpec};
 use crate::generate::bar;
 use crate::machine::Machine;
-use crate::measure::percentile;
+use crate::measure::{Transport, percentile};
 use crate::{BenchError, REPORT_VERSION};
 
 /// Settings of [`run_load`].
@@ -47,6 +47,13 @@ pub struct LoadConfig {
     pub command: String,
     /// Further arguments for `patchflow serve`.
     pub daemon_args: Vec<String>,
+    /// How batches reach the clients: [`Transport::GrpcShared`] (the default of a client on the
+    /// daemon's host) or [`Transport::Grpc`] (voxels inside the messages, as remote trainers
+    /// get them).
+    pub transport: Transport,
+    /// Cap on the daemon's shared-memory slot files together, MiB (`patchflow serve
+    /// --shm-mb`).
+    pub shm_mb: u64,
 }
 
 /// Sampling jobs and finished batches the daemon holds per stream by default (its
@@ -111,7 +118,14 @@ pub struct LoadReport {
     /// The bound its settings imply for its own memory: idle memory + chunk cache + per stream
     /// the batches it may hold of the largest size.
     pub daemon_memory_bound_bytes: u64,
-    /// Whether the anonymous peak stayed within the bound.
+    /// How batches reached the clients (`gRPC` or `gRPC+shm`).
+    pub transport: String,
+    /// Highest memory held by the daemon's shared-memory slot files (sampled every 250 ms),
+    /// bytes; 0 with the message transport.
+    pub daemon_peak_shared_bytes: u64,
+    /// The cap on those files (`--shm-mb`), bytes; 0 with the message transport.
+    pub shared_memory_cap_bytes: u64,
+    /// Whether the anonymous peak stayed within its bound and the slot files within their cap.
     pub within_bound: bool,
 }
 
@@ -135,6 +149,22 @@ pub fn run_load(cfg: &LoadConfig, stop: &AtomicBool) -> Result<LoadReport, Bench
             reason: "each must be at least 1".into(),
         });
     }
+    let shared = match cfg.transport {
+        Transport::GrpcShared => true,
+        Transport::Grpc => false,
+        Transport::InProcess => {
+            return Err(BenchError::Config {
+                field: "--transport",
+                reason: "the load runs against a daemon: grpc or grpc-shm".into(),
+            });
+        }
+    };
+    let mut daemon_args = cfg.daemon_args.clone();
+    if shared {
+        daemon_args.extend(["--shm-mb".to_string(), cfg.shm_mb.to_string()]);
+    } else {
+        daemon_args.push("--no-shared-memory".to_string());
+    }
     let machine = Machine::describe(&cfg.store);
     let spec = DaemonSpec {
         exe: cfg.exe.clone(),
@@ -143,7 +173,7 @@ pub fn run_load(cfg: &LoadConfig, stop: &AtomicBool) -> Result<LoadReport, Bench
         cache_mb: cfg.cache_mb,
         max_streams: Some(cfg.streams.max(16) * 2),
         log: cfg.log.clone(),
-        extra_args: cfg.daemon_args.clone(),
+        extra_args: daemon_args,
     };
     let name = cfg
         .store
@@ -172,13 +202,14 @@ pub fn run_load(cfg: &LoadConfig, stop: &AtomicBool) -> Result<LoadReport, Bench
             let halt = Arc::clone(&halt);
             tasks.push(tokio::spawn(async move {
                 drive(
-                    &endpoint, &name, i, &sizes, batch, fg, every, deadline, &halt,
+                    &endpoint, shared, &name, i, &sizes, batch, fg, every, deadline, &halt,
                 )
                 .await
             }));
         }
         let d0 = daemon.sample()?;
         let mut peak_anon = d0.anon_rss_bytes;
+        let mut peak_shared = daemon.shared_memory_bytes();
         while Instant::now() < deadline {
             if stop.load(Ordering::Relaxed) {
                 halt.store(true, Ordering::Relaxed);
@@ -187,6 +218,7 @@ pub fn run_load(cfg: &LoadConfig, stop: &AtomicBool) -> Result<LoadReport, Bench
             tokio::time::sleep(Duration::from_millis(250)).await;
             bar.set_position(start.elapsed().as_secs().min(secs));
             peak_anon = peak_anon.max(daemon.sample()?.anon_rss_bytes);
+            peak_shared = peak_shared.max(daemon.shared_memory_bytes());
         }
         let mut total = Tally::default();
         for t in tasks {
@@ -206,6 +238,7 @@ pub fn run_load(cfg: &LoadConfig, stop: &AtomicBool) -> Result<LoadReport, Bench
         let wall = start.elapsed().as_secs_f64();
         let d1 = daemon.sample()?;
         peak_anon = peak_anon.max(d1.anon_rss_bytes);
+        peak_shared = peak_shared.max(daemon.shared_memory_bytes());
         daemon.stop()?;
         bar.finish_and_clear();
         if stop.load(Ordering::Relaxed) {
@@ -222,6 +255,7 @@ pub fn run_load(cfg: &LoadConfig, stop: &AtomicBool) -> Result<LoadReport, Bench
         let bound = idle.anon_rss_bytes
             + cfg.cache_mb * (1 << 20)
             + cfg.streams as u64 * BATCHES_HELD_PER_STREAM * batch_bytes;
+        let shared_cap = if shared { cfg.shm_mb << 20 } else { 0 };
         total.latencies.sort_by(f64::total_cmp);
         let w = wall.max(1e-9);
         Ok(LoadReport {
@@ -251,7 +285,10 @@ pub fn run_load(cfg: &LoadConfig, stop: &AtomicBool) -> Result<LoadReport, Bench
             daemon_peak_rss_bytes: d1.peak_rss_bytes,
             daemon_peak_anon_bytes: peak_anon,
             daemon_memory_bound_bytes: bound,
-            within_bound: peak_anon <= bound,
+            transport: cfg.transport.name().to_string(),
+            daemon_peak_shared_bytes: peak_shared,
+            shared_memory_cap_bytes: shared_cap,
+            within_bound: peak_anon <= bound && peak_shared <= shared_cap,
         })
     })
 }
@@ -261,6 +298,7 @@ pub fn run_load(cfg: &LoadConfig, stop: &AtomicBool) -> Result<LoadReport, Bench
 #[allow(clippy::too_many_arguments)]
 async fn drive(
     endpoint: &str,
+    shared: bool,
     dataset: &str,
     i: usize,
     sizes: &[[usize; 3]],
@@ -294,7 +332,15 @@ async fn drive(
     let pause = || tokio::time::sleep(Duration::from_millis(100));
     let mut k = 0u64;
     'outer: while Instant::now() < deadline && !halt.load(Ordering::Relaxed) {
-        let client = match Client::connect([endpoint], ClientOptions::default()).await {
+        let options = ClientOptions {
+            shared_memory: if shared {
+                SharedMemory::On
+            } else {
+                SharedMemory::Off
+            },
+            ..ClientOptions::default()
+        };
+        let client = match Client::connect([endpoint], options).await {
             Ok(c) => c,
             Err(e) => {
                 note(&mut tally, e.to_string());
@@ -342,13 +388,14 @@ async fn drive(
 /// The report as text.
 pub fn render_load(r: &LoadReport) -> String {
     format!(
-        "machine: {}\n{} streams, sizes cycled every {} batches over {}, batch {}, {} workers, cache {} MiB, {:.0} s\n\
+        "machine: {}\n{} streams over {}, sizes cycled every {} batches over {}, batch {}, {} workers, cache {} MiB, {:.0} s\n\
          batches: {} ({:.1}/s), patches {:.1}/s, {:.1} MB/s, {} size changes\n\
          latency per batch: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms\n\
          errors: {}{}\n\
-         daemon: {:.1} CPU s, memory idle {:.1} MB, peak {:.1} MB (own memory {:.1} MB, bound {:.1} MB: {})\n",
+         daemon: {:.1} CPU s, memory idle {:.1} MB, peak {:.1} MB (own memory {:.1} MB, bound {:.1} MB{}: {})\n",
         r.machine.summary(),
         r.streams,
+        r.transport,
         r.switch_every,
         r.sizes
             .iter()
@@ -378,6 +425,15 @@ pub fn render_load(r: &LoadReport) -> String {
         r.daemon_peak_rss_bytes as f64 / 1e6,
         r.daemon_peak_anon_bytes as f64 / 1e6,
         r.daemon_memory_bound_bytes as f64 / 1e6,
+        if r.shared_memory_cap_bytes > 0 {
+            format!(
+                "; shared-memory slots {:.1} MB, cap {:.1} MB",
+                r.daemon_peak_shared_bytes as f64 / 1e6,
+                r.shared_memory_cap_bytes as f64 / 1e6
+            )
+        } else {
+            String::new()
+        },
         if r.within_bound { "within" } else { "OVER" },
     )
 }
