@@ -491,7 +491,15 @@ pub struct Model {
 impl Model {
     /// Builds a model on `device`, its weights drawn from libtorch's random state seeded with
     /// `seed`.
+    ///
+    /// libtorch's random state is global to the process, so models built at the same time on
+    /// several threads take turns: each seeds and draws all its weights before the next starts,
+    /// and gets the weights its seed gives alone.
     pub fn new(config: &UNetConfig, device: tch::Device, seed: u64) -> Result<Model, TrainerError> {
+        static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _turn = TORCH_RNG
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         tch::manual_seed(i64::from_ne_bytes(seed.to_ne_bytes()));
         let vs = nn::VarStore::new(device);
         let net = UNet::new(&vs.root(), config)?;
@@ -525,6 +533,26 @@ mod tests {
     fn tiny(ds: bool) -> UNetConfig {
         let plan = plan_pooling([16, 32, 32], [2.0, 1.0, 1.0], NO_POOL_CAP).unwrap();
         UNetConfig::from_plan(&plan, 1, 3, 4, 16, ds)
+    }
+
+    #[test]
+    fn models_built_on_several_threads_get_their_seeds_weights() {
+        let alone = |seed| {
+            Model::new(&tiny(false), tch::Device::Cpu, seed)
+                .unwrap()
+                .named_parameters()
+        };
+        let (a, b) = (alone(7), alone(8));
+        let together: Vec<_> = (0..8u64)
+            .map(|i| std::thread::spawn(move || (i, alone(7 + i % 2))))
+            .collect();
+        for t in together {
+            let (i, w) = t.join().unwrap();
+            let expected = if i % 2 == 0 { &a } else { &b };
+            for ((n, x), (_, y)) in w.iter().zip(expected) {
+                assert!(x.equal(y), "thread {i}: {n} differs");
+            }
+        }
     }
 
     #[test]
