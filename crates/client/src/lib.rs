@@ -55,7 +55,8 @@ pub use config::{ClientOptions, Policy, SharedMemory, StreamConfig};
 pub use error::ClientError;
 pub use patchflow_proto::token::{MAX_TOKEN_BYTES, Secret, TokenError};
 pub use patchflow_proto::v1::{
-    DatasetDescription, DatasetSummary, ListDatasetsResponse, ServerLimits, SetAsideCase,
+    Augmentation, DatasetDescription, DatasetSummary, ListDatasetsResponse, ServerLimits,
+    SetAsideCase,
 };
 
 use auth::Credentials;

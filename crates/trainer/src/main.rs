@@ -224,7 +224,8 @@ struct TrainArgs {
     /// Share of foreground-centred crops.
     #[arg(long, default_value_t = 0.5)]
     oversample: f64,
-    /// nnU-Net's default data augmentation (with --store sampling only).
+    /// nnU-Net's default data augmentation, applied where the batches are cut (in this
+    /// process with --store, by the daemons with --server).
     #[arg(long)]
     augment: bool,
     /// Initial learning rate.

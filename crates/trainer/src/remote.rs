@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 
 use patchflow_client::{
-    Batch, Client, ClientOptions, ImageDtype, LabelDtype, Policy, StreamConfig,
+    Augmentation, Batch, Client, ClientOptions, ImageDtype, LabelDtype, Policy, StreamConfig,
 };
 use patchflow_sampler::OutputDType;
 use tokio::runtime::Runtime;
@@ -21,6 +21,10 @@ use crate::data::{
     BatchSource, CaseSummary, HostBatch, LabelKind, SourceInfo, StepSpec, StreamSetup, Volume,
     VolumeLoader,
 };
+
+/// The daemon's name for nnU-Net's default training augmentation, which `--augment` asks for
+/// (the in-process sampler's `AugmentSpec::nnunet_default`).
+const AUGMENT_PRESET: &str = "nnunet";
 
 /// Streams training batches from daemons.
 pub struct RemoteSource {
@@ -195,6 +199,12 @@ impl RemoteSource {
         c.dtype = wire_dtype(setup.dtype);
         c.seed = setup.seed;
         c.cases = setup.train_cases.clone();
+        // The daemon augments each item as the in-process sampler does (same preset, same
+        // parameters drawn from the seed, batch index and item).
+        c.augmentation = setup.augment.then(|| Augmentation {
+            preset: AUGMENT_PRESET.to_string(),
+            ..Augmentation::default()
+        });
         c
     }
 }
@@ -209,13 +219,6 @@ impl BatchSource for RemoteSource {
             return Err(TrainerError::config(
                 "train_cases",
                 "no training cases are left after holding out the validation cases",
-            ));
-        }
-        if setup.augment {
-            return Err(TrainerError::config(
-                "augment",
-                "augmentation through daemons is not supported yet; sample in process with \
-                 --store, or train without augmentation",
             ));
         }
         self.setup = Some(setup.clone());

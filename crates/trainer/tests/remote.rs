@@ -116,3 +116,70 @@ fn training_through_a_daemon_equals_training_in_process() {
 
     runtime.block_on(server.shutdown()).unwrap();
 }
+
+#[test]
+fn augmented_training_through_a_daemon_equals_augmented_training_in_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let made = make_store(
+        dir.path(),
+        &PhantomStore {
+            cases: 3,
+            shape: [12, 24, 24],
+            spacing: [4.0, 2.0, 2.0],
+            lesions: 2,
+            odd_last_case: None,
+        },
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = runtime
+        .block_on(patchflow_server::start(ServerConfig {
+            stores: vec![made.store.clone()],
+            listen: Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))),
+            workers: 2,
+            ..ServerConfig::default()
+        }))
+        .unwrap();
+    let endpoint = server.endpoint().unwrap();
+    let dataset = "store";
+    let augmented = |out: &Path| {
+        let mut c = config(out);
+        c.augment = true;
+        c
+    };
+
+    let local = dir.path().join("local");
+    train(
+        &augmented(&local),
+        Box::new(InProcessSource::open(&made.store, dataset, 16 << 20).unwrap()),
+    )
+    .unwrap();
+    let remote = dir.path().join("remote");
+    train(
+        &augmented(&remote),
+        Box::new(RemoteSource::connect(&[endpoint], dataset).unwrap()),
+    )
+    .unwrap();
+    // The daemon augmented every item exactly as the local sampler did.
+    assert_same(&weights(&local), &weights(&remote));
+
+    // And augmentation changed the batches: the same run without it ends elsewhere.
+    let plain = dir.path().join("plain");
+    let mut c = augmented(&plain);
+    c.augment = false;
+    train(
+        &c,
+        Box::new(InProcessSource::open(&made.store, dataset, 16 << 20).unwrap()),
+    )
+    .unwrap();
+    let differs = weights(&local)
+        .iter()
+        .zip(weights(&plain))
+        .any(|((_, a), (_, b))| !a.equal(&b));
+    assert!(differs, "augmentation made no difference");
+
+    runtime.block_on(server.shutdown()).unwrap();
+}
