@@ -244,7 +244,7 @@ mod tests {
     #[test]
     fn one_window_equals_one_forward_pass() {
         let m = model();
-        let image = Tensor::randn([2, 8, 12, 16], (Kind::Float, Device::Cpu));
+        let image = crate::unet::randn_in_turn(&[2, 8, 12, 16], (Kind::Float, Device::Cpu));
         let sw = SlidingWindow::new([8, 12, 16]);
         let got = sliding_window_logits(&m.net, &image, &sw, Device::Cpu, false).unwrap();
         let want = tch::no_grad(|| m.net.forward_full(&image.unsqueeze(0)))
@@ -262,7 +262,7 @@ mod tests {
     #[test]
     fn a_small_volume_is_padded_into_one_window() {
         let m = model();
-        let image = Tensor::randn([2, 5, 12, 13], (Kind::Float, Device::Cpu));
+        let image = crate::unet::randn_in_turn(&[2, 5, 12, 13], (Kind::Float, Device::Cpu));
         let sw = SlidingWindow::new([8, 12, 16]);
         let got = sliding_window_logits(&m.net, &image, &sw, Device::Cpu, false).unwrap();
         // z: 3 missing → 1 before, 2 after; x: 3 missing → 1 before, 2 after.
@@ -282,7 +282,7 @@ mod tests {
     #[test]
     fn voxels_covered_by_one_window_get_its_logits() {
         let m = model();
-        let image = Tensor::randn([2, 8, 12, 30], (Kind::Float, Device::Cpu));
+        let image = crate::unet::randn_in_turn(&[2, 8, 12, 30], (Kind::Float, Device::Cpu));
         let sw = SlidingWindow::new([8, 12, 16]);
         assert_eq!(
             sliding_window_steps([8, 12, 30], [8, 12, 16], 0.5)[2],

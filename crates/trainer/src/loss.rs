@@ -278,7 +278,7 @@ mod tests {
     #[test]
     fn all_ignored_gives_finite_loss() {
         let target = Tensor::full([1, 1, 2, 2, 2], 255i64, (Kind::Int64, Device::Cpu));
-        let logits = Tensor::randn([1, 3, 2, 2, 2], (Kind::Float, Device::Cpu));
+        let logits = crate::unet::randn_in_turn(&[1, 3, 2, 2, 2], (Kind::Float, Device::Cpu));
         let l = DiceCeLoss::new(Some(255))
             .forward(&logits, &target)
             .unwrap()

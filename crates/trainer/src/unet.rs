@@ -480,6 +480,23 @@ impl UNet {
     }
 }
 
+/// A turn with libtorch's random state, which is global to the process: whatever in this crate
+/// seeds it or draws from it holds the turn meanwhile, so that a model built on one thread gets
+/// its seed's weights whatever other threads draw.
+pub(crate) fn torch_rng_turn() -> std::sync::MutexGuard<'static, ()> {
+    static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    TORCH_RNG
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// `Tensor::randn` drawn in a turn with libtorch's random state (see [`torch_rng_turn`]).
+#[cfg(test)]
+pub(crate) fn randn_in_turn(shape: &[i64], options: (tch::Kind, tch::Device)) -> Tensor {
+    let _turn = torch_rng_turn();
+    Tensor::randn(shape, options)
+}
+
 /// A [`UNet`] with the [`nn::VarStore`] that owns its variables.
 pub struct Model {
     /// The variables.
@@ -496,10 +513,7 @@ impl Model {
     /// several threads take turns: each seeds and draws all its weights before the next starts,
     /// and gets the weights its seed gives alone.
     pub fn new(config: &UNetConfig, device: tch::Device, seed: u64) -> Result<Model, TrainerError> {
-        static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let _turn = TORCH_RNG
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _turn = torch_rng_turn();
         tch::manual_seed(i64::from_ne_bytes(seed.to_ne_bytes()));
         let vs = nn::VarStore::new(device);
         let net = UNet::new(&vs.root(), config)?;
@@ -582,7 +596,7 @@ mod tests {
         for ds in [false, true] {
             let cfg = tiny(ds);
             let model = Model::new(&cfg, Device::Cpu, 1).unwrap();
-            let x = Tensor::randn([2, 1, 16, 32, 32], (Kind::Float, Device::Cpu));
+            let x = crate::unet::randn_in_turn(&[2, 1, 16, 32, 32], (Kind::Float, Device::Cpu));
             let outs = model.net.forward(&x).unwrap();
             assert_eq!(outs.len(), cfg.num_outputs());
             for (i, o) in outs.iter().enumerate() {
