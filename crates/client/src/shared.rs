@@ -29,7 +29,13 @@ struct SlotMap {
 
 /// The slot mappings of one Sample stream.
 pub(crate) struct SharedSlots {
+    /// Mappings by slot number. The daemon retires slots (a reconfiguration drops the batches
+    /// in preparation) and numbers new ones afresh, and a mapping keeps its file's memory even
+    /// after the daemon removed the file: so the mappings are bounded by the stream's slots
+    /// (see [`SharedSlots::map`]).
     maps: HashMap<u32, Arc<SlotMap>>,
+    /// Slots of the stream (the daemon has at most this many at once).
+    slots: usize,
     max_batch_bytes: u64,
     /// Slots whose batch the client still holds.
     lent: Arc<AtomicUsize>,
@@ -76,6 +82,7 @@ impl SharedSlots {
     pub(crate) fn new(slots: u32, max_batch_bytes: u64) -> SharedSlots {
         SharedSlots {
             maps: HashMap::new(),
+            slots: (slots as usize).max(1),
             max_batch_bytes,
             lent: Arc::new(AtomicUsize::new(0)),
             copy_from: (slots as usize).saturating_sub(2).max(1),
@@ -193,6 +200,12 @@ impl SharedSlots {
             path: shared.path.clone(),
             map,
         });
+        // A slot number not seen before while as many are mapped as the stream has slots: some
+        // mapped slot is gone. Mappings no batch view holds are dropped (a slot still in use is
+        // mapped again on its next batch); those views hold stay until their batches go.
+        if !self.maps.contains_key(&shared.slot) && self.maps.len() >= self.slots {
+            self.maps.retain(|_, m| Arc::strong_count(m) > 1);
+        }
         self.maps.insert(shared.slot, Arc::clone(&entry));
         Ok(entry)
     }
@@ -268,6 +281,40 @@ mod tests {
         assert!(rx.try_recv().is_err(), "a view is still alive");
         drop(label);
         assert_eq!(rx.try_recv().unwrap(), 7);
+    }
+
+    #[test]
+    fn mappings_of_retired_slots_are_dropped() {
+        // The daemon retires slots and numbers new ones afresh (here: 40 slot numbers, each a
+        // new file, on a stream of 4 slots). The mappings stay bounded by the stream's slots,
+        // except those a held batch needs.
+        let tmp = tempfile::tempdir().unwrap();
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let mut slots = SharedSlots::new(4, 1 << 20);
+        let mut held = Vec::new();
+        for n in 0..40u32 {
+            let path = tmp.path().join(format!("slot-{n}"));
+            std::fs::write(&path, vec![n as u8; 64]).unwrap();
+            let mut msg = message(&path, 64, 16);
+            if let Some(shared) = msg.shared.as_mut() {
+                shared.slot = n;
+            }
+            let Ok((_, batch)) = slots.batch(msg, &tx) else {
+                panic!("batch refused");
+            };
+            assert_eq!(batch.image[0], n as u8);
+            if n == 3 {
+                held.push(batch);
+            }
+            assert!(
+                slots.maps.len() <= 4,
+                "{} mappings after slot {n}",
+                slots.maps.len()
+            );
+        }
+        // The held batch's mapping survived every eviction, and its bytes are intact.
+        assert!(slots.maps.contains_key(&3));
+        assert_eq!(held[0].image[0], 3);
     }
 
     #[test]

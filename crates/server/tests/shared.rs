@@ -248,3 +248,49 @@ async fn batches_go_inside_the_messages_when_no_slot_can_be_prepared() {
     wait_live(&server, 0).await;
     server.shutdown().await.unwrap();
 }
+
+/// Mappings in this process of slot files already removed from `dir` (`/proc/self/maps` marks
+/// them "(deleted)"): each keeps its file's memory allocated.
+fn mapped_removed_slots(dir: &Path) -> usize {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let prefix = dir.join("patchflow-").to_string_lossy().into_owned();
+    maps.lines()
+        .filter(|l| l.contains(&prefix) && l.ends_with("(deleted)"))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frequent_reconfigurations_keep_no_removed_slot_file_alive() {
+    // Every reconfiguration drops the batches in preparation, and the daemon retires their
+    // slots; a client that kept the mappings of retired slots would keep their memory (the
+    // files are gone from the folder, not from RAM) without bound.
+    let fx = Fixture::new();
+    let shm = tempfile::tempdir().unwrap();
+    let server = serve_shared(&fx, Some(shm.path())).await;
+    let tcp = server.endpoint().unwrap();
+    let client = Client::connect([&tcp], options(SharedMemory::On))
+        .await
+        .unwrap();
+    let mut cfg = StreamConfig::new(&fx.name, SIZES[0], 2);
+    cfg.seed = 5;
+    let mut stream = client.stream(cfg.clone()).await.unwrap();
+    let bound = Limits::default().max_shared_slots as usize;
+    let mut worst = 0;
+    for round in 0..80 {
+        cfg.patch = SIZES[round % SIZES.len()];
+        stream.reconfigure(cfg.clone()).unwrap();
+        for _ in 0..2 {
+            let batch = within("next batch", stream.next()).await.unwrap();
+            assert_eq!(batch.patch, cfg.patch.map(|v| v as usize));
+        }
+        worst = worst.max(mapped_removed_slots(shm.path()));
+    }
+    assert!(
+        worst <= bound,
+        "{worst} mappings of removed slot files (a stream has at most {bound} slots)"
+    );
+    drop(stream);
+    drop(client);
+    server.shutdown().await.unwrap();
+    assert_eq!(mapped_removed_slots(shm.path()), 0);
+}
