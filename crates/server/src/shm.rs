@@ -340,6 +340,11 @@ impl SlotTable {
         self.lent.insert(slot.id(), slot);
     }
 
+    /// Takes back a slot whose batch was never sent (dropped by a reconfiguration).
+    pub(crate) fn reuse(&mut self, slot: Slot) {
+        self.free.push(slot);
+    }
+
     /// The client no longer reads slot `id`.
     pub(crate) fn release(&mut self, id: u32) {
         if let Some(slot) = self.lent.remove(&id) {

@@ -268,7 +268,13 @@ impl Producer {
                 .or_else(|| self.jobs.front().map(|j| j.index))
                 .unwrap_or(self.next_index);
             self.cancel_jobs();
-            self.ready = None;
+            // The batch prepared for the old configuration goes; its slot (file and mapping)
+            // serves the next one rather than being removed and created again.
+            if let Some(mut batch) = self.ready.take()
+                && let (Some(slot), Some(slots)) = (batch.slot.take(), &mut self.slots)
+            {
+                slots.reuse(slot);
+            }
             self.credits = 0;
             self.next_index = match (config.start_index, &self.active) {
                 (Some(start), _) => start,
