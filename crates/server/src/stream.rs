@@ -151,6 +151,9 @@ async fn run(
     };
     let result = producer.drive(&ctx, &mut inbound, &tx).await;
     producer.cancel_jobs();
+    // A batch prepared but never queued holds a slot: it goes now, or closing the slot table
+    // below would wait for it for ever.
+    producer.ready = None;
     match result {
         Ok(()) => tracing::debug!(stream = stats.id, "stream closed"),
         Err(status) => {
