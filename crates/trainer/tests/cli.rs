@@ -16,16 +16,7 @@ fn bin() -> Command {
 #[test]
 fn trains_reports_resumes_and_compares() {
     let dir = tempfile::tempdir().unwrap();
-    let made = make_store(
-        dir.path(),
-        &PhantomStore {
-            cases: 3,
-            shape: [12, 24, 24],
-            spacing: [4.0, 2.0, 2.0],
-            lesions: 2,
-            odd_last_case: None,
-        },
-    );
+    let made = make_store(dir.path(), &PhantomStore::small());
     let out = dir.path().join("run");
     let args = |epochs_stop: Option<&str>| {
         let mut c = bin();
@@ -121,10 +112,8 @@ fn bad_arguments_are_explained() {
         dir.path(),
         &PhantomStore {
             cases: 2,
-            shape: [12, 24, 24],
-            spacing: [4.0, 2.0, 2.0],
             lesions: 1,
-            odd_last_case: None,
+            ..PhantomStore::small()
         },
     );
     // At 4×2×2 mm the planner pools y and x twice and z once for 12×24×22 (22 → 11 → 6):

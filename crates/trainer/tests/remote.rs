@@ -7,9 +7,9 @@ mod common;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 
-use common::{PhantomStore, make_store};
+use common::{Made, PhantomStore, make_store};
 use patchflow_curriculum::Mode;
-use patchflow_server::ServerConfig;
+use patchflow_server::{RunningServer, ServerConfig};
 use patchflow_trainer::{DeviceChoice, InProcessSource, RemoteSource, TrainConfig, train};
 use tch::Tensor;
 
@@ -45,19 +45,19 @@ fn assert_same(a: &[(String, Tensor)], b: &[(String, Tensor)]) {
     }
 }
 
-#[test]
-fn training_through_a_daemon_equals_training_in_process() {
-    let dir = tempfile::tempdir().unwrap();
-    let made = make_store(
-        dir.path(),
-        &PhantomStore {
-            cases: 3,
-            shape: [12, 24, 24],
-            spacing: [4.0, 2.0, 2.0],
-            lesions: 2,
-            odd_last_case: None,
-        },
-    );
+/// The daemon names the dataset after the store folder.
+const DATASET: &str = "store";
+
+/// A small phantom store and a daemon serving it on a free loopback port.
+struct Served {
+    made: Made,
+    runtime: tokio::runtime::Runtime,
+    server: RunningServer,
+    endpoint: String,
+}
+
+fn serve_small(dir: &Path, workers: usize) -> Served {
+    let made = make_store(dir, &PhantomStore::small());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -67,24 +67,39 @@ fn training_through_a_daemon_equals_training_in_process() {
         .block_on(patchflow_server::start(ServerConfig {
             stores: vec![made.store.clone()],
             listen: Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))),
-            workers: 1,
+            workers,
             ..ServerConfig::default()
         }))
         .unwrap();
     let endpoint = server.endpoint().unwrap();
-    // The daemon names the dataset after the store folder.
-    let dataset = "store";
+    Served {
+        made,
+        runtime,
+        server,
+        endpoint,
+    }
+}
+
+#[test]
+fn training_through_a_daemon_equals_training_in_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let Served {
+        made,
+        runtime,
+        server,
+        endpoint,
+    } = serve_small(dir.path(), 1);
 
     let local = dir.path().join("local");
     let s = train(
         &config(&local),
-        Box::new(InProcessSource::open(&made.store, dataset, 16 << 20).unwrap()),
+        Box::new(InProcessSource::open(&made.store, DATASET, 16 << 20).unwrap()),
     )
     .unwrap();
     let remote = dir.path().join("remote");
     let r = train(
         &config(&remote),
-        Box::new(RemoteSource::connect(std::slice::from_ref(&endpoint), dataset).unwrap()),
+        Box::new(RemoteSource::connect(std::slice::from_ref(&endpoint), DATASET).unwrap()),
     )
     .unwrap();
     assert_same(&weights(&local), &weights(&remote));
@@ -102,14 +117,14 @@ fn training_through_a_daemon_equals_training_in_process() {
     first.stop_after_epochs = Some(1);
     train(
         &first,
-        Box::new(RemoteSource::connect(std::slice::from_ref(&endpoint), dataset).unwrap()),
+        Box::new(RemoteSource::connect(std::slice::from_ref(&endpoint), DATASET).unwrap()),
     )
     .unwrap();
     let mut second = config(&split);
     second.resume = true;
     train(
         &second,
-        Box::new(RemoteSource::connect(&[endpoint], dataset).unwrap()),
+        Box::new(RemoteSource::connect(&[endpoint], DATASET).unwrap()),
     )
     .unwrap();
     assert_same(&weights(&local), &weights(&split));
@@ -120,31 +135,12 @@ fn training_through_a_daemon_equals_training_in_process() {
 #[test]
 fn augmented_training_through_a_daemon_equals_augmented_training_in_process() {
     let dir = tempfile::tempdir().unwrap();
-    let made = make_store(
-        dir.path(),
-        &PhantomStore {
-            cases: 3,
-            shape: [12, 24, 24],
-            spacing: [4.0, 2.0, 2.0],
-            lesions: 2,
-            odd_last_case: None,
-        },
-    );
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let server = runtime
-        .block_on(patchflow_server::start(ServerConfig {
-            stores: vec![made.store.clone()],
-            listen: Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))),
-            workers: 2,
-            ..ServerConfig::default()
-        }))
-        .unwrap();
-    let endpoint = server.endpoint().unwrap();
-    let dataset = "store";
+    let Served {
+        made,
+        runtime,
+        server,
+        endpoint,
+    } = serve_small(dir.path(), 2);
     let augmented = |out: &Path| {
         let mut c = config(out);
         c.augment = true;
@@ -154,13 +150,13 @@ fn augmented_training_through_a_daemon_equals_augmented_training_in_process() {
     let local = dir.path().join("local");
     train(
         &augmented(&local),
-        Box::new(InProcessSource::open(&made.store, dataset, 16 << 20).unwrap()),
+        Box::new(InProcessSource::open(&made.store, DATASET, 16 << 20).unwrap()),
     )
     .unwrap();
     let remote = dir.path().join("remote");
     train(
         &augmented(&remote),
-        Box::new(RemoteSource::connect(&[endpoint], dataset).unwrap()),
+        Box::new(RemoteSource::connect(&[endpoint], DATASET).unwrap()),
     )
     .unwrap();
     // The daemon augmented every item exactly as the local sampler did.
@@ -172,7 +168,7 @@ fn augmented_training_through_a_daemon_equals_augmented_training_in_process() {
     c.augment = false;
     train(
         &c,
-        Box::new(InProcessSource::open(&made.store, dataset, 16 << 20).unwrap()),
+        Box::new(InProcessSource::open(&made.store, DATASET, 16 << 20).unwrap()),
     )
     .unwrap();
     let differs = weights(&local)

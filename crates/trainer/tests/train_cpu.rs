@@ -106,16 +106,7 @@ fn checkpoint_tensors(out: &Path) -> Vec<(String, Tensor)> {
 #[test]
 fn resume_continues_identically() {
     let dir = tempfile::tempdir().unwrap();
-    let made = make_store(
-        dir.path(),
-        &PhantomStore {
-            cases: 3,
-            shape: [12, 24, 24],
-            spacing: [4.0, 2.0, 2.0],
-            lesions: 2,
-            odd_last_case: None,
-        },
-    );
+    let made = make_store(dir.path(), &PhantomStore::small());
     // Final 8×16×16 with pools [2, 3, 3]: stages 4×8×8, 8×8×8, 8×16×8, 8×16×16 (one epoch
     // each), so the resumed half starts in a new stage.
     let config = |out: &Path| {
@@ -179,11 +170,8 @@ fn predictions_have_the_input_grid() {
     let made = make_store(
         dir.path(),
         &PhantomStore {
-            cases: 3,
-            shape: [12, 24, 24],
-            spacing: [4.0, 2.0, 2.0],
-            lesions: 2,
             odd_last_case: Some(border),
+            ..PhantomStore::small()
         },
     );
     let id = "phantom_002";

@@ -25,6 +25,20 @@ pub struct PhantomStore {
     pub odd_last_case: Option<usize>,
 }
 
+impl PhantomStore {
+    /// Three small cases (12×24×24 at 4×2×2 mm, two lesions each): for the tests that compare
+    /// runs rather than measure learning.
+    pub fn small() -> PhantomStore {
+        PhantomStore {
+            cases: 3,
+            shape: [12, 24, 24],
+            spacing: [4.0, 2.0, 2.0],
+            lesions: 2,
+            odd_last_case: None,
+        }
+    }
+}
+
 /// Raw dataset and store folders under `root`.
 pub struct Made {
     /// nnU-Net raw layout.
