@@ -29,6 +29,8 @@ pub struct DaemonSpec {
     pub max_streams: Option<usize>,
     /// File receiving the daemon's log.
     pub log: PathBuf,
+    /// Whether the daemon offers shared memory (`--no-shared-memory` when not).
+    pub shared_memory: bool,
     /// Further `patchflow serve` arguments (e.g. `--max-message-bytes 4194304`).
     pub extra_args: Vec<String>,
 }
@@ -203,11 +205,9 @@ fn spawn(spec: &DaemonSpec, addr: SocketAddr) -> Result<Child, BenchError> {
         cmd.arg("--max-streams").arg(n.to_string());
     }
     // Shared memory is measured too: without /dev/shm, the slots go beside the daemon's log.
-    if !spec
-        .extra_args
-        .iter()
-        .any(|a| a == "--shm-dir" || a == "--no-shared-memory")
-    {
+    if !spec.shared_memory {
+        cmd.arg("--no-shared-memory");
+    } else if !spec.extra_args.iter().any(|a| a == "--shm-dir") {
         cmd.arg("--shm-dir").arg(spec.shm_dir());
     }
     cmd.args(&spec.extra_args);

@@ -162,8 +162,6 @@ pub fn run_load(cfg: &LoadConfig, stop: &AtomicBool) -> Result<LoadReport, Bench
     let mut daemon_args = cfg.daemon_args.clone();
     if shared {
         daemon_args.extend(["--shm-mb".to_string(), cfg.shm_mb.to_string()]);
-    } else {
-        daemon_args.push("--no-shared-memory".to_string());
     }
     let machine = Machine::describe(&cfg.store);
     let spec = DaemonSpec {
@@ -173,6 +171,7 @@ pub fn run_load(cfg: &LoadConfig, stop: &AtomicBool) -> Result<LoadReport, Bench
         cache_mb: cfg.cache_mb,
         max_streams: Some(cfg.streams.max(16) * 2),
         log: cfg.log.clone(),
+        shared_memory: shared,
         extra_args: daemon_args,
     };
     let name = cfg

@@ -119,6 +119,7 @@ pub fn run_peer(cfg: &PeerConfig, stop: &AtomicBool) -> Result<PeerReport, Bench
                 cache_mb: cfg.cache_mb,
                 max_streams: None,
                 log: cfg.log.clone(),
+                shared_memory: true,
                 extra_args: cfg.daemon_args.clone(),
             };
             let runtime = tokio::runtime::Builder::new_current_thread()

@@ -314,6 +314,7 @@ pub fn run_suite(cfg: &SuiteConfig, stop: &AtomicBool) -> Result<SuiteReport, Be
             max_streams: None,
             extra_args: cfg.daemon_args.clone(),
             log: cfg.work_dir.join("daemon.log"),
+            shared_memory: true,
         };
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
