@@ -292,6 +292,10 @@ pub struct AugmentSpec {
 }
 
 impl AugmentSpec {
+    /// The name a daemon and its clients give [`AugmentSpec::nnunet_default`] on the wire
+    /// (`Augmentation.preset`).
+    pub const NNUNET_PRESET: &'static str = "nnunet";
+
     /// nnU-Net v2's default training augmentation for 3D patches (`nnUNetTrainer.
     /// get_training_transforms`): rotation 0.2 (±30° per axis), scaling 0.2 (0.7–1.4, one factor),
     /// no elastic deformation, noise 0.1 (std 0–0.1, shared by the channels), blur 0.2 (σ 0.5–1

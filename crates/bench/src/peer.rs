@@ -138,7 +138,7 @@ pub fn run_peer(cfg: &PeerConfig, stop: &AtomicBool) -> Result<PeerReport, Bench
                 };
                 if cfg.augment {
                     config.augmentation = Some(patchflow_proto::v1::Augmentation {
-                        preset: "nnunet".into(),
+                        preset: patchflow_sampler::AugmentSpec::NNUNET_PRESET.into(),
                         ..Default::default()
                     });
                 }

@@ -213,7 +213,7 @@ fn wire_dtype(dtype: OutputDType) -> pb::ImageDtype {
 const AUGMENT_JSON_BOUND: usize = 2048;
 
 /// Names of the augmentation presets a configuration may ask for.
-pub const AUGMENT_PRESETS: [&str; 1] = ["nnunet"];
+pub const AUGMENT_PRESETS: [&str; 1] = [AugmentSpec::NNUNET_PRESET];
 
 /// The sampler's augmentation for a wire `Augmentation`: `None` when unset or empty.
 fn augment_spec(wire: Option<&pb::Augmentation>) -> Result<Option<AugmentSpec>, Status> {
@@ -230,7 +230,7 @@ fn augment_spec(wire: Option<&pb::Augmentation>) -> Result<Option<AugmentSpec>, 
         })?
     } else {
         match a.preset.as_str() {
-            "nnunet" => AugmentSpec::nnunet_default(),
+            AugmentSpec::NNUNET_PRESET => AugmentSpec::nnunet_default(),
             "" => {
                 return Err(invalid(
                     "augmentation",

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use patchflow_client::{
     Augmentation, Batch, Client, ClientOptions, ImageDtype, LabelDtype, Policy, StreamConfig,
 };
-use patchflow_sampler::OutputDType;
+use patchflow_sampler::{AugmentSpec, OutputDType};
 use tokio::runtime::Runtime;
 
 use crate::TrainerError;
@@ -21,10 +21,6 @@ use crate::data::{
     BatchSource, CaseSummary, HostBatch, LabelKind, SourceInfo, StepSpec, StreamSetup, Volume,
     VolumeLoader,
 };
-
-/// The daemon's name for nnU-Net's default training augmentation, which `--augment` asks for
-/// (the in-process sampler's `AugmentSpec::nnunet_default`).
-const AUGMENT_PRESET: &str = "nnunet";
 
 /// Streams training batches from daemons.
 pub struct RemoteSource {
@@ -202,7 +198,7 @@ impl RemoteSource {
         // The daemon augments each item as the in-process sampler does (same preset, same
         // parameters drawn from the seed, batch index and item).
         c.augmentation = setup.augment.then(|| Augmentation {
-            preset: AUGMENT_PRESET.to_string(),
+            preset: AugmentSpec::NNUNET_PRESET.to_string(),
             ..Augmentation::default()
         });
         c
