@@ -151,9 +151,9 @@ async fn run(
     };
     let result = producer.drive(&ctx, &mut inbound, &tx).await;
     producer.cancel_jobs();
-    // A batch prepared but never queued holds a slot: it goes now, or closing the slot table
-    // below would wait for it for ever.
-    producer.ready = None;
+    // A batch prepared but never queued holds a slot, which closing the slot table below would
+    // wait for for ever: it goes back to the table first.
+    producer.discard_ready();
     match result {
         Ok(()) => tracing::debug!(stream = stats.id, "stream closed"),
         Err(status) => {
@@ -271,13 +271,7 @@ impl Producer {
                 .or_else(|| self.jobs.front().map(|j| j.index))
                 .unwrap_or(self.next_index);
             self.cancel_jobs();
-            // The batch prepared for the old configuration goes; its slot (file and mapping)
-            // serves the next one rather than being removed and created again.
-            if let Some(mut batch) = self.ready.take()
-                && let (Some(slot), Some(slots)) = (batch.slot.take(), &mut self.slots)
-            {
-                slots.reuse(slot);
-            }
+            self.discard_ready();
             self.credits = 0;
             self.next_index = match (config.start_index, &self.active) {
                 (Some(start), _) => start,
@@ -373,6 +367,17 @@ impl Producer {
         }
         self.stats.credits.store(self.credits, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Drops the batch prepared but not queued. Its slot (file and mapping) goes back to the
+    /// table: the next batch reuses it rather than removing and creating a file again, and
+    /// closing the table removes it.
+    fn discard_ready(&mut self) {
+        if let Some(mut batch) = self.ready.take()
+            && let (Some(slot), Some(slots)) = (batch.slot.take(), &mut self.slots)
+        {
+            slots.reuse(slot);
+        }
     }
 
     /// Drops every job of the stream (those not started yet are skipped by the pool).
