@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::rng::Rng;
+use crate::rng::{Rng, around_one};
 use crate::spec::AugmentSpec;
 
 /// Per-channel values: `None` where the transform skipped that channel.
@@ -196,7 +196,7 @@ pub fn draw(spec: &AugmentSpec, seed: u64, patch: [usize; 3], channels: usize) -
     if r.chance(spec.brightness.p) {
         let b = &spec.brightness;
         out.brightness = Some(per_channel(&mut r, channels, b.p_per_channel, |r| {
-            r.around_one(b.range)
+            around_one(r, b.range)
         }));
     }
     let mut r = Rng::sub(seed, tag::CONTRAST);
@@ -204,7 +204,9 @@ pub fn draw(spec: &AugmentSpec, seed: u64, patch: [usize; 3], channels: usize) -
         let c = &spec.contrast;
         out.contrast = Some(ContrastParams {
             preserve_range: c.preserve_range,
-            factor: per_channel(&mut r, channels, c.p_per_channel, |r| r.around_one(c.range)),
+            factor: per_channel(&mut r, channels, c.p_per_channel, |r| {
+                around_one(r, c.range)
+            }),
         });
     }
     let mut r = Rng::sub(seed, tag::LOWRES);
@@ -236,7 +238,9 @@ pub fn draw(spec: &AugmentSpec, seed: u64, patch: [usize; 3], channels: usize) -
         if r.chance(g.p) {
             *slot = Some(GammaParams {
                 retain_stats: g.retain_stats,
-                gamma: per_channel(&mut r, channels, g.p_per_channel, |r| r.around_one(g.gamma)),
+                gamma: per_channel(&mut r, channels, g.p_per_channel, |r| {
+                    around_one(r, g.gamma)
+                }),
             });
         }
     }

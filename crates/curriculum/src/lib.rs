@@ -19,7 +19,6 @@
 
 mod error;
 mod pooling;
-mod rng;
 mod schedule;
 #[cfg(test)]
 mod schedule_tests;

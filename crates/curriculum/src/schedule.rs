@@ -6,7 +6,6 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{AXIS_NAMES, CurriculumError};
-use crate::rng;
 
 /// Largest accepted number of stride-2 poolings per axis (minimal patch edge 4096).
 pub const MAX_POOLS: u32 = 12;
@@ -612,7 +611,7 @@ fn fmt_patch(p: [usize; 3]) -> String {
 /// `key XOR iteration` until `r >= 2^64 mod n`, and the result is `r mod n`, with `n` the number
 /// of stages. It draws over the stages whatever the schedule's mode; it is meant for `rpss`.
 pub fn rpss_stage(schedule: &Schedule, seed: u64, iteration: u64) -> usize {
-    rng::uniform_index(seed, iteration, schedule.stages.len())
+    patchflow_grid::rng::uniform_index(seed, iteration, schedule.stages.len())
 }
 
 /// Parses a `z,y,x` triplet such as `128,128,128` (also `128x128x128`), or a single number

@@ -109,7 +109,7 @@ pub(crate) fn choose_weighted(rng: &mut Rng, weighted: &[(u16, f64)]) -> Option<
     if !(total.is_finite() && total > 0.0) {
         return None;
     }
-    let target = rng.unit_f64() * total;
+    let target = rng.unit() * total;
     let mut cumulative = 0.0;
     let mut last = None;
     for &(class, w) in weighted.iter().filter(|e| eligible(e.1)) {

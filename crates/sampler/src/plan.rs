@@ -278,7 +278,7 @@ pub(crate) mod tests {
         let n = 8000usize;
         let mut counts: BTreeMap<u16, usize> = BTreeMap::new();
         for i in 0..n as u64 {
-            let mut rng = Rng::stream(3, i, crate::rng::StreamKind::Item, 0);
+            let mut rng = crate::rng::stream(3, i, crate::rng::StreamKind::Item, 0);
             let p = place_item(&case, patch, &policy, false, &mut rng).unwrap();
             let class = p.class.unwrap();
             *counts.entry(class).or_default() += 1;
@@ -363,7 +363,7 @@ pub(crate) mod tests {
             let mut forced = 0;
             for b in 0..50u64 {
                 for i in 0..batch {
-                    let mut rng = Rng::stream(1, b, crate::rng::StreamKind::Item, i as u64);
+                    let mut rng = crate::rng::stream(1, b, crate::rng::StreamKind::Item, i as u64);
                     let f = is_forced(i, batch, fraction);
                     let p = place_item(&case, [4, 4, 4], &policy, f, &mut rng).unwrap();
                     forced += usize::from(p.forced_foreground);

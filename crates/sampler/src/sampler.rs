@@ -14,7 +14,7 @@ use crate::dataset::{CaseRef, Dataset};
 use crate::placement::{cases_per_batch, is_forced, slot_of_item};
 use crate::plan::{CaseView, place_item, present_weights};
 use crate::request::{Batch, BatchRequest, ItemMeta, Limits, MAX_PATCH_AXIS, Policy};
-use crate::rng::{Rng, StreamKind};
+use crate::rng::StreamKind;
 
 /// Assembles batches from a [`Dataset`].
 ///
@@ -272,7 +272,8 @@ impl Sampler {
         let pool_len = req.cases.as_ref().map_or(ds.cases().len(), Vec::len);
         let chosen: Vec<usize> = (0..slots)
             .map(|slot| {
-                let k = Rng::stream(req.seed, index, StreamKind::Case, slot as u64).index(pool_len);
+                let k = crate::rng::stream(req.seed, index, StreamKind::Case, slot as u64)
+                    .index(pool_len);
                 match &req.cases {
                     Some(list) => list.get(k).copied().unwrap_or(0),
                     None => k,
@@ -291,11 +292,11 @@ impl Sampler {
                     .copied()
                     .unwrap_or(0);
                 let view = self.case(case)?;
-                let mut rng = Rng::stream(req.seed, index, StreamKind::Item, item as u64);
+                let mut rng = crate::rng::stream(req.seed, index, StreamKind::Item, item as u64);
                 let forced = is_forced(item, req.batch, fraction);
                 let p = place_item(&view, req.patch, &req.policy, forced, &mut rng)?;
                 let augment = req.augment.as_ref().map(|spec| {
-                    let key = Rng::key(req.seed, index, StreamKind::Augment, item as u64);
+                    let key = crate::rng::key(req.seed, index, StreamKind::Augment, item as u64);
                     patchflow_augment::draw(spec, key, req.patch, ds.num_channels())
                 });
                 Ok(ItemMeta {
