@@ -26,6 +26,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::TrainerError;
 use crate::error::TorchContext;
+use crate::plan::{StepPlan, StepSpec};
 
 /// A case as the trainer sees it before loading it.
 #[derive(Clone, Debug, PartialEq)]
@@ -88,19 +89,6 @@ pub struct StreamSetup {
     pub dtype: OutputDType,
     /// Apply nnU-Net's default training augmentation to every item.
     pub augment: bool,
-}
-
-/// What the trainer asks for at one iteration.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct StepSpec {
-    /// Batch index = global iteration of the run.
-    pub index: u64,
-    /// Patch `[z, y, x]`.
-    pub patch: [usize; 3],
-    /// Items in the batch.
-    pub batch: usize,
-    /// Crops per drawn case.
-    pub crops_per_case: usize,
 }
 
 /// Element type of a label buffer.
@@ -576,11 +564,11 @@ pub struct Prefetcher {
 }
 
 impl Prefetcher {
-    /// Starts producing batches `first..end`; `plan(k)` is the step of batch `k`. Tensors are
-    /// pinned for transfer to `device` when it is a CUDA device.
+    /// Starts producing batches `first..end`; `plan.step(k)` is the step of batch `k`. Tensors
+    /// are pinned for transfer to `device` when it is a CUDA device.
     pub fn spawn(
         mut source: Box<dyn BatchSource>,
-        plan: Arc<dyn Fn(u64) -> StepSpec + Send + Sync>,
+        plan: StepPlan,
         first: u64,
         end: u64,
         depth: usize,
@@ -592,7 +580,7 @@ impl Prefetcher {
             .name("batch-prefetch".into())
             .spawn(move || {
                 for k in first..end {
-                    let step = plan(k);
+                    let step = plan.step(k);
                     let t0 = Instant::now();
                     let result = source
                         .fetch(&step)

@@ -25,12 +25,22 @@ pub enum TrainerError {
     /// Reading or writing a volume failed.
     #[error(transparent)]
     Volume(#[from] patchflow_volume::VolumeError),
-    /// A daemon or the client failed.
-    #[error("daemon {endpoint}: {reason}")]
+    /// The client failed to reach a daemon, or a daemon refused or broke the stream.
+    #[error("daemon {endpoint}: {source}")]
     Remote {
         /// The daemon address(es).
         endpoint: String,
-        /// What happened.
+        /// The client's error.
+        #[source]
+        source: patchflow_client::ClientError,
+    },
+    /// A daemon answered with something the trainer cannot use (a dataset description it cannot
+    /// represent, a volume that is not the whole case), or the client could not be started.
+    #[error("daemon {endpoint}: {reason}")]
+    Daemon {
+        /// The daemon address(es).
+        endpoint: String,
+        /// What was wrong.
         reason: String,
     },
     /// A batch did not have the shape, element type or size the trainer asked for.

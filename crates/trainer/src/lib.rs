@@ -23,20 +23,22 @@ pub mod infer;
 pub mod loss;
 pub mod metrics;
 pub mod optim;
+pub mod plan;
 pub mod plot;
 pub mod remote;
 pub mod train;
 pub mod unet;
 
 pub use data::{
-    BatchSource, CaseSummary, HostBatch, InProcessSource, Prefetcher, SourceInfo, StepSpec,
-    StreamSetup, Volume, VolumeLoader,
+    BatchSource, CaseSummary, HostBatch, InProcessSource, Prefetcher, SourceInfo, StreamSetup,
+    Volume, VolumeLoader,
 };
 pub use device::{DeviceChoice, load_cuda, resolve_device};
 pub use error::TrainerError;
 pub use eval::{ValidationReport, validate, write_prediction};
 pub use infer::{SlidingWindow, sliding_window_logits};
 pub use loss::DiceCeLoss;
+pub use plan::{StepPlan, StepSpec};
 pub use remote::RemoteSource;
 pub use train::{RunSummary, StageTiming, TrainConfig, compare_runs, time_stages, train};
 pub use unet::{Model, UNet, UNetConfig};

@@ -1,11 +1,12 @@
 //! `patchflow-train`: trains a 3D U-Net with the PGPS curriculum on batches from a local store
 //! or from patchflow daemons, and leaves a report (metrics, plot, predictions, summary).
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use patchflow_client::{ClientOptions, Secret, TlsOptions};
 use patchflow_curriculum::{Mode, parse_pools, parse_triplet};
 use patchflow_trainer::bench::{BenchConfig, run_bench};
@@ -76,8 +77,8 @@ struct BenchArgs {
     #[arg(long)]
     time_iterations: Option<usize>,
     /// auto, cpu, cuda or cuda:N [default: auto, cpu with --cpu-tiny].
-    #[arg(long)]
-    device: Option<String>,
+    #[arg(long, value_parser = parse_device)]
+    device: Option<DeviceChoice>,
     /// libtorch threads.
     #[arg(long)]
     threads: Option<usize>,
@@ -123,8 +124,8 @@ fn bench(a: &BenchArgs) -> Result<()> {
     if let Some(v) = a.time_iterations {
         c.time_iterations = v;
     }
-    if let Some(d) = &a.device {
-        c.device = d.parse::<DeviceChoice>()?;
+    if let Some(d) = a.device {
+        c.device = d;
     }
     if a.threads.is_some() {
         c.threads = a.threads;
@@ -167,9 +168,9 @@ struct TrainArgs {
     /// Name to check the daemons' certificates against instead of the --server host.
     #[arg(long, value_name = "NAME")]
     tls_domain: Option<String>,
-    /// pgps-efficiency, pgps-performance, constant or rpss.
-    #[arg(long, default_value = "pgps-efficiency")]
-    curriculum: String,
+    /// The patch-size curriculum.
+    #[arg(long, value_enum, default_value_t = Curriculum::PgpsEfficiency)]
+    curriculum: Curriculum,
     /// Training epochs.
     #[arg(long, default_value_t = 1000)]
     epochs: usize,
@@ -195,8 +196,8 @@ struct TrainArgs {
     #[arg(long, default_value_t = 0.5)]
     overlap: f64,
     /// auto, cpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto")]
-    device: String,
+    #[arg(long, default_value = "auto", value_parser = parse_device)]
+    device: DeviceChoice,
     /// Output folder.
     #[arg(long, default_value = "train-out")]
     out: PathBuf,
@@ -216,8 +217,8 @@ struct TrainArgs {
     #[arg(long)]
     max_features: Option<i64>,
     /// Deep supervision: auto (on for CUDA), on or off.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]
-    deep_supervision: String,
+    #[arg(long, value_enum, default_value_t = DeepSupervision::Auto)]
+    deep_supervision: DeepSupervision,
     /// libtorch threads [default: libtorch's choice].
     #[arg(long)]
     threads: Option<usize>,
@@ -255,6 +256,56 @@ struct TrainArgs {
     /// Chunk cache of the local store, MiB.
     #[arg(long, default_value_t = 1024)]
     cache_mib: u64,
+}
+
+/// `--curriculum`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Curriculum {
+    /// PGPS, resource-efficient: the patch grows, the batch stays.
+    PgpsEfficiency,
+    /// PGPS, performance: the patch grows, the voxels per batch stay.
+    PgpsPerformance,
+    /// nnU-Net's constant patch and batch.
+    Constant,
+    /// Random patch-size sampling (the PGPS sizes, one drawn per iteration).
+    Rpss,
+}
+
+impl From<Curriculum> for Mode {
+    fn from(c: Curriculum) -> Mode {
+        match c {
+            Curriculum::PgpsEfficiency => Mode::PgpsEfficiency,
+            Curriculum::PgpsPerformance => Mode::PgpsPerformance,
+            Curriculum::Constant => Mode::Constant,
+            Curriculum::Rpss => Mode::Rpss,
+        }
+    }
+}
+
+/// `--deep-supervision`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum DeepSupervision {
+    /// On for CUDA, off on the CPU.
+    Auto,
+    /// A loss on every decoder output.
+    On,
+    /// A loss on the full-resolution output only.
+    Off,
+}
+
+impl DeepSupervision {
+    fn choice(self) -> Option<bool> {
+        match self {
+            DeepSupervision::Auto => None,
+            DeepSupervision::On => Some(true),
+            DeepSupervision::Off => Some(false),
+        }
+    }
+}
+
+/// `--device`: `auto`, `cpu`, `cuda` or `cuda:N` (a value enum cannot carry the device index).
+fn parse_device(s: &str) -> Result<DeviceChoice, String> {
+    s.parse::<DeviceChoice>().map_err(|e| e.to_string())
 }
 
 fn open_source(a: &TrainArgs) -> Result<Box<dyn BatchSource>> {
@@ -313,7 +364,7 @@ fn client_options(a: &TrainArgs) -> Result<ClientOptions> {
 }
 
 fn config(a: &TrainArgs) -> Result<TrainConfig> {
-    let mode: Mode = a.curriculum.parse()?;
+    let mode = Mode::from(a.curriculum);
     let Some(final_patch) = a.final_patch else {
         bail!("--final-patch z,y,x is required");
     };
@@ -328,16 +379,12 @@ fn config(a: &TrainArgs) -> Result<TrainConfig> {
     c.seed = a.seed;
     c.base_features = a.base_features.unwrap_or(if a.tiny { 8 } else { 32 });
     c.max_features = a.max_features.unwrap_or(if a.tiny { 64 } else { 320 });
-    c.deep_supervision = match a.deep_supervision.as_str() {
-        "on" => Some(true),
-        "off" => Some(false),
-        _ => None,
-    };
+    c.deep_supervision = a.deep_supervision.choice();
     c.oversample = a.oversample;
     c.augment = a.augment;
     c.initial_lr = a.lr;
     c.prefetch = a.prefetch;
-    c.device = a.device.parse::<DeviceChoice>()?;
+    c.device = a.device;
     c.autocast = !a.no_autocast;
     c.threads = a.threads;
     c.checkpoint_every = a.checkpoint_every;
@@ -399,7 +446,7 @@ fn run(cli: Cli) -> Result<()> {
         } else {
             format!(
                 " (stopped; continue with --resume up to {})",
-                summary.epochs
+                summary.run.epochs
             )
         }
     );
@@ -413,9 +460,11 @@ fn run(cli: Cli) -> Result<()> {
 fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour only on a terminal: a log redirected to a file gets no escape sequences.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,

@@ -11,16 +11,17 @@
 use std::collections::BTreeMap;
 
 use patchflow_client::{
-    Augmentation, Batch, Client, ClientOptions, ImageDtype, LabelDtype, Policy, StreamConfig,
+    Augmentation, Batch, Client, ClientError, ClientOptions, ImageDtype, LabelDtype, Policy,
+    StreamConfig,
 };
 use patchflow_sampler::{AugmentSpec, OutputDType};
 use tokio::runtime::Runtime;
 
 use crate::TrainerError;
 use crate::data::{
-    BatchSource, CaseSummary, HostBatch, LabelKind, SourceInfo, StepSpec, StreamSetup, Volume,
-    VolumeLoader,
+    BatchSource, CaseSummary, HostBatch, LabelKind, SourceInfo, StreamSetup, Volume, VolumeLoader,
 };
+use crate::plan::StepSpec;
 
 /// Streams training batches from daemons.
 pub struct RemoteSource {
@@ -38,16 +39,27 @@ fn runtime(endpoints: &[String]) -> Result<Runtime, TrainerError> {
         .thread_name("patchflow-client")
         .enable_all()
         .build()
-        .map_err(|e| TrainerError::Remote {
-            endpoint: endpoints.join(", "),
-            reason: format!("could not start the client runtime: {e}"),
+        .map_err(|e| {
+            daemon_err(
+                endpoints,
+                format!("could not start the client runtime: {e}"),
+            )
         })
 }
 
-fn remote_err(endpoints: &[String], e: impl std::fmt::Display) -> TrainerError {
+/// A client error, with the daemons it concerns.
+fn remote_err(endpoints: &[String], source: ClientError) -> TrainerError {
     TrainerError::Remote {
         endpoint: endpoints.join(", "),
-        reason: e.to_string(),
+        source,
+    }
+}
+
+/// An answer the trainer cannot use, with the daemons it came from.
+fn daemon_err(endpoints: &[String], reason: impl Into<String>) -> TrainerError {
+    TrainerError::Daemon {
+        endpoint: endpoints.join(", "),
+        reason: reason.into(),
     }
 }
 
@@ -120,7 +132,7 @@ impl RemoteSource {
             .block_on(client.describe(dataset))
             .map_err(|e| remote_err(endpoints, e))?;
         let ignore_label = u16::try_from(desc.ignore_label).map_err(|_| {
-            remote_err(
+            daemon_err(
                 endpoints,
                 format!("ignore label {} does not fit u16", desc.ignore_label),
             )
@@ -143,7 +155,7 @@ impl RemoteSource {
             let shape: [usize; 3] = match c.shape.as_slice() {
                 &[z, y, x] => [z, y, x].map(|v| usize::try_from(v).unwrap_or(usize::MAX)),
                 other => {
-                    return Err(remote_err(
+                    return Err(daemon_err(
                         endpoints,
                         format!("case {} has shape {other:?}, not [z, y, x]", c.id),
                     ));
@@ -152,7 +164,7 @@ impl RemoteSource {
             let spacing: [f64; 3] = match c.spacing.as_slice() {
                 &[z, y, x] => [z, y, x],
                 other => {
-                    return Err(remote_err(
+                    return Err(daemon_err(
                         endpoints,
                         format!("case {} has spacing {other:?}, not [z, y, x]", c.id),
                     ));
@@ -246,7 +258,7 @@ impl BatchSource for RemoteSource {
         let stream = self
             .stream
             .as_mut()
-            .ok_or_else(|| remote_err(&self.endpoints, "no open stream"))?;
+            .ok_or_else(|| daemon_err(&self.endpoints, "no open stream"))?;
         let batch = self
             .runtime
             .block_on(stream.next())

@@ -149,3 +149,32 @@ fn bad_arguments_are_explained() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("linear"));
 }
+
+/// A log that is not a terminal (a file, a pipe) gets no colour escape sequences.
+#[test]
+fn logs_to_a_file_have_no_escape_sequences() {
+    let dir = tempfile::tempdir().unwrap();
+    let made = make_store(dir.path(), &PhantomStore::small());
+    let o = bin()
+        .env("RUST_LOG", "info")
+        .arg("--store")
+        .arg(&made.store)
+        .args(["--curriculum", "constant", "--final-patch", "8,16,16"])
+        .args([
+            "--pools",
+            "2,3,3",
+            "--epochs",
+            "1",
+            "--iters-per-epoch",
+            "1",
+        ])
+        .args(["--tiny", "--threads", "1", "--device", "cpu", "--no-export"])
+        .arg("--out")
+        .arg(dir.path().join("run"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(stderr.contains("epoch done"), "{stderr}");
+    assert!(!stderr.contains('\u{1b}'), "escape sequences in {stderr:?}");
+}

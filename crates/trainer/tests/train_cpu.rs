@@ -202,7 +202,7 @@ fn predictions_have_the_input_grid() {
     // The GPU default, exercised here: a loss on every decoder output.
     cfg.deep_supervision = Some(true);
     let summary = train(&cfg, source(&made.store)).unwrap();
-    assert!(summary.unet.deep_supervision);
+    assert!(summary.run.unet.deep_supervision);
     assert!(
         read_records(&out.join(METRICS_FILE)).unwrap()[0]
             .loss

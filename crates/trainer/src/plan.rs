@@ -1,0 +1,159 @@
+//! What the trainer asks its batch source for at every batch index: the [`StepPlan`].
+//!
+//! Batch `k` of a run is the global iteration `k`; its patch, batch size and crops per case
+//! follow from the schedule alone (and, in `rpss`, the seed), so the prefetch thread can ask for
+//! batches ahead of the training loop and a resumed run asks for exactly the batches an
+//! uninterrupted one would.
+
+use patchflow_curriculum::{Mode, Schedule, Stage};
+
+/// What the trainer asks for at one iteration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepSpec {
+    /// Batch index = global iteration of the run.
+    pub index: u64,
+    /// Patch `[z, y, x]`.
+    pub patch: [usize; 3],
+    /// Items in the batch.
+    pub batch: usize,
+    /// Crops per drawn case.
+    pub crops_per_case: usize,
+}
+
+/// The step of every batch index of a run (or of a stage-timing pass).
+#[derive(Clone, Debug)]
+pub struct StepPlan {
+    kind: Kind,
+}
+
+#[derive(Clone, Debug)]
+enum Kind {
+    /// A training run: batch `k` is iteration `k mod iters_per_epoch` of epoch
+    /// `k / iters_per_epoch`.
+    Run {
+        schedule: Schedule,
+        iters_per_epoch: u64,
+        seed: u64,
+    },
+    /// Every stage in turn, `per_stage` batches each (the last stage past the end). Never empty.
+    EachStage { stages: Vec<Stage>, per_stage: u64 },
+}
+
+impl StepPlan {
+    /// The plan of a training run of `schedule` with `iters_per_epoch` iterations per epoch,
+    /// batches drawn under `seed`.
+    pub fn run(schedule: &Schedule, iters_per_epoch: usize, seed: u64) -> StepPlan {
+        StepPlan {
+            kind: Kind::Run {
+                schedule: schedule.clone(),
+                iters_per_epoch: iters_per_epoch.max(1) as u64,
+                seed,
+            },
+        }
+    }
+
+    /// `per_stage` batches at every stage of `schedule` in turn, for timing the stages.
+    pub fn each_stage(schedule: &Schedule, per_stage: usize) -> StepPlan {
+        StepPlan {
+            kind: Kind::EachStage {
+                stages: schedule.stages.clone(),
+                per_stage: per_stage.max(1) as u64,
+            },
+        }
+    }
+
+    /// The step of batch `k`.
+    pub fn step(&self, k: u64) -> StepSpec {
+        match &self.kind {
+            Kind::Run {
+                schedule,
+                iters_per_epoch,
+                seed,
+            } => {
+                let epoch = usize::try_from(k / iters_per_epoch).unwrap_or(usize::MAX);
+                let (patch, batch) = schedule.patch_for(epoch, k, *seed);
+                let crops_per_case = if schedule.mode == Mode::Rpss {
+                    1
+                } else {
+                    schedule.stage_at_epoch(epoch).crops_per_case
+                };
+                StepSpec {
+                    index: k,
+                    patch,
+                    batch,
+                    crops_per_case,
+                }
+            }
+            Kind::EachStage { stages, per_stage } => {
+                let s = usize::try_from(k / per_stage).unwrap_or(usize::MAX);
+                // Never empty: built from a schedule, which always has a stage.
+                let st = stages[s.min(stages.len() - 1)];
+                StepSpec {
+                    index: k,
+                    patch: st.patch,
+                    batch: st.batch,
+                    crops_per_case: st.crops_per_case,
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_plan_follows_the_schedule() {
+        let s = Schedule::build([16, 32, 32], [2, 3, 3], 10, 2, Mode::PgpsPerformance).unwrap();
+        let plan = StepPlan::run(&s, 5, 1);
+        let plan = |k| plan.step(k);
+        // Epoch 0, stage 0: 4×8×8 with batch 2 · (16·32·32) / (4·8·8) = 128, 64 crops per
+        // case.
+        let first = plan(0);
+        assert_eq!(first.patch, [4, 8, 8]);
+        assert_eq!(first.batch, 128);
+        assert_eq!(first.crops_per_case, 64);
+        assert_eq!(plan(4).patch, [4, 8, 8]);
+        // Iteration 5 is epoch 1, the next stage.
+        assert_eq!(plan(5).patch, [8, 8, 8]);
+        assert_eq!(plan(49).patch, [16, 32, 32]);
+        assert_eq!(plan(49).batch, 2);
+        assert_eq!(plan(49).index, 49);
+    }
+
+    #[test]
+    fn rpss_draws_a_patch_per_iteration() {
+        let s = Schedule::build([16, 32, 32], [2, 3, 3], 10, 2, Mode::Rpss).unwrap();
+        let p = StepPlan::run(&s, 50, 9);
+        let plan = |k| p.step(k);
+        let mut patches: Vec<[usize; 3]> = (0..50).map(|k| plan(k).patch).collect();
+        assert!(
+            patches
+                .iter()
+                .all(|p| s.stages.iter().any(|st| st.patch == *p))
+        );
+        assert!((0..50).all(|k| plan(k).batch == 2 && plan(k).crops_per_case == 1));
+        patches.sort();
+        patches.dedup();
+        assert!(patches.len() > 3, "{patches:?}");
+        // Reproducible from the seed alone.
+        let again = StepPlan::run(&s, 50, 9);
+        assert!((0..50).all(|k| plan(k) == again.step(k)));
+    }
+
+    #[test]
+    fn each_stage_visits_every_stage_in_turn() {
+        let s = Schedule::build([16, 32, 32], [2, 3, 3], 10, 2, Mode::PgpsEfficiency).unwrap();
+        let plan = StepPlan::each_stage(&s, 3);
+        for (i, st) in s.stages.iter().enumerate() {
+            for j in 0..3 {
+                let k = (3 * i + j) as u64;
+                assert_eq!(plan.step(k).patch, st.patch);
+                assert_eq!(plan.step(k).index, k);
+            }
+        }
+        let last = s.stages.last().unwrap();
+        assert_eq!(plan.step(1000).patch, last.patch);
+    }
+}
