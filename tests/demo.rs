@@ -61,7 +61,7 @@ fn the_demo_runs_end_to_end_and_says_where_its_report_is() {
         "{}",
         summary["source"]
     );
-    assert_eq!(summary["mode"], "pgps-efficiency");
+    assert_eq!(summary["mode"], "pgps");
     assert_eq!(summary["epochs_done"], 10);
     // The patch grew through the stream while training.
     let stages = summary["stages"].as_array().unwrap();

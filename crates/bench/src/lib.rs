@@ -37,8 +37,7 @@ pub use peer::{PeerConfig, PeerReport, run_peer};
 pub use plot::write_plot;
 pub use procstat::{ProcSample, sample as process_sample};
 pub use suite::{
-    IngestFigures, LoopbackRatio, StoreFigures, SuiteConfig, SuiteReport, fmt_patch, render_table,
-    run_suite,
+    IngestFigures, LoopbackRatio, StoreFigures, SuiteConfig, SuiteReport, render_table, run_suite,
 };
 
 /// Version of the JSON reports' layout; changes when a field changes meaning or goes away.

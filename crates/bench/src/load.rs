@@ -398,7 +398,7 @@ pub fn render_load(r: &LoadReport) -> String {
         r.switch_every,
         r.sizes
             .iter()
-            .map(|&p| crate::suite::fmt_patch(p))
+            .map(|&p| crate::suite::patch_text(p))
             .collect::<Vec<_>>()
             .join(", "),
         r.batch,

@@ -6,6 +6,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use patchflow_client::StreamConfig;
+use patchflow_grid::Patch;
 use patchflow_ingest::{IngestOptions, ingest};
 use patchflow_sampler::{BatchRequest, OutputDType, Policy};
 use serde::Serialize;
@@ -128,19 +129,21 @@ impl SuiteConfig {
     }
 
     /// The patch sizes measured, smallest first.
-    pub fn sizes(&self) -> Result<Vec<[usize; 3]>, BenchError> {
-        let mut sizes: Vec<[usize; 3]> = self.edges.iter().map(|&e| [e; 3]).collect();
+    pub fn sizes(&self) -> Result<Vec<Patch>, BenchError> {
+        let bad = |field: &'static str, reason: String| BenchError::Config { field, reason };
+        let mut sizes = self
+            .edges
+            .iter()
+            .map(|&e| Patch::cube(e).map_err(|e| bad("--edges", e.to_string())))
+            .collect::<Result<Vec<Patch>, _>>()?;
         if let Some((final_patch, pools)) = self.pgps {
-            let stages =
-                patchflow_curriculum::pgps_patch_sizes(final_patch, pools).map_err(|e| {
-                    BenchError::Config {
-                        field: "--pgps",
-                        reason: e.to_string(),
-                    }
-                })?;
-            sizes.extend(stages);
+            for p in patchflow_curriculum::pgps_patch_sizes(final_patch, pools)
+                .map_err(|e| bad("--pgps", e.to_string()))?
+            {
+                sizes.push(Patch::new(p).map_err(|e| bad("--pgps", e.to_string()))?);
+            }
         }
-        sizes.sort_by_key(|p| (p.iter().product::<usize>(), *p));
+        sizes.sort_by_key(|p| (p.voxels(), *p));
         sizes.dedup();
         Ok(sizes)
     }
@@ -285,8 +288,9 @@ pub fn run_suite(cfg: &SuiteConfig, stop: &AtomicBool) -> Result<SuiteReport, Be
 
     // In process.
     for (s, &patch) in sizes.iter().enumerate() {
+        bar.set_message(format!("in-process {patch}"));
+        let patch = patch.axes();
         let req = request(patch, cfg, s as u64);
-        bar.set_message(format!("in-process {}", fmt_patch(patch)));
         local.run(&req, 1 << 40, Until::Elapsed(warmup), stop)?;
         let (counts, me, hits) = local.run(&req, 0, Until::Elapsed(seconds), stop)?;
         let c = ctx(Transport::InProcess, CacheState::Warm, patch, 1);
@@ -334,11 +338,8 @@ pub fn run_suite(cfg: &SuiteConfig, stop: &AtomicBool) -> Result<SuiteReport, Be
                     .map(|&clients| (Transport::Grpc, clients))
                     .chain([(Transport::GrpcShared, 1)]);
                 for (transport, clients) in runs {
-                    bar.set_message(format!(
-                        "{} ×{clients} {}",
-                        transport.name(),
-                        fmt_patch(patch)
-                    ));
+                    bar.set_message(format!("{} ×{clients} {patch}", transport.name()));
+                    let patch = patch.axes();
                     let config = stream_config(&name, patch, cfg, s as u64);
                     let m = remote_measurement(
                         &mut daemon,
@@ -357,7 +358,8 @@ pub fn run_suite(cfg: &SuiteConfig, stop: &AtomicBool) -> Result<SuiteReport, Be
             daemon.stop()?;
             if cfg.cold {
                 for (s, &patch) in sizes.iter().enumerate() {
-                    bar.set_message(format!("gRPC cold {}", fmt_patch(patch)));
+                    bar.set_message(format!("gRPC cold {patch}"));
+                    let patch = patch.axes();
                     // A fresh daemon maps nothing yet, so the pages can be dropped.
                     local.make_cold()?;
                     let mut daemon = Daemon::start(&spec).await?;
@@ -389,6 +391,7 @@ pub fn run_suite(cfg: &SuiteConfig, stop: &AtomicBool) -> Result<SuiteReport, Be
     let loopback = sizes
         .iter()
         .filter_map(|&patch| {
+            let patch = patch.axes();
             let find = |t| {
                 measurements.iter().find(|m| {
                     m.patch == patch
@@ -547,9 +550,10 @@ pub(crate) async fn remote_measurement(
     ))
 }
 
-/// `z×y×x`.
-pub fn fmt_patch(p: [usize; 3]) -> String {
-    format!("{}×{}×{}", p[0], p[1], p[2])
+/// A measured patch as `z×y×x` (measured patches passed the sampler's checks, so they are
+/// valid; an invalid one shows its error).
+pub(crate) fn patch_text(p: [usize; 3]) -> String {
+    Patch::new(p).map_or_else(|e| e.to_string(), |p| p.to_string())
 }
 
 /// The report as a plain-text table (one line per measurement) with a header.
@@ -605,7 +609,7 @@ pub fn render_table(r: &SuiteReport) -> String {
         let _ = writeln!(
             out,
             "{:<13} {:<10} {:>7} {:<5} {:>9.1} {:>8.1} {:>10.2} {:>10} {:>10.1} {:>6.2} {:>8.2} {:>8.2}",
-            fmt_patch(m.patch),
+            patch_text(m.patch),
             m.transport.name(),
             m.clients,
             match m.state {
@@ -628,8 +632,8 @@ pub fn render_table(r: &SuiteReport) -> String {
             .loopback
             .iter()
             .map(|l| match l.shared_ratio {
-                Some(shm) => format!("{} {:.2} (shm {shm:.2})", fmt_patch(l.patch), l.ratio),
-                None => format!("{} {:.2}", fmt_patch(l.patch), l.ratio),
+                Some(shm) => format!("{} {:.2} (shm {shm:.2})", patch_text(l.patch), l.ratio),
+                None => format!("{} {:.2}", patch_text(l.patch), l.ratio),
             })
             .collect();
         let _ = writeln!(

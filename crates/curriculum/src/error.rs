@@ -1,5 +1,6 @@
 //! The crate's single error type.
 
+use patchflow_grid::GridError;
 use thiserror::Error;
 
 /// Everything that can be wrong with the inputs of a schedule or a pooling plan.
@@ -19,26 +20,15 @@ pub enum CurriculumError {
         max: u32,
     },
 
-    /// A patch edge is zero.
-    #[error("{field}[{axis}] = 0: patch edges must be at least 1 voxel")]
-    ZeroPatchAxis {
-        /// Which input carried the patch (`final_patch`, `patch`).
+    /// A patch (or a triplet of numbers) is malformed or beyond
+    /// [`patchflow_grid::MAX_PATCH_AXIS`].
+    #[error("{field}: {source}")]
+    Grid {
+        /// Which input carried it (`final_patch`, `patch`, `pools`).
         field: &'static str,
-        /// Axis name (`z`, `y` or `x`).
-        axis: &'static str,
-    },
-
-    /// A patch edge is above [`crate::MAX_PATCH_AXIS`].
-    #[error("{field}[{axis}] = {size} exceeds the limit of {max} voxels per axis")]
-    PatchTooLarge {
-        /// Which input carried the patch (`final_patch`, `patch`).
-        field: &'static str,
-        /// Axis name (`z`, `y` or `x`).
-        axis: &'static str,
-        /// The requested edge length.
-        size: usize,
-        /// The limit.
-        max: usize,
+        /// What is wrong, naming the axis and the limit.
+        #[source]
+        source: GridError,
     },
 
     /// The final patch is smaller than the smallest patch the network can process.
@@ -60,7 +50,8 @@ pub enum CurriculumError {
     #[error("epochs = 0: a schedule needs at least 1 epoch")]
     ZeroEpochs,
 
-    /// A PGPS schedule has more stages than epochs, so some stage would get no epoch at all.
+    /// A growing schedule has more stages than epochs, so some stage would get no epoch at all
+    /// (the published loop divides by `int(epochs / stages) = 0` there).
     #[error(
         "epochs = {epochs} is fewer than the {stages} stages of mode {mode}; every stage needs at \
          least one epoch (use at least {stages} epochs, more poolings, or a smaller final patch)"
@@ -78,11 +69,11 @@ pub enum CurriculumError {
     #[error("planned_batch = 0: the batch size must be at least 1")]
     ZeroBatch,
 
-    /// The performance-mode batch of a stage does not fit in `usize`.
-    #[error(
-        "performance-mode batch of stage {stage} (patch {patch:?}) would be {batch}, beyond usize::MAX"
-    )]
+    /// The batch of a stage does not fit in `usize`.
+    #[error("{mode} batch of stage {stage} (patch {patch:?}) would be {batch}, beyond usize::MAX")]
     BatchOverflow {
+        /// The mode's name.
+        mode: &'static str,
         /// Stage index.
         stage: usize,
         /// The stage's patch.
@@ -93,20 +84,12 @@ pub enum CurriculumError {
 
     /// A mode name is not one of the known ones.
     #[error(
-        "unknown mode {given:?}: expected one of \"pgps-efficiency\", \"pgps-performance\", \"constant\", \"rpss\""
+        "unknown mode {given:?}: expected one of \"pgps\", \"pgps-plus\", \"pgps-performance\", \
+         \"rpss\", \"constant\" (\"pgps-efficiency\" is accepted for \"pgps\")"
     )]
     UnknownMode {
         /// What was given.
         given: String,
-    },
-
-    /// A triplet such as `128,128,128` could not be parsed.
-    #[error("cannot parse {input:?} as a z,y,x triplet: {reason}")]
-    BadTriplet {
-        /// What was given.
-        input: String,
-        /// Why it was rejected.
-        reason: String,
     },
 
     /// A voxel spacing is zero, negative, or not finite.
@@ -139,5 +122,9 @@ pub enum CurriculumError {
     },
 }
 
-/// Axis names in the crate's `[z, y, x]` convention, for error messages and tables.
-pub(crate) const AXIS_NAMES: [&str; 3] = ["z", "y", "x"];
+impl CurriculumError {
+    /// Wraps a grid error with the field it concerns.
+    pub(crate) fn grid(field: &'static str, source: GridError) -> CurriculumError {
+        CurriculumError::Grid { field, source }
+    }
+}

@@ -1,23 +1,26 @@
-//! The Progressive Growing of Patch Size (PGPS) schedule and its baselines, as pure functions.
+//! The Progressive Growing of Patch Size (PGPS) schedules and their baselines, as pure
+//! functions.
 //!
-//! Trainers, the daemon and the command line all need to agree on which patch size and batch
-//! size are in force at any epoch (or, for random patch-size sampling, any iteration). This
-//! crate is that single source of truth. It does no I/O and has no tensor dependency, so the
-//! storage daemon can link it without libtorch.
+//! Trainers, the daemon, the command line and the Python binding all need to agree on which
+//! patch size and batch size are in force at any epoch (or, for random patch-size sampling, any
+//! iteration). This crate is that single source of truth. It does no I/O and has no tensor
+//! dependency, so the storage daemon can link it without libtorch.
 //!
-//! * [`Schedule::build`] turns the planned patch, the network's pooling counts, the epoch count
-//!   and the planned batch into stages, for [`Mode::PgpsEfficiency`],
-//!   [`Mode::PgpsPerformance`], the [`Mode::Constant`] nnU-Net baseline and the
-//!   [`Mode::Rpss`] ablation (random patch-size sampling, see [`rpss_stage`]).
+//! * [`Schedule::build`] turns the planned patch, the network's pooling counts, the epoch count,
+//!   the planned batch and a [`Mode`] into stages: the authors' [`Mode::Pgps`] and
+//!   [`Mode::PgpsPlus`], the journal's [`Mode::PgpsPerformance`], the [`Mode::Rpss`] ablation
+//!   (random patch-size sampling) and the [`Mode::Constant`] nnU-Net baseline. A schedule
+//!   answers [`Schedule::stage_for`] an epoch and [`Schedule::step_at`] an iteration, lists its
+//!   [`Schedule::sizes`], its [`Schedule::relative_cost`], and prints as JSON or a table.
 //! * [`plan_pooling`] reproduces nnU-Net v2's choice of poolings and kernels for a patch and a
-//!   spacing, which fixes the smallest patch PGPS starts from.
+//!   spacing, which fixes the smallest patch PGPS starts from and its growth step.
 //!
-//! The schedule follows the authors' reference trainers (Fischer et al., MICCAI 2024, and the
-//! journal extension's `plan_batch_size`); [`pgps_patch_sizes`] documents the growth rule and
-//! the two edge cases where this crate makes the reference's implicit behaviour explicit.
-//! Arrays are `[z, y, x]`.
+//! The schedules follow the authors' published trainers (compai-lab/2024-miccai-fischer); [`Schedule`]
+//! lists the rules and the few places where this crate departs from that code on purpose. Arrays are `[z, y, x]`; patches are
+//! [`patchflow_grid::Patch`].
 
 mod error;
+pub mod patch_serde;
 mod pooling;
 mod schedule;
 #[cfg(test)]
@@ -26,6 +29,16 @@ mod schedule_tests;
 pub use error::CurriculumError;
 pub use pooling::{MIN_FEATURE_MAP_EDGE, NO_POOL_CAP, PoolingPlan, plan_pooling};
 pub use schedule::{
-    MAX_PATCH_AXIS, MAX_POOLS, Mode, Schedule, Stage, min_patch, parse_pools, parse_triplet,
-    pgps_patch_sizes, pgps_stage_count, rpss_stage,
+    CURRICULUM_FOREGROUND_OVERSAMPLE, MAX_POOLS, Mode, NNUNET_FOREGROUND_OVERSAMPLE, Schedule,
+    Stage, Step, parse_pools, pgps_minimum, pgps_patch_sizes, pgps_stage_count,
 };
+
+/// [`patchflow_grid::parse_triplet`] with `usize` parts, for callers whose flag type is a plain
+/// `[usize; 3]` (the `patchflow` command line): a generic re-export would leave their parser
+/// closures' type unknown. New code parses a [`patchflow_grid::Patch`] instead.
+///
+/// # Errors
+/// [`patchflow_grid::GridError::BadTriplet`] as the grid parser.
+pub fn parse_triplet(s: &str) -> Result<[usize; 3], patchflow_grid::GridError> {
+    patchflow_grid::parse_triplet(s)
+}

@@ -1,9 +1,9 @@
 //! nnU-Net's choice of poolings and convolution kernels for a patch and a voxel spacing.
 
+use patchflow_grid::{AXIS_NAMES, Patch};
 use serde::{Deserialize, Serialize};
 
-use crate::error::{AXIS_NAMES, CurriculumError};
-use crate::schedule::MAX_PATCH_AXIS;
+use crate::error::CurriculumError;
 
 /// Smallest edge a feature map may have after the last pooling (nnU-Net v2's
 /// `UNet_featuremap_min_edge_length`).
@@ -57,28 +57,17 @@ impl PoolingPlan {
 /// GPU memory budget, and the per-stage feature counts; the patch given is taken as final.
 ///
 /// # Errors
-/// A zero or too large (> [`MAX_PATCH_AXIS`]) patch edge, or a spacing that is not finite and
-/// positive.
+/// A zero or too large (> [`patchflow_grid::MAX_PATCH_AXIS`]) patch edge, or a spacing that is
+/// not finite and positive.
 pub fn plan_pooling(
-    patch: [usize; 3],
+    patch: impl Into<[usize; 3]>,
     spacing: [f64; 3],
     max_pools: u32,
 ) -> Result<PoolingPlan, CurriculumError> {
+    let patch = Patch::new(patch.into())
+        .map_err(|e| CurriculumError::grid("patch", e))?
+        .axes();
     for axis in 0..3 {
-        if patch[axis] == 0 {
-            return Err(CurriculumError::ZeroPatchAxis {
-                field: "patch",
-                axis: AXIS_NAMES[axis],
-            });
-        }
-        if patch[axis] > MAX_PATCH_AXIS {
-            return Err(CurriculumError::PatchTooLarge {
-                field: "patch",
-                axis: AXIS_NAMES[axis],
-                size: patch[axis],
-                max: MAX_PATCH_AXIS,
-            });
-        }
         let s = spacing[axis];
         if !(s.is_finite() && s > 0.0) {
             return Err(CurriculumError::BadSpacing {
@@ -145,7 +134,7 @@ pub fn plan_pooling(
     }
     kernel_sizes.push([3; 3]);
 
-    // Every edge is <= MAX_PATCH_AXIS, so it halves at most 16 times: the shifts and the padded
+    // Every edge is <= MAX_PATCH_AXIS = 4096, so it halves at most 12 times: the shifts and the padded
     // edges (< 2 × MAX_PATCH_AXIS) cannot overflow.
     let padded = std::array::from_fn(|axis| {
         let d = 1usize << pools[axis];
@@ -163,6 +152,7 @@ pub fn plan_pooling(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use patchflow_grid::{GridError, MAX_PATCH_AXIS};
 
     /// 128³ at 1 mm: every axis is pooled each round (equal spacing) while its edge is >= 8:
     /// 128→64→32→16→8→4, i.e. 5 poolings; edge 4 stops it. All kernels 3 (equal spacing).
@@ -272,10 +262,13 @@ mod tests {
     #[test]
     fn bad_inputs_are_rejected_with_the_field_named() {
         let e = plan_pooling([0, 64, 64], [1.0; 3], NO_POOL_CAP).unwrap_err();
-        assert!(matches!(
+        assert_eq!(
             e,
-            CurriculumError::ZeroPatchAxis { axis: "z", .. }
-        ));
+            CurriculumError::Grid {
+                field: "patch",
+                source: GridError::ZeroAxis { axis: "z" }
+            }
+        );
         let e = plan_pooling([64, 64, 64], [1.0, 0.0, 1.0], NO_POOL_CAP).unwrap_err();
         assert!(matches!(e, CurriculumError::BadSpacing { axis: "y", .. }));
         assert!(e.to_string().contains("spacing[y]"));
@@ -284,7 +277,11 @@ mod tests {
         let e = plan_pooling([64, 64, MAX_PATCH_AXIS + 1], [1.0; 3], NO_POOL_CAP).unwrap_err();
         assert!(matches!(
             e,
-            CurriculumError::PatchTooLarge { axis: "x", .. }
+            CurriculumError::Grid {
+                field: "patch",
+                source: GridError::AxisTooLarge { axis: "x", .. }
+            }
         ));
+        assert!(e.to_string().contains("patch: patch x = 4097"), "{e}");
     }
 }

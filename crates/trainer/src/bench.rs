@@ -78,7 +78,7 @@ impl BenchConfig {
             threads: None,
             overlap: 0.5,
             seed: 0,
-            modes: vec![Mode::Constant, Mode::PgpsEfficiency, Mode::PgpsPerformance],
+            modes: vec![Mode::Constant, Mode::Pgps, Mode::PgpsPerformance],
         }
     }
 
@@ -242,9 +242,9 @@ pub fn run_bench(cfg: &BenchConfig) -> Result<String, TrainerError> {
 
     let mut dirs = Vec::new();
     let timing = cfg.work.join("stage-timing");
-    tracing::info!("timing every stage of the pgps-efficiency schedule");
+    tracing::info!("timing every stage of the pgps schedule");
     time_stages(
-        &cfg.train_config(Mode::PgpsEfficiency, timing.clone()),
+        &cfg.train_config(Mode::Pgps, timing.clone()),
         Box::new(open()?),
         cfg.warmup,
         cfg.time_iterations,
@@ -270,34 +270,22 @@ mod tests {
     use super::*;
     use patchflow_curriculum::{NO_POOL_CAP, Schedule, plan_pooling};
 
-    /// The GPU settings plan a network whose PGPS schedule has one epoch per stage.
+    /// The GPU settings plan a network whose PGPS schedule has one epoch per stage (the last
+    /// takes the remainder).
     #[test]
     fn gpu_settings_give_one_epoch_per_stage() {
         let c = BenchConfig::gpu("i".into(), "l".into(), "w".into());
         let plan = plan_pooling(c.final_patch, [1.5; 3], NO_POOL_CAP).unwrap();
         assert_eq!(plan.patch, c.final_patch);
         assert_eq!(plan.pools, [3, 4, 4]);
-        let s = Schedule::build(
-            c.final_patch,
-            plan.pools,
-            c.epochs,
-            c.batch,
-            Mode::PgpsEfficiency,
-        )
-        .unwrap();
-        assert_eq!(s.stages.len(), 16);
-        assert!(s.stages.iter().all(|st| st.epochs == 1));
+        let s = Schedule::build(c.final_patch, plan.pools, c.epochs, c.batch, Mode::Pgps).unwrap();
+        assert_eq!(s.stages().len(), 15);
+        assert!(s.stages()[..14].iter().all(|st| st.epochs == 1));
         let tiny = BenchConfig::cpu_tiny("i".into(), "l".into(), "w".into());
         let plan = plan_pooling(tiny.final_patch, [1.5; 3], NO_POOL_CAP).unwrap();
-        let s = Schedule::build(
-            tiny.final_patch,
-            plan.pools,
-            tiny.epochs,
-            2,
-            Mode::PgpsEfficiency,
-        )
-        .unwrap();
-        assert_eq!(s.stages.len(), tiny.epochs);
+        let s = Schedule::build(tiny.final_patch, plan.pools, tiny.epochs, 2, Mode::Pgps).unwrap();
+        assert_eq!(s.stages().len(), 9);
+        assert!(s.stages()[..8].iter().all(|st| st.epochs == 1));
     }
 
     /// Slabs keep every voxel where it was in the world: slab `s`'s first voxel maps to the

@@ -10,6 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
+use patchflow_grid::Patch;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
@@ -33,8 +34,9 @@ pub struct RunIdentity {
     pub epochs: usize,
     /// Iterations per epoch.
     pub iters_per_epoch: usize,
-    /// Final patch.
-    pub final_patch: [usize; 3],
+    /// Final patch (`[z, y, x]` in JSON).
+    #[serde(with = "patchflow_curriculum::patch_serde")]
+    pub final_patch: Patch,
     /// Poolings per axis.
     pub pools: [u32; 3],
     /// Planned batch.

@@ -131,11 +131,17 @@ impl HostBatch {
         if self.index != step.index {
             return Err(bad(format!("asked for batch {}", step.index)));
         }
-        if self.patch != step.patch || self.batch != step.batch || self.channels != channels {
+        if self.patch != step.patch.axes() || self.batch != step.batch || self.channels != channels
+        {
             return Err(bad(format!(
                 "got patch {:?}, batch {}, {} channel(s); asked for patch {:?}, batch {}, {} \
                  channel(s)",
-                self.patch, self.batch, self.channels, step.patch, step.batch, channels
+                self.patch,
+                self.batch,
+                self.channels,
+                step.patch.axes(),
+                step.batch,
+                channels
             )));
         }
         let voxels: usize = self.patch.iter().product();
@@ -326,7 +332,7 @@ impl BatchSource for InProcessSource {
             TrainerError::Prefetch("fetch called before start on the in-process source".into())
         })?;
         let req = BatchRequest {
-            patch: step.patch,
+            patch: step.patch.axes(),
             batch: step.batch,
             policy: Policy::ForegroundOversample {
                 fraction: setup.oversample,

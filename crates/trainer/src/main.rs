@@ -8,7 +8,8 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use patchflow_client::{ClientOptions, Secret, TlsOptions};
-use patchflow_curriculum::{Mode, parse_pools, parse_triplet};
+use patchflow_curriculum::{Mode, parse_pools};
+use patchflow_grid::Patch;
 use patchflow_trainer::bench::{BenchConfig, run_bench};
 use patchflow_trainer::data::{InProcessSource, WithStoreVolumes};
 use patchflow_trainer::train::{PLOT_FILE, PREDICTIONS_DIR, SUMMARY_FILE};
@@ -62,8 +63,8 @@ struct BenchArgs {
     #[arg(long)]
     slabs: Option<usize>,
     /// Final patch z,y,x.
-    #[arg(long, value_parser = |s: &str| parse_triplet(s).map_err(|e| e.to_string()))]
-    final_patch: Option<[usize; 3]>,
+    #[arg(long)]
+    final_patch: Option<Patch>,
     /// Planned batch size.
     #[arg(long)]
     batch: Option<usize>,
@@ -110,7 +111,7 @@ fn bench(a: &BenchArgs) -> Result<()> {
         c.slabs = v;
     }
     if let Some(v) = a.final_patch {
-        c.final_patch = v;
+        c.final_patch = v.axes();
     }
     if let Some(v) = a.batch {
         c.batch = v;
@@ -169,7 +170,7 @@ struct TrainArgs {
     #[arg(long, value_name = "NAME")]
     tls_domain: Option<String>,
     /// The patch-size curriculum.
-    #[arg(long, value_enum, default_value_t = Curriculum::PgpsEfficiency)]
+    #[arg(long, value_enum, default_value_t = Curriculum::Pgps)]
     curriculum: Curriculum,
     /// Training epochs.
     #[arg(long, default_value_t = 1000)]
@@ -178,8 +179,8 @@ struct TrainArgs {
     #[arg(long, default_value_t = 250)]
     iters_per_epoch: usize,
     /// Final (planned) patch z,y,x, or one number for a cube.
-    #[arg(long, value_parser = |s: &str| parse_triplet(s).map_err(|e| e.to_string()))]
-    final_patch: Option<[usize; 3]>,
+    #[arg(long)]
+    final_patch: Option<Patch>,
     /// Stride-2 poolings per axis z,y,x [default: planned from the final patch and spacing].
     #[arg(long, value_parser = |s: &str| parse_pools(s).map_err(|e| e.to_string()))]
     pools: Option<[u32; 3]>,
@@ -261,23 +262,28 @@ struct TrainArgs {
 /// `--curriculum`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Curriculum {
-    /// PGPS, resource-efficient: the patch grows, the batch stays.
-    PgpsEfficiency,
-    /// PGPS, performance: the patch grows, the voxels per batch stay.
+    /// The authors' PGPS: the patch grows, the batch stays.
+    #[value(alias = "pgps-efficiency")]
+    Pgps,
+    /// The authors' PGPS+: the patch grows, the batch shrinks from a large start so that the
+    /// voxels per batch grow.
+    PgpsPlus,
+    /// The journal's performance mode: the patch grows, the voxels per batch stay.
     PgpsPerformance,
+    /// Random patch-size sampling: one of the PGPS sizes drawn per iteration.
+    Rpss,
     /// nnU-Net's constant patch and batch.
     Constant,
-    /// Random patch-size sampling (the PGPS sizes, one drawn per iteration).
-    Rpss,
 }
 
 impl From<Curriculum> for Mode {
     fn from(c: Curriculum) -> Mode {
         match c {
-            Curriculum::PgpsEfficiency => Mode::PgpsEfficiency,
+            Curriculum::Pgps => Mode::Pgps,
+            Curriculum::PgpsPlus => Mode::PgpsPlus,
             Curriculum::PgpsPerformance => Mode::PgpsPerformance,
-            Curriculum::Constant => Mode::Constant,
             Curriculum::Rpss => Mode::Rpss,
+            Curriculum::Constant => Mode::Constant,
         }
     }
 }
@@ -410,11 +416,9 @@ fn run(cli: Cli) -> Result<()> {
         let timings = time_stages(&cfg, source, a.warmup, iters)?;
         for t in &timings {
             println!(
-                "stage {:>2}  patch {:>3}×{:>3}×{:>3}  batch {:>3}  {:>8.1} ms/iter  data wait {:>5.1}%",
+                "stage {:>2}  patch {:>11}  batch {:>3}  {:>8.1} ms/iter  data wait {:>5.1}%",
                 t.stage,
-                t.patch[0],
-                t.patch[1],
-                t.patch[2],
+                t.patch.to_string(),
                 t.batch,
                 t.seconds_per_iteration * 1e3,
                 100.0 * t.data_wait_share

@@ -4,6 +4,7 @@
 use std::io::Write;
 use std::path::Path;
 
+use patchflow_grid::Patch;
 use serde::{Deserialize, Serialize};
 
 use crate::TrainerError;
@@ -19,8 +20,9 @@ pub struct EpochRecord {
     pub lr: f64,
     /// Mean training loss over the epoch's iterations.
     pub loss: f64,
-    /// Patch `[z, y, x]` of the epoch's first iteration.
-    pub patch: [usize; 3],
+    /// Patch of the epoch's first iteration (`[z, y, x]` in JSON).
+    #[serde(with = "patchflow_curriculum::patch_serde")]
+    pub patch: Patch,
     /// Batch size of the epoch's first iteration.
     pub batch: usize,
     /// Mean voxels per patch over the epoch (differs from `patch` only in `rpss`).
@@ -101,8 +103,9 @@ pub fn write_records(path: &Path, records: &[EpochRecord]) -> Result<(), Trainer
 pub struct StageSummary {
     /// Stage index.
     pub stage: usize,
-    /// Patch `[z, y, x]`.
-    pub patch: [usize; 3],
+    /// Patch (`[z, y, x]` in JSON).
+    #[serde(with = "patchflow_curriculum::patch_serde")]
+    pub patch: Patch,
     /// Batch size.
     pub batch: usize,
     /// Epochs trained in the stage.
@@ -195,11 +198,6 @@ pub fn render_table(rows: &[Vec<String>], left: &[bool]) -> String {
     out
 }
 
-/// `z×y×x`.
-pub fn fmt_patch(p: [usize; 3]) -> String {
-    format!("{}×{}×{}", p[0], p[1], p[2])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,7 +208,7 @@ mod tests {
             stage,
             lr: 0.01,
             loss: 1.0,
-            patch: [8, 8, 8],
+            patch: Patch::cube(8).unwrap(),
             batch: 2,
             mean_patch_voxels: 512.0,
             iterations: 10,

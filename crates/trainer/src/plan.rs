@@ -5,15 +5,16 @@
 //! batches ahead of the training loop and a resumed run asks for exactly the batches an
 //! uninterrupted one would.
 
-use patchflow_curriculum::{Mode, Schedule, Stage};
+use patchflow_curriculum::{Schedule, Stage};
+use patchflow_grid::Patch;
 
 /// What the trainer asks for at one iteration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StepSpec {
     /// Batch index = global iteration of the run.
     pub index: u64,
-    /// Patch `[z, y, x]`.
-    pub patch: [usize; 3],
+    /// Patch.
+    pub patch: Patch,
     /// Items in the batch.
     pub batch: usize,
     /// Crops per drawn case.
@@ -56,7 +57,7 @@ impl StepPlan {
     pub fn each_stage(schedule: &Schedule, per_stage: usize) -> StepPlan {
         StepPlan {
             kind: Kind::EachStage {
-                stages: schedule.stages.clone(),
+                stages: schedule.stages().to_vec(),
                 per_stage: per_stage.max(1) as u64,
             },
         }
@@ -71,17 +72,12 @@ impl StepPlan {
                 seed,
             } => {
                 let epoch = usize::try_from(k / iters_per_epoch).unwrap_or(usize::MAX);
-                let (patch, batch) = schedule.patch_for(epoch, k, *seed);
-                let crops_per_case = if schedule.mode == Mode::Rpss {
-                    1
-                } else {
-                    schedule.stage_at_epoch(epoch).crops_per_case
-                };
+                let step = schedule.step_at(epoch, k, *seed);
                 StepSpec {
                     index: k,
-                    patch,
-                    batch,
-                    crops_per_case,
+                    patch: step.patch,
+                    batch: step.batch,
+                    crops_per_case: step.crops_per_case,
                 }
             }
             Kind::EachStage { stages, per_stage } => {
@@ -102,22 +98,27 @@ impl StepPlan {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use patchflow_curriculum::Mode;
+
+    fn p(axes: [usize; 3]) -> Patch {
+        Patch::new(axes).unwrap()
+    }
 
     #[test]
     fn step_plan_follows_the_schedule() {
         let s = Schedule::build([16, 32, 32], [2, 3, 3], 10, 2, Mode::PgpsPerformance).unwrap();
         let plan = StepPlan::run(&s, 5, 1);
         let plan = |k| plan.step(k);
-        // Epoch 0, stage 0: 4×8×8 with batch 2 · (16·32·32) / (4·8·8) = 128, 64 crops per
-        // case.
+        // Epoch 0, stage 0: 8×8×8 (the published minimum [2^3, 2^3, 2^3]) with batch
+        // 2 · (16·32·32) / (8·8·8) = 64, 32 crops per case.
         let first = plan(0);
-        assert_eq!(first.patch, [4, 8, 8]);
-        assert_eq!(first.batch, 128);
-        assert_eq!(first.crops_per_case, 64);
-        assert_eq!(plan(4).patch, [4, 8, 8]);
-        // Iteration 5 is epoch 1, the next stage.
-        assert_eq!(plan(5).patch, [8, 8, 8]);
-        assert_eq!(plan(49).patch, [16, 32, 32]);
+        assert_eq!(first.patch, p([8, 8, 8]));
+        assert_eq!(first.batch, 64);
+        assert_eq!(first.crops_per_case, 32);
+        assert_eq!(plan(4).patch, p([8, 8, 8]));
+        // Iteration 5 is epoch 1, the next stage (y grows first).
+        assert_eq!(plan(5).patch, p([8, 16, 8]));
+        assert_eq!(plan(49).patch, p([16, 32, 32]));
         assert_eq!(plan(49).batch, 2);
         assert_eq!(plan(49).index, 49);
     }
@@ -125,35 +126,30 @@ mod tests {
     #[test]
     fn rpss_draws_a_patch_per_iteration() {
         let s = Schedule::build([16, 32, 32], [2, 3, 3], 10, 2, Mode::Rpss).unwrap();
-        let p = StepPlan::run(&s, 50, 9);
-        let plan = |k| p.step(k);
-        let mut patches: Vec<[usize; 3]> = (0..50).map(|k| plan(k).patch).collect();
-        assert!(
-            patches
-                .iter()
-                .all(|p| s.stages.iter().any(|st| st.patch == *p))
-        );
-        assert!((0..50).all(|k| plan(k).batch == 2 && plan(k).crops_per_case == 1));
+        let plan = StepPlan::run(&s, 50, 9);
+        let mut patches: Vec<Patch> = (0..50).map(|k| plan.step(k).patch).collect();
+        assert!(patches.iter().all(|p| s.sizes().contains(p)));
+        assert!((0..50).all(|k| plan.step(k).batch == 2 && plan.step(k).crops_per_case == 1));
         patches.sort();
         patches.dedup();
         assert!(patches.len() > 3, "{patches:?}");
         // Reproducible from the seed alone.
         let again = StepPlan::run(&s, 50, 9);
-        assert!((0..50).all(|k| plan(k) == again.step(k)));
+        assert!((0..50).all(|k| plan.step(k) == again.step(k)));
     }
 
     #[test]
     fn each_stage_visits_every_stage_in_turn() {
-        let s = Schedule::build([16, 32, 32], [2, 3, 3], 10, 2, Mode::PgpsEfficiency).unwrap();
+        let s = Schedule::build([16, 32, 32], [2, 3, 3], 10, 2, Mode::Pgps).unwrap();
         let plan = StepPlan::each_stage(&s, 3);
-        for (i, st) in s.stages.iter().enumerate() {
+        for (i, st) in s.stages().iter().enumerate() {
             for j in 0..3 {
                 let k = (3 * i + j) as u64;
                 assert_eq!(plan.step(k).patch, st.patch);
                 assert_eq!(plan.step(k).index, k);
             }
         }
-        let last = s.stages.last().unwrap();
+        let last = s.stages().last().unwrap();
         assert_eq!(plan.step(1000).patch, last.patch);
     }
 }

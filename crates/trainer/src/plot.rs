@@ -115,7 +115,7 @@ mod tests {
                 stage: e / 2,
                 lr: 0.01,
                 loss: 1.0 / (e + 1) as f64,
-                patch: [8 * (1 + e / 2), 16, 16],
+                patch: patchflow_grid::Patch::new([8 * (1 + e / 2), 16, 16]).unwrap(),
                 batch: 2,
                 mean_patch_voxels: (8 * (1 + e / 2) * 256) as f64,
                 iterations: 5,

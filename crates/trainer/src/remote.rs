@@ -197,7 +197,7 @@ impl RemoteSource {
     fn config_for(&self, setup: &StreamSetup, step: &StepSpec) -> StreamConfig {
         let mut c = StreamConfig::new(
             self.info.dataset.clone(),
-            step.patch.map(|v| i64::try_from(v).unwrap_or(i64::MAX)),
+            step.patch.to_i64(),
             u32::try_from(step.batch).unwrap_or(u32::MAX),
         );
         c.policy = Policy::ForegroundOversample {

@@ -26,14 +26,14 @@ fn gpu_bench_script_runs_in_cpu_tiny_mode() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
 
-    // One table: ten timed stages, the stages of each run, a total row per run.
+    // One table: nine timed stages, the stages of each run, a total row per run.
     let rows: Vec<&str> = stdout.lines().collect();
     let timed = rows
         .iter()
         .filter(|l| l.starts_with("stage timing"))
         .count();
-    assert_eq!(timed, 10, "{stdout}");
-    for mode in ["constant", "pgps-efficiency", "pgps-performance"] {
+    assert_eq!(timed, 9, "{stdout}");
+    for mode in ["constant", "pgps", "pgps-performance"] {
         let total = rows
             .iter()
             .find(|l| l.starts_with("total") && l.split_whitespace().nth(1) == Some(mode))
@@ -52,11 +52,8 @@ fn gpu_bench_script_runs_in_cpu_tiny_mode() {
             assert_eq!(cells[7], "1.00");
         }
     }
-    let stage_rows = rows
-        .iter()
-        .filter(|l| l.starts_with("pgps-efficiency stages"))
-        .count();
-    assert_eq!(stage_rows, 10);
+    let stage_rows = rows.iter().filter(|l| l.starts_with("pgps stages")).count();
+    assert_eq!(stage_rows, 9);
     assert!(work.path().join("table.txt").is_file());
     assert!(work.path().join("runs/pgps-performance/plot.png").is_file());
     assert!(
@@ -65,7 +62,7 @@ fn gpu_bench_script_runs_in_cpu_tiny_mode() {
             .is_file()
     );
 
-    // daemon.sh: the same PGPS-efficiency run fed by a local daemon trains identically on the
+    // daemon.sh: the same PGPS run fed by a local daemon trains identically on the
     // CPU (same batches, same weights), so it ends with the same validation Dice.
     let train_bin = PathBuf::from(env!("CARGO_BIN_EXE_patchflow-train"));
     let daemon_bin = train_bin.with_file_name("patchflow");
@@ -81,7 +78,7 @@ fn gpu_bench_script_runs_in_cpu_tiny_mode() {
         .arg(root.join("benches/gpu/daemon.sh"))
         .arg(work.path().join("store"))
         .arg(&fed)
-        .args(["--curriculum", "pgps-efficiency", "--epochs", "10"])
+        .args(["--curriculum", "pgps", "--epochs", "10"])
         .args(["--iters-per-epoch", "4", "--final-patch", "16,32,32"])
         .args(["--tiny", "--threads", "1", "--device", "cpu"])
         .env("PATCHFLOW", &daemon_bin)
@@ -97,13 +94,13 @@ fn gpu_bench_script_runs_in_cpu_tiny_mode() {
         serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap()
     };
     let fed = summary(&fed);
-    let local = summary(&work.path().join("runs/pgps-efficiency"));
+    let local = summary(&work.path().join("runs/pgps"));
     assert!(
         fed["source"].as_str().unwrap().starts_with("daemons unix:"),
         "{}",
         fed["source"]
     );
-    assert_eq!(fed["stages"].as_array().unwrap().len(), 10);
+    assert_eq!(fed["stages"].as_array().unwrap().len(), 9);
     assert_eq!(
         fed["validation"]["mean_foreground_dice"], local["validation"]["mean_foreground_dice"],
         "the daemon-fed run trained differently"

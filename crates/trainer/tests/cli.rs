@@ -71,8 +71,8 @@ fn trains_reports_resumes_and_compares() {
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["epochs_done"], 4);
     assert_eq!(summary["mode"], "pgps-performance");
-    // Performance mode: the batch grows as the patch shrinks (2 × 8·16·16 / 4·8·8 = 16).
-    assert_eq!(summary["stages"][0]["batch"], 16);
+    // Performance mode: the batch grows as the patch shrinks (2 × 8·16·16 / 8·8·8 = 8).
+    assert_eq!(summary["stages"][0]["batch"], 8);
 
     let o = bin().arg("compare").arg(&out).output().unwrap();
     let table = String::from_utf8_lossy(&o.stdout);

@@ -14,7 +14,7 @@ use patchflow_trainer::{DeviceChoice, InProcessSource, RemoteSource, TrainConfig
 use tch::Tensor;
 
 fn config(out: &Path) -> TrainConfig {
-    let mut c = TrainConfig::new(Mode::PgpsEfficiency, [8, 16, 16], out);
+    let mut c = TrainConfig::new(Mode::Pgps, [8, 16, 16], out);
     c.pools = Some([2, 3, 3]);
     c.epochs = 4;
     c.iters_per_epoch = 3;
@@ -103,8 +103,8 @@ fn training_through_a_daemon_equals_training_in_process() {
     )
     .unwrap();
     assert_same(&weights(&local), &weights(&remote));
-    assert_eq!(s.stages.len(), 4);
-    assert_eq!(r.stages.len(), 4);
+    assert_eq!(s.stages.len(), 3);
+    assert_eq!(r.stages.len(), 3);
     // Validation volumes came from the daemon: same Dice as from the local store.
     assert_eq!(
         s.validation.as_ref().unwrap().mean_dice,

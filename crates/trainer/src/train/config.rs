@@ -5,12 +5,12 @@
 use std::path::PathBuf;
 
 use patchflow_curriculum::{Mode, NO_POOL_CAP, Schedule, plan_pooling};
+use patchflow_grid::Patch;
 use tch::Device;
 
 use crate::TrainerError;
 use crate::data::{BatchSource, SourceInfo};
 use crate::device::{DeviceChoice, resolve_device, set_cuda_autocast_bf16};
-use crate::metrics::fmt_patch;
 use crate::optim::{INITIAL_LR, SgdConfig};
 use crate::unet::{DEFAULT_BASE_FEATURES, DEFAULT_MAX_FEATURES, UNetConfig};
 
@@ -73,12 +73,16 @@ pub struct TrainConfig {
 
 impl TrainConfig {
     /// nnU-Net's defaults for a run of `mode` with `final_patch`, writing to `out_dir`.
-    pub fn new(mode: Mode, final_patch: [usize; 3], out_dir: impl Into<PathBuf>) -> TrainConfig {
+    pub fn new(
+        mode: Mode,
+        final_patch: impl Into<[usize; 3]>,
+        out_dir: impl Into<PathBuf>,
+    ) -> TrainConfig {
         TrainConfig {
             mode,
             epochs: 1000,
             iters_per_epoch: 250,
-            final_patch,
+            final_patch: final_patch.into(),
             pools: None,
             batch: 2,
             val_cases: 1,
@@ -192,7 +196,9 @@ impl Setup {
         ids.sort();
         let val_cases = ids.split_off(n - cfg.val_cases);
         let train_cases = ids;
-        let unet = network(cfg, &info, device)?;
+        let final_patch = Patch::new(cfg.final_patch)
+            .map_err(|e| TrainerError::config("final_patch", e.to_string()))?;
+        let unet = network(cfg, final_patch, &info, device)?;
         let schedule = Schedule::build(
             cfg.final_patch,
             unet.pools(),
@@ -241,6 +247,7 @@ fn device_and_autocast(cfg: &TrainConfig) -> Result<(Device, bool), TrainerError
 /// the median spacing; the final patch must be a multiple of its pooling factor.
 fn network(
     cfg: &TrainConfig,
+    final_patch: Patch,
     info: &SourceInfo,
     device: Device,
 ) -> Result<UNetConfig, TrainerError> {
@@ -258,16 +265,17 @@ fn network(
         ),
         None => {
             let spacing = info.median_spacing();
-            let plan = plan_pooling(cfg.final_patch, spacing, NO_POOL_CAP)?;
-            if plan.patch != cfg.final_patch {
+            let plan = plan_pooling(final_patch, spacing, NO_POOL_CAP)?;
+            if plan.patch != final_patch.axes() {
+                // The padded patch is at most the next multiple of a power of two <= 4096.
+                let padded = Patch::new(plan.patch)
+                    .map_err(|e| TrainerError::config("final_patch", e.to_string()))?;
                 return Err(TrainerError::config(
                     "final_patch",
                     format!(
-                        "{} is not a multiple of the planned pooling ({:?} poolings at spacing \
-                         {spacing:?}); use {} or give --pools",
-                        fmt_patch(cfg.final_patch),
+                        "{final_patch} is not a multiple of the planned pooling ({:?} poolings at \
+                         spacing {spacing:?}); use {padded} or give --pools",
                         plan.pools,
-                        fmt_patch(plan.patch)
                     ),
                 ));
             }
@@ -284,13 +292,12 @@ fn network(
     unet.validate()?;
     let pools = unet.pools();
     let div = unet.divisor();
-    if (0..3).any(|a| !cfg.final_patch[a].is_multiple_of(div[a])) {
+    if (0..3).any(|a| !final_patch.axes()[a].is_multiple_of(div[a])) {
         return Err(TrainerError::config(
             "final_patch",
             format!(
-                "{} is not a multiple of {} (2^pools with pools {pools:?})",
-                fmt_patch(cfg.final_patch),
-                fmt_patch(div)
+                "{final_patch} is not a multiple of {}×{}×{} (2^pools with pools {pools:?})",
+                div[0], div[1], div[2]
             ),
         ));
     }

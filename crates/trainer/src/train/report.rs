@@ -4,12 +4,13 @@
 use std::path::{Path, PathBuf};
 
 use patchflow_curriculum::Mode;
+use patchflow_grid::Patch;
 use serde::{Deserialize, Serialize};
 
 use crate::TrainerError;
 use crate::checkpoint::RunIdentity;
 use crate::eval::ValidationReport;
-use crate::metrics::{StageSummary, fmt_patch, render_table};
+use crate::metrics::{StageSummary, render_table};
 
 /// File names inside the output folder.
 pub const METRICS_FILE: &str = "metrics.jsonl";
@@ -72,8 +73,9 @@ pub struct RunSummary {
 pub struct StageTiming {
     /// Stage index.
     pub stage: usize,
-    /// Patch.
-    pub patch: [usize; 3],
+    /// Patch (`[z, y, x]` in JSON).
+    #[serde(with = "patchflow_curriculum::patch_serde")]
+    pub patch: Patch,
     /// Batch size.
     pub batch: usize,
     /// Timed iterations (after warm-up).
@@ -193,7 +195,7 @@ fn timing_row(st: &StageTiming) -> Vec<String> {
     vec![
         "stage timing".into(),
         format!("stage {}", st.stage),
-        fmt_patch(st.patch),
+        st.patch.to_string(),
         st.batch.to_string(),
         st.iterations.to_string(),
         format!("{:.4}", st.seconds_per_iteration),
@@ -209,7 +211,7 @@ fn stage_row(label: &str, st: &StageSummary) -> Vec<String> {
     vec![
         format!("{label} stages"),
         format!("stage {}", st.stage),
-        fmt_patch(st.patch),
+        st.patch.to_string(),
         st.batch.to_string(),
         st.iterations.to_string(),
         format!("{:.4}", st.seconds_per_iteration),
@@ -234,7 +236,7 @@ fn total_row(label: &str, s: &RunSummary, baseline: Option<f64>) -> Vec<String> 
     vec![
         "total".into(),
         label.to_string(),
-        fmt_patch(s.run.final_patch),
+        s.run.final_patch.to_string(),
         s.run.batch.to_string(),
         iters.to_string(),
         format!("{:.4}", s.train_seconds / iters.max(1) as f64),

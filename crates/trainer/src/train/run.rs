@@ -20,9 +20,7 @@ use crate::error::TorchContext;
 use crate::eval::{ValidationReport, validate};
 use crate::infer::SlidingWindow;
 use crate::loss::{DiceCeLoss, deep_supervision_loss};
-use crate::metrics::{
-    EpochRecord, append_record, fmt_patch, read_records, stage_summaries, write_records,
-};
+use crate::metrics::{EpochRecord, append_record, read_records, stage_summaries, write_records};
 use crate::optim::{POLY_EXPONENT, Sgd, poly_lr};
 use crate::plan::{StepPlan, StepSpec};
 use crate::plot::write_plot;
@@ -143,7 +141,7 @@ impl<'a> Run<'a> {
             mode: cfg.mode.name().to_string(),
             epochs: cfg.epochs,
             iters_per_epoch: cfg.iters_per_epoch,
-            final_patch: cfg.final_patch,
+            final_patch: setup.schedule.final_patch(),
             pools: setup.unet.pools(),
             batch: cfg.batch,
             seed: cfg.seed,
@@ -171,7 +169,7 @@ impl<'a> Run<'a> {
             device = %device_name(setup.device),
             autocast = setup.autocast,
             mode = %cfg.mode,
-            stages = setup.schedule.stages.len(),
+            stages = setup.schedule.stages().len(),
             parameters = model.num_parameters(),
             train = setup.train_cases.len(),
             val = setup.val_cases.len(),
@@ -188,7 +186,7 @@ impl<'a> Run<'a> {
         let stepper = Stepper::new(&setup);
         let sw = SlidingWindow {
             overlap: cfg.overlap,
-            ..SlidingWindow::new(cfg.final_patch)
+            ..SlidingWindow::new(setup.schedule.final_patch().axes())
         };
         Ok(Run {
             cfg,
@@ -215,7 +213,7 @@ impl<'a> Run<'a> {
         let cfg = self.cfg;
         let ipe = cfg.iters_per_epoch;
         let lr = poly_lr(cfg.initial_lr, epoch, cfg.epochs, POLY_EXPONENT);
-        let stage = self.setup.schedule.stage_index_at_epoch(epoch);
+        let stage = self.setup.schedule.stage_index(epoch);
         let mut loss_sum = 0.0;
         let mut wait = 0.0;
         let mut voxels = 0.0;
@@ -226,7 +224,7 @@ impl<'a> Run<'a> {
             let batch = self.prefetch.recv()?;
             wait += t0.elapsed().as_secs_f64();
             first_step.get_or_insert(batch.step);
-            voxels += batch.step.patch.iter().product::<usize>() as f64;
+            voxels += batch.step.patch.voxels() as f64;
             loss_sum += self.stepper.step(&self.model, &mut self.opt, &batch, lr)?;
         }
         let seconds = t_epoch.elapsed().as_secs_f64();
@@ -277,7 +275,7 @@ impl<'a> Run<'a> {
         tracing::info!(
             epoch,
             stage = record.stage,
-            patch = %fmt_patch(record.patch),
+            patch = %record.patch,
             batch = record.batch,
             loss = format_args!("{:.4}", record.loss),
             seconds = format_args!("{:.2}", record.seconds),
@@ -315,7 +313,7 @@ impl<'a> Run<'a> {
             "{} · {} · final patch {} · {}",
             self.setup.info.dataset,
             cfg.mode,
-            fmt_patch(cfg.final_patch),
+            self.setup.schedule.final_patch(),
             device_name(self.setup.device)
         );
         write_plot(&plot, &self.records, &self.setup.class_names, &title)?;
@@ -422,7 +420,7 @@ pub fn time_stages(
     let model = Model::new(&setup.unet, setup.device, cfg.seed)?;
     let mut opt = Sgd::new(model.named_parameters(), cfg.sgd).ctx("creating the optimiser")?;
     let per_stage = warmup + iterations.max(1);
-    let stages = setup.schedule.stages.clone();
+    let stages = setup.schedule.stages().to_vec();
     let plan = StepPlan::each_stage(&setup.schedule, per_stage);
     source.start(&stream_setup(cfg, &setup))?;
     let end = (stages.len() * per_stage) as u64;
@@ -443,10 +441,10 @@ pub fn time_stages(
         }
         let it = iterations.max(1);
         let spi = secs / it as f64;
-        let voxels = (st.patch.iter().product::<usize>() * st.batch) as f64;
+        let voxels = st.batch_voxels() as f64;
         tracing::info!(
             stage = i,
-            patch = %fmt_patch(st.patch),
+            patch = %st.patch,
             batch = st.batch,
             ms_per_iteration = format_args!("{:.1}", spi * 1e3),
             "stage timed"
