@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The PGPS curriculum on a GPU: time every stage of the schedule, train the constant nnU-Net
-# baseline, PGPS-efficiency and PGPS-performance for the same budget, print one table (time per
-# stage, total time vs constant, data-wait share, validation Dice). See README.md beside this.
+# The PGPS curricula on a GPU: time a training step at every patch and batch size the modes of
+# nnU-Net's 128³ plan train with (batch 2, steady state: each size warmed up first), project
+# every mode's 1000-epoch time against the constant nnU-Net baseline next to the paper's 0.44
+# (PGPS) and 0.89 (performance mode), and print one table (with --train MODES, also short
+# training runs of those modes). See README.md beside this.
 #
 #   benches/gpu/run.sh [--cpu-tiny] [patchflow-train bench options...]
 #

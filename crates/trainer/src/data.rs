@@ -76,15 +76,16 @@ impl SourceInfo {
     }
 }
 
-/// Settings of a run's batch stream, fixed for the run.
+/// Settings of a batch stream (the run's training stream, or its validation stream), fixed
+/// for the run.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StreamSetup {
     /// Seed of the stream.
     pub seed: u64,
     /// Share of foreground-centred crops (nnU-Net 0.33, PGPS 0.5).
     pub oversample: f64,
-    /// Case ids to sample from (the training split).
-    pub train_cases: Vec<String>,
+    /// Case ids to sample from (the training split, or the validation split).
+    pub cases: Vec<String>,
     /// Element type of served images.
     pub dtype: OutputDType,
     /// Apply nnU-Net's default training augmentation to every item.
@@ -238,6 +239,10 @@ pub trait BatchSource: Send {
     /// A loader of whole cases for validation, independent of the batch stream.
     fn volumes(&self) -> Result<Box<dyn VolumeLoader>, TrainerError>;
 
+    /// Another, independent source of the same dataset (for a second stream: the validation
+    /// batches); it must be started on its own.
+    fn fork(&self) -> Result<Box<dyn BatchSource>, TrainerError>;
+
     /// A short description for logs ("store /x", "daemons a, b").
     fn describe(&self) -> String;
 }
@@ -306,12 +311,12 @@ impl BatchSource for InProcessSource {
     fn start(&mut self, setup: &StreamSetup) -> Result<(), TrainerError> {
         let ds = self.sampler.dataset();
         let indices = setup
-            .train_cases
+            .cases
             .iter()
             .map(|id| {
                 ds.case_index(id).ok_or_else(|| {
                     TrainerError::config(
-                        "train_cases",
+                        "cases",
                         format!("case {id:?} is not in dataset {}", ds.name()),
                     )
                 })
@@ -319,8 +324,8 @@ impl BatchSource for InProcessSource {
             .collect::<Result<Vec<_>, _>>()?;
         if indices.is_empty() {
             return Err(TrainerError::config(
-                "train_cases",
-                "no training cases are left after holding out the validation cases",
+                "cases",
+                "no case to sample from (is every case held out for validation?)",
             ));
         }
         self.setup = Some((setup.clone(), indices));
@@ -363,6 +368,14 @@ impl BatchSource for InProcessSource {
     fn volumes(&self) -> Result<Box<dyn VolumeLoader>, TrainerError> {
         Ok(Box::new(StoreVolumes {
             dataset: Arc::clone(self.sampler.dataset()),
+        }))
+    }
+
+    fn fork(&self) -> Result<Box<dyn BatchSource>, TrainerError> {
+        Ok(Box::new(InProcessSource {
+            sampler: Sampler::new(Arc::clone(self.sampler.dataset())),
+            info: self.info.clone(),
+            setup: None,
         }))
     }
 
@@ -526,6 +539,11 @@ impl<S: BatchSource> BatchSource for WithStoreVolumes<S> {
 
     fn volumes(&self) -> Result<Box<dyn VolumeLoader>, TrainerError> {
         Ok(Box::new(StoreVolumes::new(Arc::clone(&self.dataset))))
+    }
+
+    fn fork(&self) -> Result<Box<dyn BatchSource>, TrainerError> {
+        // Batches only: whole cases keep coming from the wrapped store.
+        self.inner.fork()
     }
 
     fn describe(&self) -> String {

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use patchflow_volume::{LabelData, VoxelData, resample_labels, write_nifti};
 use serde::{Deserialize, Serialize};
-use tch::{Device, Tensor};
+use tch::{Device, Kind, TchError, Tensor};
 
 use crate::TrainerError;
 use crate::data::{OriginalGrid, Volume, VolumeLoader};
@@ -38,6 +38,41 @@ pub struct ValidationReport {
     pub mean_foreground_dice: Option<f64>,
     /// Wall time of the pass.
     pub seconds: f64,
+}
+
+/// Voxel counts of the hard segmentation (argmax) of `logits` `[B, K, Z, Y, X]` against
+/// `label` `[B, 1, Z, Y, X]`, per foreground class, summed over the batch; voxels labelled
+/// `ignore` count nowhere; background (class 0) is not counted. These are nnU-Net's
+/// `validation_step` `tp_hard`, `fp_hard` and `fn_hard`; summed over an epoch's validation
+/// batches, [`Confusion::dice`] of each class is its pseudo-Dice.
+///
+/// # Errors
+/// libtorch's error (shapes that do not match).
+pub fn batch_confusion(
+    logits: &Tensor,
+    label: &Tensor,
+    num_classes: usize,
+    ignore: u16,
+) -> Result<Confusion, TchError> {
+    tch::no_grad(|| {
+        let pred = logits.f_argmax(1, false)?;
+        let target = label.f_to_kind(Kind::Int64)?.f_squeeze_dim(1)?;
+        let valid = target.f_ne(i64::from(ignore))?;
+        let count = |t: &Tensor| -> Result<u64, TchError> {
+            let n = t.f_sum(Kind::Int64)?.f_int64_value(&[])?;
+            Ok(u64::try_from(n).unwrap_or(0))
+        };
+        let mut c = Confusion::new(num_classes);
+        for k in 1..num_classes {
+            let class = i64::try_from(k).unwrap_or(i64::MAX);
+            let p = pred.f_eq(class)?.f_logical_and(&valid)?;
+            let g = target.f_eq(class)?;
+            c.tp[k] = count(&p.f_logical_and(&g)?)?;
+            c.fp[k] = count(&p.f_logical_and(&g.f_logical_not()?)?)?;
+            c.fn_[k] = count(&g.f_logical_and(&p.f_logical_not()?)?)?;
+        }
+        Ok(c)
+    })
 }
 
 /// Maps a segmentation on the preprocessed grid back to the source grid: nearest-neighbour
@@ -241,6 +276,30 @@ mod tests {
         };
         let row: Vec<u8> = out[0..8].to_vec();
         assert_eq!(row, vec![0, 0, 1, 1, 1, 1, 0, 0]);
+    }
+
+    /// Two items of 1×1×4 voxels, three classes, the last voxel of the second item ignored.
+    #[test]
+    fn batch_confusion_counts_like_nnunet() {
+        // Predicted classes per voxel, as one-hot logits.
+        let pred: [[i64; 4]; 2] = [[0, 1, 1, 2], [2, 2, 0, 1]];
+        let truth: [[i64; 4]; 2] = [[0, 1, 2, 2], [2, 1, 0, 255]];
+        let mut logits = vec![0f32; 2 * 3 * 4];
+        for (b, row) in pred.iter().enumerate() {
+            for (v, &k) in row.iter().enumerate() {
+                logits[(b * 3 + k as usize) * 4 + v] = 5.0;
+            }
+        }
+        let logits = Tensor::from_slice(&logits).reshape([2, 3, 1, 1, 4]);
+        let label = Tensor::from_slice(truth.as_flattened()).reshape([2, 1, 1, 1, 4]);
+        let c = batch_confusion(&logits, &label, 3, 255).unwrap();
+        // Class 1: tp at (0,1); fp at (0,2); fn at (1,1). Class 2: tp at (0,3), (1,0); fp at
+        // (1,1); fn at (0,2). The ignored voxel (predicted 1) counts nowhere.
+        assert_eq!((c.tp[1], c.fp[1], c.fn_[1]), (1, 1, 1));
+        assert_eq!((c.tp[2], c.fp[2], c.fn_[2]), (2, 1, 1));
+        assert_eq!((c.tp[0], c.fp[0], c.fn_[0]), (0, 0, 0));
+        assert_eq!(c.dice(0), None);
+        assert!((c.dice(2).unwrap() - 4.0 / 6.0).abs() < 1e-12);
     }
 
     #[test]

@@ -12,7 +12,9 @@ use patchflow_curriculum::{Mode, parse_pools};
 use patchflow_grid::Patch;
 use patchflow_trainer::bench::{BenchConfig, run_bench};
 use patchflow_trainer::data::{InProcessSource, WithStoreVolumes};
-use patchflow_trainer::train::{PLOT_FILE, PREDICTIONS_DIR, SUMMARY_FILE};
+use patchflow_trainer::train::{
+    BEST_CHECKPOINT_DIR, CHECKPOINT_DIR, PLOT_FILE, PREDICTIONS_DIR, SUMMARY_FILE,
+};
 use patchflow_trainer::{
     BatchSource, DeviceChoice, RemoteSource, TrainConfig, compare_runs, time_stages, train,
 };
@@ -37,8 +39,10 @@ enum Command {
         #[arg(required = true)]
         runs: Vec<PathBuf>,
     },
-    /// Benchmark the curriculum on one labelled CT: time every stage, train constant vs
-    /// PGPS-efficiency vs PGPS-performance for the same budget, print one table.
+    /// Benchmark the curricula on one labelled CT: time a training step at every patch and
+    /// batch size of every mode (nnU-Net's 128³ plan by default), project each mode's time for
+    /// 1000 epochs × 250 iterations against constant and the paper's figures, optionally train
+    /// some modes for a short budget, and print one table.
     Bench(Box<BenchArgs>),
 }
 
@@ -56,27 +60,38 @@ struct BenchArgs {
     /// Work folder (slabs, store, runs, table.txt).
     #[arg(long, default_value = "bench-out")]
     work: PathBuf,
-    /// Tiny CPU settings (about a minute on two cores) instead of the GPU settings.
+    /// Tiny CPU settings (a few minutes on two cores, with training runs of constant, pgps and
+    /// pgps-performance) instead of the GPU settings.
     #[arg(long)]
     cpu_tiny: bool,
     /// Slabs (cases) the volume is cut into along z; the last is held out.
     #[arg(long)]
     slabs: Option<usize>,
-    /// Final patch z,y,x.
+    /// Final patch z,y,x [default: 128,128,128, or 16,32,32 with --cpu-tiny].
     #[arg(long)]
     final_patch: Option<Patch>,
+    /// Stride-2 poolings per axis z,y,x [default: planned from the final patch and spacing].
+    #[arg(long, value_parser = |s: &str| parse_pools(s).map_err(|e| e.to_string()))]
+    pools: Option<[u32; 3]>,
     /// Planned batch size.
     #[arg(long)]
     batch: Option<usize>,
+    /// Modes to train after the timing, comma-separated [default: none, or
+    /// constant,pgps,pgps-performance with --cpu-tiny].
+    #[arg(long, value_enum, value_delimiter = ',')]
+    train: Option<Vec<Curriculum>>,
     /// Epochs per training run.
     #[arg(long)]
     epochs: Option<usize>,
-    /// Iterations per epoch.
+    /// Iterations per epoch of each training run.
     #[arg(long)]
     iters_per_epoch: Option<usize>,
-    /// Timed iterations per stage.
+    /// Timed iterations per step size.
     #[arg(long)]
     time_iterations: Option<usize>,
+    /// Untimed warm-up iterations per step size.
+    #[arg(long)]
+    warmup: Option<usize>,
     /// auto, cpu, cuda or cuda:N [default: auto, cpu with --cpu-tiny].
     #[arg(long, value_parser = parse_device)]
     device: Option<DeviceChoice>,
@@ -113,8 +128,17 @@ fn bench(a: &BenchArgs) -> Result<()> {
     if let Some(v) = a.final_patch {
         c.final_patch = v.axes();
     }
+    if a.pools.is_some() {
+        c.pools = a.pools;
+    }
     if let Some(v) = a.batch {
         c.batch = v;
+    }
+    if let Some(v) = &a.train {
+        c.modes = v.iter().map(|&m| Mode::from(m)).collect();
+    }
+    if let Some(v) = a.warmup {
+        c.warmup = v;
     }
     if let Some(v) = a.epochs {
         c.epochs = v;
@@ -190,7 +214,12 @@ struct TrainArgs {
     /// Cases held out for validation (the last N case ids).
     #[arg(long, default_value_t = 1)]
     val_cases: usize,
-    /// Validate every N epochs (and after the last); 0 = only after the last.
+    /// Validation batches per epoch (final patch, planned batch, from the validation cases),
+    /// scored with nnU-Net's pseudo-Dice; its moving average keeps checkpoint_best/. 0 = none.
+    #[arg(long, default_value_t = 50)]
+    val_iters: usize,
+    /// Validate by sliding window over whole cases every N epochs (and after the last); 0 =
+    /// only after the last.
     #[arg(long, default_value_t = 0)]
     val_every: usize,
     /// Sliding-window overlap in [0, 1).
@@ -223,9 +252,10 @@ struct TrainArgs {
     /// libtorch threads [default: libtorch's choice].
     #[arg(long)]
     threads: Option<usize>,
-    /// Share of foreground-centred crops.
-    #[arg(long, default_value_t = 0.5)]
-    oversample: f64,
+    /// Share of foreground-centred crops [default: 0.5 for the curricula, as the published PGPS
+    /// trainers set it; nnU-Net's 0.33 for constant].
+    #[arg(long)]
+    oversample: Option<f64>,
     /// nnU-Net's default data augmentation, applied where the batches are cut (in this
     /// process with --store, by the daemons with --server).
     #[arg(long)]
@@ -380,6 +410,7 @@ fn config(a: &TrainArgs) -> Result<TrainConfig> {
     c.pools = a.pools;
     c.batch = a.batch;
     c.val_cases = a.val_cases;
+    c.val_iters = a.val_iters;
     c.val_every = a.val_every;
     c.overlap = a.overlap;
     c.seed = a.seed;
@@ -454,8 +485,12 @@ fn run(cli: Cli) -> Result<()> {
             )
         }
     );
+    if let (Some(ema), Some(epoch)) = (summary.best_ema_pseudo_dice, summary.best_epoch) {
+        println!("best EMA pseudo Dice {ema:.4} after epoch {epoch} ({BEST_CHECKPOINT_DIR}/)");
+    }
     println!(
-        "report: {} (metrics.jsonl, {PLOT_FILE}, {PREDICTIONS_DIR}/, {SUMMARY_FILE}, checkpoint/)",
+        "report: {} (metrics.jsonl, {PLOT_FILE}, {PREDICTIONS_DIR}/, {SUMMARY_FILE}, \
+         {CHECKPOINT_DIR}/ and the other checkpoint_*/)",
         cfg.out_dir.display()
     );
     Ok(())

@@ -45,6 +45,21 @@ pub struct EpochRecord {
     /// Wall time of the validation, when validated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub val_seconds: Option<f64>,
+    /// Mean loss over the epoch's validation batches (final patch, planned batch), when there
+    /// were any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_loss: Option<f64>,
+    /// nnU-Net's pseudo-Dice per class over the epoch's validation batches (index = class
+    /// value; background and classes absent from prediction and reference are `null`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pseudo_dice: Option<Vec<Option<f64>>>,
+    /// Mean of the defined foreground pseudo-Dice values (nnU-Net's `mean_fg_dice`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean_pseudo_dice: Option<f64>,
+    /// Its exponential moving average, `0.9 × previous + 0.1 × this epoch's` (nnU-Net's
+    /// `ema_fg_dice`, which chooses `checkpoint_best`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ema_pseudo_dice: Option<f64>,
 }
 
 /// Appends one record as a JSON line.
@@ -96,6 +111,17 @@ pub fn write_records(path: &Path, records: &[EpochRecord]) -> Result<(), Trainer
         text.push('\n');
     }
     std::fs::write(path, text).map_err(|e| TrainerError::io(path, e))
+}
+
+/// nnU-Net's moving average of the pseudo-Dice: the first value as is, then
+/// `0.9 × previous + 0.1 × value`. An epoch without a value (no foreground class defined) keeps the previous
+/// average, where nnU-Net's would turn into NaN for the rest of the run.
+pub fn pseudo_dice_ema(previous: Option<f64>, value: Option<f64>) -> Option<f64> {
+    match (previous, value) {
+        (Some(p), Some(v)) => Some(0.9 * p + 0.1 * v),
+        (None, v) => v,
+        (p, None) => p,
+    }
 }
 
 /// Time and data wait of one schedule stage, summed over its epochs.
@@ -218,6 +244,10 @@ mod tests {
             val_dice: None,
             val_mean_fg_dice: None,
             val_seconds: None,
+            val_loss: None,
+            pseudo_dice: None,
+            mean_pseudo_dice: None,
+            ema_pseudo_dice: None,
         }
     }
 
@@ -227,6 +257,9 @@ mod tests {
         let p = dir.path().join("m.jsonl");
         let mut r = rec(0, 0, 2.0, 1.0);
         r.val_dice = Some(vec![Some(0.9), None]);
+        r.pseudo_dice = Some(vec![None, Some(0.5)]);
+        r.mean_pseudo_dice = Some(0.5);
+        r.ema_pseudo_dice = Some(0.5);
         append_record(&p, &r).unwrap();
         append_record(&p, &rec(1, 0, 2.0, 0.0)).unwrap();
         append_record(&p, &rec(2, 1, 4.0, 1.0)).unwrap();
@@ -241,6 +274,15 @@ mod tests {
         assert!((s[0].data_wait_share - 0.25).abs() < 1e-12);
         write_records(&p, &back[..1]).unwrap();
         assert_eq!(read_records(&p).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn ema_follows_nnunet() {
+        assert_eq!(pseudo_dice_ema(None, None), None);
+        assert_eq!(pseudo_dice_ema(None, Some(0.5)), Some(0.5));
+        let e = pseudo_dice_ema(Some(0.5), Some(1.0)).unwrap();
+        assert!((e - 0.55).abs() < 1e-15);
+        assert_eq!(pseudo_dice_ema(Some(0.5), None), Some(0.5));
     }
 
     #[test]

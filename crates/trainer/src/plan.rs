@@ -38,6 +38,8 @@ enum Kind {
     },
     /// Every stage in turn, `per_stage` batches each (the last stage past the end). Never empty.
     EachStage { stages: Vec<Stage>, per_stage: u64 },
+    /// One patch and batch for every batch (validation batches), one crop per case.
+    Fixed { patch: Patch, batch: usize },
 }
 
 impl StepPlan {
@@ -53,12 +55,24 @@ impl StepPlan {
         }
     }
 
-    /// `per_stage` batches at every stage of `schedule` in turn, for timing the stages.
-    pub fn each_stage(schedule: &Schedule, per_stage: usize) -> StepPlan {
-        StepPlan {
+    /// `per_stage` batches at every one of `stages` in turn (patch, batch and crops per case;
+    /// the epochs are ignored), for timing them; `None` when there is none.
+    pub fn each_stage(stages: &[Stage], per_stage: usize) -> Option<StepPlan> {
+        (!stages.is_empty()).then(|| StepPlan {
             kind: Kind::EachStage {
-                stages: schedule.stages().to_vec(),
+                stages: stages.to_vec(),
                 per_stage: per_stage.max(1) as u64,
+            },
+        })
+    }
+
+    /// `patch` and `batch` for every batch index, one crop per case: the validation batches
+    /// (nnU-Net's validation loader cuts the final patch at the planned batch).
+    pub fn fixed(patch: Patch, batch: usize) -> StepPlan {
+        StepPlan {
+            kind: Kind::Fixed {
+                patch,
+                batch: batch.max(1),
             },
         }
     }
@@ -91,6 +105,12 @@ impl StepPlan {
                     crops_per_case: st.crops_per_case,
                 }
             }
+            Kind::Fixed { patch, batch } => StepSpec {
+                index: k,
+                patch: *patch,
+                batch: *batch,
+                crops_per_case: 1,
+            },
         }
     }
 }
@@ -141,7 +161,8 @@ mod tests {
     #[test]
     fn each_stage_visits_every_stage_in_turn() {
         let s = Schedule::build([16, 32, 32], [2, 3, 3], 10, 2, Mode::Pgps).unwrap();
-        let plan = StepPlan::each_stage(&s, 3);
+        let plan = StepPlan::each_stage(s.stages(), 3).unwrap();
+        assert!(StepPlan::each_stage(&[], 3).is_none());
         for (i, st) in s.stages().iter().enumerate() {
             for j in 0..3 {
                 let k = (3 * i + j) as u64;
@@ -151,5 +172,21 @@ mod tests {
         }
         let last = s.stages().last().unwrap();
         assert_eq!(plan.step(1000).patch, last.patch);
+    }
+
+    #[test]
+    fn fixed_plans_the_same_step_everywhere() {
+        let plan = StepPlan::fixed(p([16, 32, 32]), 2);
+        for k in [0, 7, 1 << 40] {
+            assert_eq!(
+                plan.step(k),
+                StepSpec {
+                    index: k,
+                    patch: p([16, 32, 32]),
+                    batch: 2,
+                    crops_per_case: 1
+                }
+            );
+        }
     }
 }

@@ -1,5 +1,6 @@
-//! The training-report plot: loss, validation Dice, patch size, batch size and time per epoch,
-//! one panel each, as a PNG (drawn by [`patchflow_plot`]).
+//! The training-report plot: loss, pseudo-Dice on validation patches, sliding-window validation
+//! Dice, patch size, batch size and time per epoch, one panel each, as a PNG (drawn by
+//! [`patchflow_plot`]).
 
 use std::path::Path;
 
@@ -21,6 +22,46 @@ fn panel(title: &str, series: Vec<Series>, markers: bool) -> Panel {
     }
 }
 
+/// One series per foreground class of the per-class values `per_class` gives, and a black one
+/// for the summary value `summary` gives (named by it), over the epochs that have them.
+fn dice_series(
+    records: &[EpochRecord],
+    class_names: &[String],
+    per_class: &dyn Fn(&EpochRecord) -> Option<&Vec<Option<f64>>>,
+    summary: &dyn Fn(&EpochRecord) -> Option<(&'static str, f64)>,
+) -> Vec<Series> {
+    let x = |r: &EpochRecord| r.epoch as f64 + 1.0;
+    let classes = records
+        .iter()
+        .filter_map(|r| per_class(r).map(Vec::len))
+        .max()
+        .unwrap_or(0);
+    let mut out = Vec::new();
+    for c in 1..classes {
+        let pts: Vec<(f64, f64)> = records
+            .iter()
+            .filter_map(|r| {
+                per_class(r)
+                    .and_then(|d| d.get(c).copied().flatten())
+                    .map(|v| (x(r), v))
+            })
+            .collect();
+        if !pts.is_empty() {
+            let name = class_names.get(c).map_or("class", String::as_str);
+            out.push(Series::new(name, PALETTE[(c - 1) % PALETTE.len()], pts));
+        }
+    }
+    let pts: Vec<(&str, f64, f64)> = records
+        .iter()
+        .filter_map(|r| summary(r).map(|(n, v)| (n, x(r), v)))
+        .collect();
+    if let Some(&(name, _, _)) = pts.first() {
+        let pts = pts.iter().map(|&(_, x, v)| (x, v)).collect();
+        out.push(Series::new(name, BLACK_LINE, pts));
+    }
+    out
+}
+
 /// Draws the report plot of `records` into `path` (PNG, 1000 px wide). `class_names` label the
 /// Dice series (index = class value; background is not drawn).
 pub fn write_plot(
@@ -33,41 +74,24 @@ pub fn write_plot(
     let series = |f: &dyn Fn(&EpochRecord) -> f64| -> Vec<(f64, f64)> {
         records.iter().map(|r| (x(r), f(r))).collect()
     };
-    let classes = records
-        .iter()
-        .filter_map(|r| r.val_dice.as_ref().map(Vec::len))
-        .max()
-        .unwrap_or(0);
-    let mut dice = Vec::new();
-    for c in 1..classes {
-        let pts: Vec<(f64, f64)> = records
-            .iter()
-            .filter_map(|r| {
-                r.val_dice
-                    .as_ref()
-                    .and_then(|d| d.get(c).copied().flatten())
-                    .map(|v| (x(r), v))
-            })
-            .collect();
-        if !pts.is_empty() {
-            let name = class_names.get(c).map_or("class", String::as_str);
-            dice.push(Series::new(name, PALETTE[(c - 1) % PALETTE.len()], pts));
-        }
-    }
-    let mean: Vec<(f64, f64)> = records
-        .iter()
-        .filter_map(|r| r.val_mean_fg_dice.map(|v| (x(r), v)))
-        .collect();
-    if !mean.is_empty() {
-        dice.push(Series::new("mean", BLACK_LINE, mean));
-    }
+    let dice = dice_series(records, class_names, &|r| r.val_dice.as_ref(), &|r| {
+        r.val_mean_fg_dice.map(|v| ("mean", v))
+    });
+    let pseudo = dice_series(records, class_names, &|r| r.pseudo_dice.as_ref(), &|r| {
+        r.ema_pseudo_dice.map(|v| ("EMA of the mean", v))
+    });
     let panels = [
         panel(
             "training loss",
             vec![Series::new("loss", PALETTE[0], series(&|r| r.loss))],
             false,
         ),
-        panel("validation Dice", dice, true),
+        panel(
+            "pseudo Dice (validation patches at the final size)",
+            pseudo,
+            false,
+        ),
+        panel("validation Dice (sliding window)", dice, true),
         panel(
             "patch size (cube root of voxels)",
             vec![Series::new(
@@ -125,6 +149,10 @@ mod tests {
                 val_dice: (e % 2 == 1).then(|| vec![Some(0.99), Some(0.5), None]),
                 val_mean_fg_dice: (e % 2 == 1).then_some(0.5),
                 val_seconds: None,
+                val_loss: Some(0.5),
+                pseudo_dice: Some(vec![None, Some(0.4), None]),
+                mean_pseudo_dice: Some(0.4),
+                ema_pseudo_dice: Some(0.4),
             })
             .collect();
         let names = vec!["background".into(), "liver".into(), "lesion".into()];

@@ -206,7 +206,7 @@ impl RemoteSource {
         c.crops_per_case = u32::try_from(step.crops_per_case.max(1)).unwrap_or(u32::MAX);
         c.dtype = wire_dtype(setup.dtype);
         c.seed = setup.seed;
-        c.cases = setup.train_cases.clone();
+        c.cases = setup.cases.clone();
         // The daemon augments each item as the in-process sampler does (same preset, same
         // parameters drawn from the seed, batch index and item).
         c.augmentation = setup.augment.then(|| Augmentation {
@@ -223,10 +223,10 @@ impl BatchSource for RemoteSource {
     }
 
     fn start(&mut self, setup: &StreamSetup) -> Result<(), TrainerError> {
-        if setup.train_cases.is_empty() {
+        if setup.cases.is_empty() {
             return Err(TrainerError::config(
-                "train_cases",
-                "no training cases are left after holding out the validation cases",
+                "cases",
+                "no case to sample from (is every case held out for validation?)",
             ));
         }
         self.setup = Some(setup.clone());
@@ -272,6 +272,17 @@ impl BatchSource for RemoteSource {
             client: self.client.clone(),
             endpoints: self.endpoints.clone(),
             info: self.info.clone(),
+        }))
+    }
+
+    fn fork(&self) -> Result<Box<dyn BatchSource>, TrainerError> {
+        Ok(Box::new(RemoteSource {
+            runtime: runtime(&self.endpoints)?,
+            client: self.client.clone(),
+            endpoints: self.endpoints.clone(),
+            info: self.info.clone(),
+            setup: None,
+            stream: None,
         }))
     }
 

@@ -26,13 +26,15 @@ fn gpu_bench_script_runs_in_cpu_tiny_mode() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
 
-    // One table: nine timed stages, the stages of each run, a total row per run.
+    // One table: the 21 timed steps of the plan's modes (9 sizes at batch 2, 5 larger PGPS+
+    // batches, 7 larger performance batches), the stages of each run, a total row per run,
+    // then the projection.
     let rows: Vec<&str> = stdout.lines().collect();
     let timed = rows
         .iter()
         .filter(|l| l.starts_with("stage timing"))
         .count();
-    assert_eq!(timed, 9, "{stdout}");
+    assert_eq!(timed, 21, "{stdout}");
     for mode in ["constant", "pgps", "pgps-performance"] {
         let total = rows
             .iter()
@@ -55,6 +57,40 @@ fn gpu_bench_script_runs_in_cpu_tiny_mode() {
     let stage_rows = rows.iter().filter(|l| l.starts_with("pgps stages")).count();
     assert_eq!(stage_rows, 9);
     assert!(work.path().join("table.txt").is_file());
+
+    // The projection: every mode's time for 1000 epochs × 250 iterations against constant,
+    // beside the paper's figures and the voxel ratio.
+    let at = rows
+        .iter()
+        .position(|l| l.starts_with("projected training time of 1000 epochs × 250"))
+        .unwrap_or_else(|| panic!("no projection:\n{stdout}"));
+    let projected: Vec<Vec<&str>> = rows[at + 3..at + 8]
+        .iter()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let modes: Vec<&str> = projected.iter().map(|c| c[0]).collect();
+    assert_eq!(
+        modes,
+        ["pgps", "pgps-plus", "pgps-performance", "rpss", "constant"]
+    );
+    for cells in &projected {
+        let hours: f64 = cells[2].parse().unwrap();
+        let ratio: f64 = cells[3].parse().unwrap();
+        assert!(hours > 0.0 && ratio > 0.0, "{cells:?}");
+    }
+    assert_eq!(projected[4][3], "1.00");
+    assert_eq!(projected[0][4], "0.44");
+    assert_eq!(projected[2][4], "0.89");
+    // Voxels of the 16×32×32 plan (pools 2,3,3) over 1000 epochs, in units of 8³: the first
+    // eight sizes (1 + 2 + 4 + 6 + 9 + 13.5 + 18 + 24) for 111 epochs each and 32 for 112, over
+    // 32 × 1000: 0.38 for PGPS, as for 128³.
+    assert_eq!(projected[0].last(), Some(&"0.38"));
+    assert_eq!(projected[4].last(), Some(&"1.00"));
+    let projection: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(work.path().join("projection.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(projection.as_array().unwrap().len(), 5);
     assert!(work.path().join("runs/pgps-performance/plot.png").is_file());
     assert!(
         work.path()

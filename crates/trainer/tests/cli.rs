@@ -59,11 +59,17 @@ fn trains_reports_resumes_and_compares() {
         "{stdout}"
     );
     assert!(stdout.contains("val Dice lesion:"), "{stdout}");
+    assert!(stdout.contains("best EMA pseudo Dice"), "{stdout}");
+    // 8×8×8 for epoch 0, 8×16×8 for epoch 1, 8×16×16 for epochs 2 and 3: a checkpoint named
+    // after each size that ended (written by the first, stopped, process), and the best one.
     for f in [
         "metrics.jsonl",
         "plot.png",
         "summary.json",
         "predictions/phantom_002.nii.gz",
+        "checkpoint_8x8x8/state.json",
+        "checkpoint_8x16x8/state.json",
+        "checkpoint_best/state.json",
     ] {
         assert!(out.join(f).exists(), "{f} missing");
     }

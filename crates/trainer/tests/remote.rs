@@ -10,6 +10,7 @@ use std::path::Path;
 use common::{Made, PhantomStore, make_store};
 use patchflow_curriculum::Mode;
 use patchflow_server::{RunningServer, ServerConfig};
+use patchflow_trainer::metrics::read_records;
 use patchflow_trainer::{DeviceChoice, InProcessSource, RemoteSource, TrainConfig, train};
 use tch::Tensor;
 
@@ -110,6 +111,18 @@ fn training_through_a_daemon_equals_training_in_process() {
         s.validation.as_ref().unwrap().mean_dice,
         r.validation.as_ref().unwrap().mean_dice
     );
+    // So did every epoch's validation batches: the same pseudo-Dice, epoch by epoch.
+    let pseudo = |dir: &Path| -> Vec<Option<Vec<Option<f64>>>> {
+        read_records(&dir.join("metrics.jsonl"))
+            .unwrap()
+            .into_iter()
+            .map(|r| r.pseudo_dice)
+            .collect()
+    };
+    let local_pseudo = pseudo(&local);
+    assert_eq!(local_pseudo.len(), 4);
+    assert!(local_pseudo.iter().all(Option::is_some));
+    assert_eq!(local_pseudo, pseudo(&remote));
 
     // Stop after one epoch and resume: the stream restarts at batch 3.
     let split = dir.path().join("split");

@@ -63,6 +63,7 @@ fn pgps_training_learns_the_lesion_while_the_patch_grows() {
     cfg.epochs = 20;
     cfg.iters_per_epoch = 100;
     cfg.val_every = 10;
+    cfg.val_iters = 10;
     let summary = train(&cfg, source(&made.store)).unwrap();
 
     // The schedule really changed the patch through the stream: nine stages, each epoch's
@@ -89,6 +90,52 @@ fn pgps_training_learns_the_lesion_while_the_patch_grows() {
     assert!(out.join(SUMMARY_FILE).exists());
     let pred = v.cases[0].prediction.as_ref().unwrap();
     assert!(pred.exists());
+
+    // Every epoch was validated on batches of the final patch from the held-out case: a
+    // pseudo-Dice per foreground class, their mean, and nnU-Net's moving average of it.
+    let mut ema: Option<f64> = None;
+    for r in &records {
+        let dice = r.pseudo_dice.as_ref().unwrap();
+        assert_eq!(dice.len(), LESION + 1);
+        assert_eq!(dice[0], None, "background is not scored");
+        let defined: Vec<f64> = dice.iter().flatten().copied().collect();
+        let mean = defined.iter().sum::<f64>() / defined.len() as f64;
+        assert!((r.mean_pseudo_dice.unwrap() - mean).abs() < 1e-12);
+        let expected = ema.map_or(mean, |e| 0.9 * e + 0.1 * mean);
+        assert!((r.ema_pseudo_dice.unwrap() - expected).abs() < 1e-12);
+        ema = Some(expected);
+        assert!(r.val_loss.unwrap().is_finite());
+    }
+    // The patches show the learning too: nothing at first (0.0 in epoch 0 with seed 0), the
+    // lesion at about 0.75 after the last epoch (0.4 asserted).
+    let first = records[0].ema_pseudo_dice.unwrap();
+    assert!(records[19].ema_pseudo_dice.unwrap() > first);
+    let lesion = records[19].pseudo_dice.as_ref().unwrap()[LESION].unwrap();
+    assert!(lesion > 0.4, "lesion pseudo Dice {lesion}");
+    // checkpoint_best holds the epoch with the best moving average.
+    let best = summary.best_epoch.unwrap();
+    let best_ema = records[best].ema_pseudo_dice.unwrap();
+    assert_eq!(summary.best_ema_pseudo_dice, Some(best_ema));
+    assert!(
+        records
+            .iter()
+            .all(|r| r.ema_pseudo_dice.unwrap() <= best_ema)
+    );
+    let state = |dir: &str| {
+        patchflow_trainer::checkpoint::read_state(&out.join(dir))
+            .unwrap()
+            .unwrap_or_else(|| panic!("no checkpoint in {dir}"))
+    };
+    assert_eq!(state("checkpoint_best").epochs_done, best + 1);
+    // A checkpoint named after every size that ended, taken when the next one began.
+    for st in &summary.stages[..8] {
+        let dir = format!("checkpoint_{}", st.patch.file_tag());
+        assert_eq!(
+            state(&dir).epochs_done,
+            records.iter().filter(|r| r.stage <= st.stage).count()
+        );
+    }
+    assert!(!out.join("checkpoint_16x32x32").exists());
 }
 
 /// Reads every tensor of a checkpoint's tensors file.
@@ -203,6 +250,8 @@ fn predictions_have_the_input_grid() {
     cfg.deep_supervision = Some(true);
     let summary = train(&cfg, source(&made.store)).unwrap();
     assert!(summary.run.unet.deep_supervision);
+    // nnU-Net's foreground oversampling for the constant baseline.
+    assert_eq!(summary.run.oversample, 0.33);
     assert!(
         read_records(&out.join(METRICS_FILE)).unwrap()[0]
             .loss

@@ -31,7 +31,11 @@ pub struct TrainConfig {
     pub batch: usize,
     /// Cases held out for validation: the last `val_cases` case ids.
     pub val_cases: usize,
-    /// Validate every this many epochs (and after the last); 0 = only after the last.
+    /// Validation batches of every epoch (nnU-Net: 50): the final patch and the planned batch,
+    /// cut from the validation cases, scored with nnU-Net's pseudo-Dice; 0 = none.
+    pub val_iters: usize,
+    /// Validate by sliding window over whole validation cases every this many epochs (and
+    /// after the last); 0 = only after the last.
     pub val_every: usize,
     /// Sliding-window overlap, in `[0, 1)`.
     pub overlap: f64,
@@ -43,8 +47,9 @@ pub struct TrainConfig {
     pub max_features: i64,
     /// Deep supervision; `None` = on for CUDA, off on the CPU.
     pub deep_supervision: Option<bool>,
-    /// Share of foreground-centred crops.
-    pub oversample: f64,
+    /// Share of foreground-centred crops; `None` = the mode's
+    /// ([`Mode::foreground_oversample`]: 0.5 for the curricula, nnU-Net's 0.33 for `constant`).
+    pub oversample: Option<f64>,
     /// nnU-Net's default data augmentation (in-process sampling only).
     pub augment: bool,
     /// Initial learning rate.
@@ -86,13 +91,14 @@ impl TrainConfig {
             pools: None,
             batch: 2,
             val_cases: 1,
+            val_iters: 50,
             val_every: 0,
             overlap: 0.5,
             seed: 0,
             base_features: DEFAULT_BASE_FEATURES,
             max_features: DEFAULT_MAX_FEATURES,
             deep_supervision: None,
-            oversample: 0.5,
+            oversample: None,
             augment: false,
             initial_lr: INITIAL_LR,
             sgd: SgdConfig::default(),
@@ -128,10 +134,10 @@ impl TrainConfig {
                 format!("{} is outside [0, 1)", self.overlap),
             ));
         }
-        if !(0.0..=1.0).contains(&self.oversample) {
+        if let Some(o) = self.oversample.filter(|o| !(0.0..=1.0).contains(o)) {
             return Err(TrainerError::config(
                 "oversample",
-                format!("{} is outside [0, 1]", self.oversample),
+                format!("{o} is outside [0, 1]"),
             ));
         }
         if !(self.initial_lr.is_finite() && self.initial_lr > 0.0) {
@@ -159,6 +165,8 @@ pub(crate) struct Setup {
     pub device: Device,
     /// Whether bf16 autocast is on.
     pub autocast: bool,
+    /// Share of foreground-centred crops, resolved.
+    pub oversample: f64,
     /// The dataset.
     pub info: SourceInfo,
     /// Training case ids.
@@ -217,6 +225,9 @@ impl Setup {
         Ok(Setup {
             device,
             autocast,
+            oversample: cfg
+                .oversample
+                .unwrap_or_else(|| cfg.mode.foreground_oversample()),
             info,
             train_cases,
             val_cases,
@@ -314,6 +325,9 @@ mod tests {
         c.overlap = 1.0;
         assert!(c.check().unwrap_err().to_string().contains("overlap"));
         c.overlap = 0.5;
+        c.oversample = Some(1.5);
+        assert!(c.check().unwrap_err().to_string().contains("oversample"));
+        c.oversample = None;
         c.iters_per_epoch = 0;
         assert!(
             c.check()

@@ -4,15 +4,18 @@
 //! plot, checkpoints, predictions, [`RunSummary`]) with the comparison of several runs
 //! ([`compare_runs`]).
 //!
-//! Modules depend one way: `config` on nothing here, `report` on nothing here, `run` on both.
+//! Modules depend one way: `config` and `report` on nothing here, `step` on `config`, `run` on
+//! the three.
 
 mod config;
 mod report;
 mod run;
+mod step;
 
 pub use config::TrainConfig;
+pub(crate) use report::write_json;
 pub use report::{
-    CHECKPOINT_DIR, METRICS_FILE, PLOT_FILE, PREDICTIONS_DIR, RunSummary, STAGE_TIMING_FILE,
-    SUMMARY_FILE, StageTiming, compare_runs,
+    BEST_CHECKPOINT_DIR, CHECKPOINT_DIR, METRICS_FILE, PLOT_FILE, PREDICTIONS_DIR, RunSummary,
+    STAGE_TIMING_FILE, SUMMARY_FILE, StageTiming, compare_runs, stage_checkpoint_dir,
 };
-pub use run::{time_stages, train};
+pub use run::{VALIDATION_STREAM, time_stages, time_steps, train};

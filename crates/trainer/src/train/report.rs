@@ -18,12 +18,20 @@ pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const PLOT_FILE: &str = "plot.png";
 /// The run summary.
 pub const SUMMARY_FILE: &str = "summary.json";
-/// The checkpoint folder.
+/// The checkpoint folder (the latest; what `--resume` reads).
 pub const CHECKPOINT_DIR: &str = "checkpoint";
+/// The checkpoint of the best moving average of the pseudo-Dice (nnU-Net's `checkpoint_best`).
+pub const BEST_CHECKPOINT_DIR: &str = "checkpoint_best";
 /// The predictions folder.
 pub const PREDICTIONS_DIR: &str = "predictions";
 /// The stage timing file.
 pub const STAGE_TIMING_FILE: &str = "stage_timing.json";
+
+/// The checkpoint folder written when the patch size `patch` ends: `checkpoint_ZxYxX`, as the
+/// published PGPS trainers name theirs.
+pub fn stage_checkpoint_dir(patch: Patch) -> String {
+    format!("checkpoint_{}", patch.file_tag())
+}
 
 /// What a run produced; also written as `summary.json`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -56,7 +64,13 @@ pub struct RunSummary {
     pub data_wait_share: f64,
     /// Per stage.
     pub stages: Vec<StageSummary>,
-    /// The last validation, if any.
+    /// The best moving average of the pseudo-Dice (the weights in `checkpoint_best/`).
+    #[serde(default)]
+    pub best_ema_pseudo_dice: Option<f64>,
+    /// The epoch (0-based) that reached it.
+    #[serde(default)]
+    pub best_epoch: Option<usize>,
+    /// The last sliding-window validation, if any.
     pub validation: Option<ValidationReport>,
     /// `metrics.jsonl`.
     pub metrics: PathBuf,

@@ -1,90 +1,45 @@
 //! The training loop as the steps of a [`Run`] (open or resume, train an epoch, validate and
 //! checkpoint, finish), and the stage-timing pass ([`time_stages`]).
+//!
+//! As the authors' PGPS trainers do (on nnU-Net's loop): every epoch is validated on
+//! `val_iters` batches of the final patch and the planned batch cut from the validation cases
+//! (nnU-Net's pseudo-Dice, whose moving average chooses `checkpoint_best`), and the weights are
+//! saved as `checkpoint_ZxYxX` whenever the patch size changes, named after the size that
+//! ends. Unlike the published trainers, which restart their curriculum at the smallest patch
+//! when resumed, a resumed run continues in the stage of its epoch.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use patchflow_curriculum::Stage;
+use patchflow_grid::rng::fold_key;
 use patchflow_sampler::OutputDType;
-use tch::{Device, Kind, TchError, Tensor};
+use tch::Device;
 
 use super::config::{Setup, TrainConfig};
 use super::report::{
-    CHECKPOINT_DIR, METRICS_FILE, PLOT_FILE, PREDICTIONS_DIR, RunSummary, STAGE_TIMING_FILE,
-    SUMMARY_FILE, StageTiming, write_json,
+    BEST_CHECKPOINT_DIR, CHECKPOINT_DIR, METRICS_FILE, PLOT_FILE, PREDICTIONS_DIR, RunSummary,
+    STAGE_TIMING_FILE, SUMMARY_FILE, StageTiming, stage_checkpoint_dir, write_json,
 };
+use super::step::Stepper;
 use crate::TrainerError;
 use crate::checkpoint::{self, CHECKPOINT_VERSION, CheckpointState, RunIdentity};
-use crate::data::{BatchSource, Prefetcher, StreamSetup, TensorBatch, VolumeLoader};
-use crate::device::with_autocast;
+use crate::data::{BatchSource, Prefetcher, StreamSetup, VolumeLoader};
 use crate::error::TorchContext;
 use crate::eval::{ValidationReport, validate};
 use crate::infer::SlidingWindow;
-use crate::loss::{DiceCeLoss, deep_supervision_loss};
-use crate::metrics::{EpochRecord, append_record, read_records, stage_summaries, write_records};
+use crate::loss::Confusion;
+use crate::metrics::{
+    EpochRecord, append_record, pseudo_dice_ema, read_records, stage_summaries, write_records,
+};
 use crate::optim::{POLY_EXPONENT, Sgd, poly_lr};
 use crate::plan::{StepPlan, StepSpec};
 use crate::plot::write_plot;
 use crate::unet::Model;
 
-/// One optimisation step on a batch; returns the loss value (reading it synchronises).
-struct Stepper {
-    loss: DiceCeLoss,
-    scales: Vec<[usize; 3]>,
-    deep_supervision: bool,
-    device: Device,
-    autocast: bool,
-}
-
-impl Stepper {
-    /// The step of a run set up as `setup`: nnU-Net's Dice + CE loss (ignoring the dataset's
-    /// ignore label), with deep supervision when the network has it.
-    fn new(setup: &Setup) -> Stepper {
-        Stepper {
-            loss: DiceCeLoss::new(Some(i64::from(setup.info.ignore_label))),
-            scales: (0..setup.unet.num_outputs())
-                .map(|i| setup.unet.output_scale(i))
-                .collect(),
-            deep_supervision: setup.unet.deep_supervision,
-            device: setup.device,
-            autocast: setup.autocast,
-        }
-    }
-
-    fn step(
-        &self,
-        model: &Model,
-        opt: &mut Sgd,
-        batch: &TensorBatch,
-        lr: f64,
-    ) -> Result<f64, TrainerError> {
-        let image = batch
-            .image
-            .f_to_device_(self.device, Kind::Float, true, false)
-            .ctx("image batch to the device")?;
-        let label = batch
-            .label
-            .f_to_device_(self.device, Kind::Int64, true, false)
-            .ctx("label batch to the device")?;
-        opt.zero_grad().ctx("zeroing gradients")?;
-        let loss = with_autocast(self.autocast, || -> Result<Tensor, TchError> {
-            let outs = model.net.forward(&image)?;
-            if self.deep_supervision {
-                deep_supervision_loss(&self.loss, &outs, &label, &self.scales)
-            } else {
-                let first = outs
-                    .first()
-                    .ok_or_else(|| TchError::Shape("the network produced no output".into()))?;
-                self.loss.forward(first, &label)
-            }
-        })
-        .ctx(&format!("forward pass of batch {}", batch.index))?;
-        loss.f_backward()
-            .ctx(&format!("backward pass of batch {}", batch.index))?;
-        opt.clip_gradients().ctx("clipping gradients")?;
-        opt.step(lr).ctx("optimiser step")?;
-        loss.f_double_value(&[]).ctx("reading the loss")
-    }
-}
+/// Key of the validation stream's seed: `fold_key([seed, VALIDATION_STREAM])`, so that the
+/// validation batches differ from the training batches and depend on the seed alone.
+pub const VALIDATION_STREAM: u64 = 0x7661_6c69_6461_7465; // "validate"
 
 fn device_name(d: Device) -> String {
     match d {
@@ -94,15 +49,82 @@ fn device_name(d: Device) -> String {
     }
 }
 
-/// The stream settings of a run.
+/// The training stream of a run.
 fn stream_setup(cfg: &TrainConfig, setup: &Setup) -> StreamSetup {
     StreamSetup {
         seed: cfg.seed,
-        oversample: cfg.oversample,
-        train_cases: setup.train_cases.clone(),
+        oversample: setup.oversample,
+        cases: setup.train_cases.clone(),
         dtype: OutputDType::F32,
         augment: cfg.augment,
     }
+}
+
+/// The validation batches of every epoch: `iters` batches of the final patch and the planned
+/// batch from the validation cases, without augmentation, with the run's foreground
+/// oversampling (nnU-Net's validation loader); batch `epoch × iters + i`.
+struct PatchValidation {
+    prefetch: Prefetcher,
+    iters: usize,
+}
+
+impl PatchValidation {
+    /// Starts the stream on `source` (a fork of the run's) for epochs `start..stop`; `None` when
+    /// the run has no validation batches.
+    fn open(
+        cfg: &TrainConfig,
+        setup: &Setup,
+        source: &dyn BatchSource,
+        (start, stop): (usize, usize),
+    ) -> Result<Option<PatchValidation>, TrainerError> {
+        let iters = cfg.val_iters;
+        if iters == 0 || setup.val_cases.is_empty() {
+            return Ok(None);
+        }
+        let mut val = source.fork()?;
+        val.start(&StreamSetup {
+            seed: fold_key(&[cfg.seed, VALIDATION_STREAM]),
+            oversample: setup.oversample,
+            cases: setup.val_cases.clone(),
+            dtype: OutputDType::F32,
+            augment: false,
+        })?;
+        let plan = StepPlan::fixed(setup.schedule.final_patch(), cfg.batch);
+        let prefetch = Prefetcher::spawn(
+            val,
+            plan,
+            (start * iters) as u64,
+            (stop * iters) as u64,
+            cfg.prefetch,
+            setup.device,
+        )?;
+        Ok(Some(PatchValidation { prefetch, iters }))
+    }
+
+    /// Evaluates the epoch's batches: the mean loss and the summed voxel counts.
+    fn epoch(
+        &mut self,
+        stepper: &Stepper,
+        model: &Model,
+        classes: usize,
+    ) -> Result<(f64, Confusion), TrainerError> {
+        let mut counts = Confusion::new(classes);
+        let mut loss = 0.0;
+        for _ in 0..self.iters {
+            let batch = self.prefetch.recv()?;
+            let (l, c) = stepper.evaluate(model, &batch)?;
+            loss += l;
+            counts.merge(&c);
+        }
+        Ok((loss / self.iters as f64, counts))
+    }
+}
+
+/// The best moving average of the pseudo-Dice so far and its epoch.
+#[derive(Clone, Copy, Debug, Default)]
+struct Best {
+    ema: Option<f64>,
+    epoch: Option<usize>,
 }
 
 /// A training run in progress.
@@ -115,6 +137,7 @@ struct Run<'a> {
     plan: StepPlan,
     stepper: Stepper,
     prefetch: Prefetcher,
+    validation: Option<PatchValidation>,
     volumes: Box<dyn VolumeLoader>,
     source_name: String,
     sw: SlidingWindow,
@@ -122,13 +145,14 @@ struct Run<'a> {
     start: usize,
     stop: usize,
     records: Vec<EpochRecord>,
+    best: Best,
     last_validation: Option<ValidationReport>,
     out: PathBuf,
 }
 
 impl<'a> Run<'a> {
     /// Sets the run up, resumes it from its checkpoint when asked, and starts the batch
-    /// stream at the first epoch to train.
+    /// streams at the first epoch to train.
     fn open(
         cfg: &'a TrainConfig,
         mut source: Box<dyn BatchSource>,
@@ -148,7 +172,7 @@ impl<'a> Run<'a> {
             unet: setup.unet.clone(),
             train_cases: setup.train_cases.clone(),
             val_cases: setup.val_cases.clone(),
-            oversample: cfg.oversample,
+            oversample: setup.oversample,
             augment: cfg.augment,
             initial_lr: cfg.initial_lr,
         };
@@ -161,6 +185,7 @@ impl<'a> Run<'a> {
             .max(start);
         let ipe = cfg.iters_per_epoch;
         let plan = StepPlan::run(&setup.schedule, ipe, cfg.seed);
+        let validation = PatchValidation::open(cfg, &setup, source.as_ref(), (start, stop))?;
         source.start(&stream_setup(cfg, &setup))?;
         let volumes = source.volumes()?;
         let source_name = source.describe();
@@ -170,6 +195,7 @@ impl<'a> Run<'a> {
             autocast = setup.autocast,
             mode = %cfg.mode,
             stages = setup.schedule.stages().len(),
+            oversample = setup.oversample,
             parameters = model.num_parameters(),
             train = setup.train_cases.len(),
             val = setup.val_cases.len(),
@@ -188,6 +214,15 @@ impl<'a> Run<'a> {
             overlap: cfg.overlap,
             ..SlidingWindow::new(setup.schedule.final_patch().axes())
         };
+        let best = records
+            .iter()
+            .fold(Best::default(), |b, r| match r.ema_pseudo_dice {
+                Some(e) if b.ema.is_none_or(|best| e > best) => Best {
+                    ema: Some(e),
+                    epoch: Some(r.epoch),
+                },
+                _ => b,
+            });
         Ok(Run {
             cfg,
             setup,
@@ -197,12 +232,14 @@ impl<'a> Run<'a> {
             plan,
             stepper,
             prefetch,
+            validation,
             volumes,
             source_name,
             sw,
             start,
             stop,
             records,
+            best,
             last_validation: None,
             out,
         })
@@ -244,34 +281,81 @@ impl<'a> Run<'a> {
             val_dice: None,
             val_mean_fg_dice: None,
             val_seconds: None,
+            val_loss: None,
+            pseudo_dice: None,
+            mean_pseudo_dice: None,
+            ema_pseudo_dice: None,
         })
     }
 
-    /// Validates when due, logs and appends the epoch's record, and checkpoints when due.
+    /// Scores the epoch's validation batches into `record` (nnU-Net's
+    /// `on_validation_epoch_end`: the counts summed over the batches, Dice per foreground class,
+    /// their mean and its moving average) and keeps `checkpoint_best` at the best average.
+    fn validate_on_patches(&mut self, record: &mut EpochRecord) -> Result<(), TrainerError> {
+        let Some(val) = self.validation.as_mut() else {
+            return Ok(());
+        };
+        let classes = self.setup.info.num_classes.max(2);
+        let (loss, counts) = val.epoch(&self.stepper, &self.model, classes)?;
+        let dice: Vec<Option<f64>> = (0..classes)
+            .map(|c| (c > 0).then(|| counts.dice(c)).flatten())
+            .collect();
+        let defined: Vec<f64> = dice.iter().flatten().copied().collect();
+        let mean =
+            (!defined.is_empty()).then(|| defined.iter().sum::<f64>() / defined.len() as f64);
+        let previous = self.records.last().and_then(|r| r.ema_pseudo_dice);
+        let ema = pseudo_dice_ema(previous, mean);
+        record.val_loss = Some(loss);
+        record.pseudo_dice = Some(dice);
+        record.mean_pseudo_dice = mean;
+        record.ema_pseudo_dice = ema;
+        if let Some(e) = ema.filter(|&e| self.best.ema.is_none_or(|b| e > b)) {
+            self.best = Best {
+                ema: Some(e),
+                epoch: Some(record.epoch),
+            };
+            self.save_checkpoint(&self.out.join(BEST_CHECKPOINT_DIR), record.epoch + 1)?;
+        }
+        Ok(())
+    }
+
+    /// Validates by sliding window over the whole validation cases when due (every `val_every`
+    /// epochs and after the last), exporting the predictions after the last.
+    fn validate_by_sliding_window(&mut self, record: &mut EpochRecord) -> Result<(), TrainerError> {
+        let cfg = self.cfg;
+        let last = record.epoch + 1 == cfg.epochs;
+        let due = cfg.val_every > 0 && (record.epoch + 1).is_multiple_of(cfg.val_every);
+        if self.setup.val_cases.is_empty() || !(last || due) {
+            return Ok(());
+        }
+        let predictions = self.out.join(PREDICTIONS_DIR);
+        let export = (last && cfg.export_predictions).then_some(predictions.as_path());
+        let report = validate(
+            &self.model.net,
+            self.volumes.as_mut(),
+            &self.setup.val_cases,
+            self.setup.info.num_classes.max(2),
+            self.setup.info.ignore_label,
+            &self.sw,
+            self.setup.device,
+            self.setup.autocast,
+            export,
+        )?;
+        record.val_dice = Some(report.mean_dice.clone());
+        record.val_mean_fg_dice = report.mean_foreground_dice;
+        record.val_seconds = Some(report.seconds);
+        self.last_validation = Some(report);
+        Ok(())
+    }
+
+    /// Validates, logs and appends the epoch's record, and checkpoints: every
+    /// `checkpoint_every` epochs and at the stop into `checkpoint/` (what a resume reads), and
+    /// into `checkpoint_ZxYxX/` when the next epoch trains another patch size.
     fn validate_and_checkpoint(&mut self, mut record: EpochRecord) -> Result<(), TrainerError> {
         let cfg = self.cfg;
         let epoch = record.epoch;
-        let last = epoch + 1 == cfg.epochs;
-        let due = cfg.val_every > 0 && (epoch + 1).is_multiple_of(cfg.val_every);
-        if !self.setup.val_cases.is_empty() && (last || due) {
-            let predictions = self.out.join(PREDICTIONS_DIR);
-            let export = (last && cfg.export_predictions).then_some(predictions.as_path());
-            let report = validate(
-                &self.model.net,
-                self.volumes.as_mut(),
-                &self.setup.val_cases,
-                self.setup.info.num_classes.max(2),
-                self.setup.info.ignore_label,
-                &self.sw,
-                self.setup.device,
-                self.setup.autocast,
-                export,
-            )?;
-            record.val_dice = Some(report.mean_dice.clone());
-            record.val_mean_fg_dice = report.mean_foreground_dice;
-            record.val_seconds = Some(report.seconds);
-            self.last_validation = Some(report);
-        }
+        self.validate_on_patches(&mut record)?;
+        self.validate_by_sliding_window(&mut record)?;
         tracing::info!(
             epoch,
             stage = record.stage,
@@ -280,6 +364,8 @@ impl<'a> Run<'a> {
             loss = format_args!("{:.4}", record.loss),
             seconds = format_args!("{:.2}", record.seconds),
             data_wait = format_args!("{:.1}%", 100.0 * record.data_wait_share),
+            pseudo_dice = ?record.mean_pseudo_dice,
+            ema_pseudo_dice = ?record.ema_pseudo_dice,
             val_fg_dice = ?record.val_mean_fg_dice,
             "epoch done"
         );
@@ -288,26 +374,39 @@ impl<'a> Run<'a> {
         let done = epoch + 1;
         let periodic = cfg.checkpoint_every > 0 && done.is_multiple_of(cfg.checkpoint_every);
         if periodic || done == self.stop {
-            checkpoint::save(
-                &self.out.join(CHECKPOINT_DIR),
-                &CheckpointState {
-                    version: CHECKPOINT_VERSION,
-                    run: self.identity.clone(),
-                    epochs_done: done,
-                    next_batch: (done * cfg.iters_per_epoch) as u64,
-                    tensors: format!("weights-epoch{done}.safetensors"),
-                },
-                &self.model,
-                &self.opt,
-            )?;
+            self.save_checkpoint(&self.out.join(CHECKPOINT_DIR), done)?;
+        }
+        let schedule = &self.setup.schedule;
+        if done < cfg.epochs && schedule.stage_index(done) != schedule.stage_index(epoch) {
+            let ending = schedule.stage_for(epoch).patch;
+            self.save_checkpoint(&self.out.join(stage_checkpoint_dir(ending)), done)?;
         }
         Ok(())
     }
 
-    /// Stops the stream, draws the plot and writes the summary.
+    /// Saves the weights and momentum after `done` epochs into the checkpoint folder `dir`.
+    fn save_checkpoint(&self, dir: &Path, done: usize) -> Result<(), TrainerError> {
+        checkpoint::save(
+            dir,
+            &CheckpointState {
+                version: CHECKPOINT_VERSION,
+                run: self.identity.clone(),
+                epochs_done: done,
+                next_batch: (done * self.cfg.iters_per_epoch) as u64,
+                tensors: format!("weights-epoch{done}.safetensors"),
+            },
+            &self.model,
+            &self.opt,
+        )
+    }
+
+    /// Stops the streams, draws the plot and writes the summary.
     fn finish(self) -> Result<RunSummary, TrainerError> {
         let cfg = self.cfg;
         drop(self.prefetch.stop()?);
+        if let Some(v) = self.validation {
+            drop(v.prefetch.stop()?);
+        }
         let plot = self.out.join(PLOT_FILE);
         let title = format!(
             "{} · {} · final patch {} · {}",
@@ -344,6 +443,8 @@ impl<'a> Run<'a> {
                 0.0
             },
             stages: stage_summaries(&self.records),
+            best_ema_pseudo_dice: self.best.ema,
+            best_epoch: self.best.epoch,
             validation: self.last_validation,
             metrics: self.out.join(METRICS_FILE),
             plot,
@@ -360,7 +461,7 @@ impl<'a> Run<'a> {
 /// log at epoch 0.
 fn resume_or_start(
     cfg: &TrainConfig,
-    out: &std::path::Path,
+    out: &Path,
     identity: &RunIdentity,
     model: &mut Model,
     opt: &mut Sgd,
@@ -411,7 +512,22 @@ pub fn train(cfg: &TrainConfig, source: Box<dyn BatchSource>) -> Result<RunSumma
 /// is written.
 pub fn time_stages(
     cfg: &TrainConfig,
+    source: Box<dyn BatchSource>,
+    warmup: usize,
+    iterations: usize,
+) -> Result<Vec<StageTiming>, TrainerError> {
+    time_steps(cfg, source, None, warmup, iterations)
+}
+
+/// Times `iterations` training steps (after `warmup` untimed ones) at each of `stages` in turn
+/// (their patch, batch and crops per case; default: the stages of the schedule `cfg`
+/// describes), with the network and batch stream `cfg` describes; writes `stage_timing.json`
+/// into the output folder. Each step synchronises (it reads the loss), so the times are the
+/// device's.
+pub fn time_steps(
+    cfg: &TrainConfig,
     mut source: Box<dyn BatchSource>,
+    stages: Option<&[Stage]>,
     warmup: usize,
     iterations: usize,
 ) -> Result<Vec<StageTiming>, TrainerError> {
@@ -420,8 +536,9 @@ pub fn time_stages(
     let model = Model::new(&setup.unet, setup.device, cfg.seed)?;
     let mut opt = Sgd::new(model.named_parameters(), cfg.sgd).ctx("creating the optimiser")?;
     let per_stage = warmup + iterations.max(1);
-    let stages = setup.schedule.stages().to_vec();
-    let plan = StepPlan::each_stage(&setup.schedule, per_stage);
+    let stages = stages.unwrap_or(setup.schedule.stages()).to_vec();
+    let plan = StepPlan::each_stage(&stages, per_stage)
+        .ok_or_else(|| TrainerError::config("stages", "no stage to time"))?;
     source.start(&stream_setup(cfg, &setup))?;
     let end = (stages.len() * per_stage) as u64;
     let mut prefetch = Prefetcher::spawn(source, plan, 0, end, cfg.prefetch, setup.device)?;
