@@ -133,7 +133,7 @@ impl BenchConfig {
         c.iters_per_epoch = self.iters_per_epoch;
         c.batch = self.batch;
         c.val_cases = 1;
-        c.val_iters = self.val_iters;
+        c.val_iters = Some(self.val_iters);
         c.val_every = 0;
         c.overlap = self.overlap;
         c.seed = self.seed;

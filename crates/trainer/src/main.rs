@@ -215,9 +215,10 @@ struct TrainArgs {
     #[arg(long, default_value_t = 1)]
     val_cases: usize,
     /// Validation batches per epoch (final patch, planned batch, from the validation cases),
-    /// scored with nnU-Net's pseudo-Dice; its moving average keeps checkpoint_best/. 0 = none.
-    #[arg(long, default_value_t = 50)]
-    val_iters: usize,
+    /// scored with nnU-Net's pseudo-Dice; its moving average keeps checkpoint_best/. 0 = none
+    /// [default: a fifth of --iters-per-epoch, nnU-Net's 50 for its 250].
+    #[arg(long)]
+    val_iters: Option<usize>,
     /// Validate by sliding window over whole cases every N epochs (and after the last); 0 =
     /// only after the last.
     #[arg(long, default_value_t = 0)]

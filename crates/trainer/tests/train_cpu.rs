@@ -63,7 +63,7 @@ fn pgps_training_learns_the_lesion_while_the_patch_grows() {
     cfg.epochs = 20;
     cfg.iters_per_epoch = 100;
     cfg.val_every = 10;
-    cfg.val_iters = 10;
+    cfg.val_iters = Some(10);
     let summary = train(&cfg, source(&made.store)).unwrap();
 
     // The schedule really changed the patch through the stream: nine stages, each epoch's

@@ -31,9 +31,11 @@ pub struct TrainConfig {
     pub batch: usize,
     /// Cases held out for validation: the last `val_cases` case ids.
     pub val_cases: usize,
-    /// Validation batches of every epoch (nnU-Net: 50): the final patch and the planned batch,
-    /// cut from the validation cases, scored with nnU-Net's pseudo-Dice; 0 = none.
-    pub val_iters: usize,
+    /// Validation batches of every epoch: the final patch and the planned batch, cut from the
+    /// validation cases, scored with nnU-Net's pseudo-Dice; 0 = none. `None` = a fifth of
+    /// `iters_per_epoch` (at least 1): nnU-Net's 50 for its 250 iterations, and the same share
+    /// of a shortened epoch (nnU-Net keeps 50 whatever the epoch's length).
+    pub val_iters: Option<usize>,
     /// Validate by sliding window over whole validation cases every this many epochs (and
     /// after the last); 0 = only after the last.
     pub val_every: usize,
@@ -91,7 +93,7 @@ impl TrainConfig {
             pools: None,
             batch: 2,
             val_cases: 1,
-            val_iters: 50,
+            val_iters: None,
             val_every: 0,
             overlap: 0.5,
             seed: 0,
@@ -112,6 +114,12 @@ impl TrainConfig {
             stop_after_epochs: None,
             resume: false,
         }
+    }
+
+    /// Validation batches per epoch, resolved (see [`TrainConfig::val_iters`]).
+    pub fn validation_batches(&self) -> usize {
+        self.val_iters
+            .unwrap_or_else(|| (self.iters_per_epoch / 5).max(1))
     }
 
     /// Checks the values that need no dataset.
@@ -336,6 +344,11 @@ mod tests {
                 .contains("iters_per_epoch")
         );
         c.iters_per_epoch = 1;
+        assert_eq!(c.validation_batches(), 1);
+        c.iters_per_epoch = 250;
+        assert_eq!(c.validation_batches(), 50);
+        c.val_iters = Some(0);
+        assert_eq!(c.validation_batches(), 0);
         c.base_features = 64;
         c.max_features = 32;
         assert!(c.check().is_err());

@@ -2,7 +2,7 @@
 //! checkpoint, finish), and the stage-timing pass ([`time_stages`]).
 //!
 //! As the authors' PGPS trainers do (on nnU-Net's loop): every epoch is validated on
-//! `val_iters` batches of the final patch and the planned batch cut from the validation cases
+//! [`TrainConfig::validation_batches`] batches of the final patch and the planned batch cut from the validation cases
 //! (nnU-Net's pseudo-Dice, whose moving average chooses `checkpoint_best`), and the weights are
 //! saved as `checkpoint_ZxYxX` whenever the patch size changes, named after the size that
 //! ends. Unlike the published trainers, which restart their curriculum at the smallest patch
@@ -77,7 +77,7 @@ impl PatchValidation {
         source: &dyn BatchSource,
         (start, stop): (usize, usize),
     ) -> Result<Option<PatchValidation>, TrainerError> {
-        let iters = cfg.val_iters;
+        let iters = cfg.validation_batches();
         if iters == 0 || setup.val_cases.is_empty() {
             return Ok(None);
         }
