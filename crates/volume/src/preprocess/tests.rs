@@ -609,9 +609,9 @@ fn mask_for_norm_marks_outside_and_takes_statistics_inside() {
     assert_eq!(out.norms[0].mean, mean as f32);
     assert_eq!(out.norms[0].inv_std, (1.0 / std) as f32);
     // Stored values outside are 0, so serving 0 there is nnU-Net's untouched value.
-    for i in 0..v.len() {
+    for (i, &x) in v.iter().enumerate() {
         if out.label.get(i) == 254 {
-            assert_eq!(v[i], 0);
+            assert_eq!(x, 0);
         }
     }
     // Marker voxels count as background; no class or location for the marker.
