@@ -280,6 +280,19 @@ impl Dataset {
         self.any_outside_mask
     }
 
+    /// For readers of whole cases (validation, inference): serves the voxels of case `case`
+    /// outside nnU-Net's non-zero mask as batches do. `image` is the case's `[C, Z, Y, X]`
+    /// channels with their normalisation applied, `label` its `[Z, Y, X]` stored labels;
+    /// where the label is the case's `outside_mask_label`, it becomes 0 and every channel
+    /// with a deferred z-score becomes 0. Cases without a marker are left as they are.
+    pub fn clear_outside_mask(&self, case: usize, image: &mut [f32], label: &mut [u16]) {
+        let Some(outside) = self.info.get(case).and_then(|i| i.outside.as_ref()) else {
+            return;
+        };
+        outside.zero_source(image, label);
+        outside.clear_label(label);
+    }
+
     /// The name the dataset was opened under.
     pub fn name(&self) -> &str {
         &self.name

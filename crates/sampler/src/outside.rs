@@ -96,8 +96,9 @@ impl OutsideMask {
         }
     }
 
-    /// Augmented item, before the transforms: `image` holds one `f32` block of `label.len()`
-    /// voxels per channel; the deferred z-score channels become 0 where `label` is the marker.
+    /// Augmented item before the transforms (or a whole case): `image` holds one `f32` block
+    /// of `label.len()` voxels per channel; the deferred z-score channels become 0 where
+    /// `label` is the marker.
     pub(crate) fn zero_source<L: MarkerLabel>(&self, image: &mut [f32], label: &[L]) {
         let Some(marker) = L::from_marker(self.label) else {
             return;

@@ -460,3 +460,32 @@ fn identity_augmentation_equals_the_plain_masked_crop() {
         check_plain(&fx, &a);
     }
 }
+
+#[test]
+fn whole_cases_read_for_validation_equal_a_whole_volume_patch() {
+    let fx = fixture(vec![masked_case("m", [12, 20, 17], 1, Some(2), 254)]);
+    let ds = fx.sampler.dataset();
+    let case = &fx.cases[0];
+    let shape = case.meta.shape;
+    let n: usize = shape.iter().product();
+    // What a whole-case reader holds: normalised channels and stored labels.
+    let mut image: Vec<f32> = Vec::new();
+    for (c, data) in case.channels.iter().enumerate() {
+        let norm = case.meta.channels[c].norm;
+        image.extend((0..n).map(|i| norm.apply(data.get_f64(i) as f32)));
+    }
+    let mut label: Vec<u16> = (0..n).map(|i| case.label.get(i)).collect();
+    assert!(label.contains(&254));
+    ds.clear_outside_mask(0, &mut image, &mut label);
+    let req = request(shape, 1, Policy::Uniform, OutputDType::F32);
+    let batch = fx.sampler.sample(&req, 0).expect("sample");
+    assert_eq!(batch.items[0].origin, [0, 0, 0]);
+    assert_eq!(served_labels(&batch), label);
+    let served = served_image(&batch);
+    assert!(
+        served
+            .iter()
+            .zip(&image)
+            .all(|(a, b)| a.to_bits() == b.to_bits())
+    );
+}
