@@ -129,6 +129,7 @@ fn store_seed(
         schemes,
         interp: Interp::Cubic,
         seed: 1,
+        use_mask_for_norm: Vec::new(),
     };
     let img = NiftiImage {
         path: PathBuf::from("phantom_0000.nii.gz"),

@@ -1,11 +1,17 @@
 //! `patchflow inspect`: what a store holds, for people (a table) and programs (one JSON document).
 //!
 //! The JSON document (`--json`) has these fields:
-//! - `dataset` (string), `store` (path), `plan` (the dataset plan as stored in the manifest);
+//! - `dataset` (string), `store` (path), `plan` (the dataset plan as stored in the manifest; its
+//!   `mask_for_norm` holds nnU-Net's `use_mask_for_norm` decision: the
+//!   `median_relative_size_after_cropping`, the `threshold` and `use_mask_for_norm` per channel
+//!   name);
 //! - `cases`: one object per case with `id`, `file`, `shape` `[z,y,x]`, `spacing` `[z,y,x]` mm,
 //!   `original_shape` `[z,y,x]`, `original_spacing` `[z,y,x]`, `orientation` (e.g. `"RAS"`),
 //!   `crop_box` (`[[start,end)]` per axis in original voxels), `channels` (`name`, `dtype`,
-//!   `normalization`), `label_dtype`, `classes` (`value`, `name` or null, `voxels`),
+//!   `normalization`, `use_mask_for_norm`), `label_dtype`, `outside_mask_label` (the stored
+//!   label value marking voxels outside nnU-Net's non-zero mask, served as label 0 and image 0;
+//!   null when the case has none), `classes` (`value`, `name` or null, `voxels`; voxels outside
+//!   the mask count as class 0),
 //!   `raw_bytes` (preprocessed arrays uncompressed), `stored_bytes` (case file),
 //!   `compression_ratio` (raw / stored), `input_bytes` (source NIfTI files; null if unknown);
 //! - `total`: `cases`, `raw_bytes`, `stored_bytes`, `input_bytes`, `compression_ratio`,
@@ -28,6 +34,9 @@ pub struct ChannelReport {
     pub dtype: String,
     /// Normalisation applied when serving.
     pub normalization: patchflow_volume::Normalization,
+    /// Whether the channel was z-scored over nnU-Net's non-zero mask (and is served as 0
+    /// outside it).
+    pub use_mask_for_norm: bool,
 }
 
 /// One class of a case.
@@ -64,6 +73,8 @@ pub struct CaseReport {
     pub channels: Vec<ChannelReport>,
     /// Label element type.
     pub label_dtype: String,
+    /// Stored label value marking voxels outside nnU-Net's non-zero mask, if any.
+    pub outside_mask_label: Option<u16>,
     /// Classes present with their voxel counts.
     pub classes: Vec<ClassReport>,
     /// Preprocessed bytes, uncompressed.
@@ -160,9 +171,12 @@ pub fn inspect(store: &Path, case: Option<&str>) -> Result<StoreReport, IngestEr
                     name: c.name.clone(),
                     dtype: c.dtype.to_string(),
                     normalization: c.norm,
+                    use_mask_for_norm: meta.outside_mask_label.is_some()
+                        && c.norm.scheme == patchflow_volume::NormScheme::ZScore,
                 })
                 .collect(),
             label_dtype: meta.label_dtype.to_string(),
+            outside_mask_label: meta.outside_mask_label,
             classes: meta
                 .class_voxels
                 .iter()
@@ -209,6 +223,27 @@ pub fn render_text(report: &StoreReport) -> String {
     if let Some(t) = report.plan.get("target_spacing") {
         let _ = writeln!(s, "target spacing [z,y,x] mm: {t}");
     }
+    let mask = report
+        .plan
+        .get("mask_for_norm")
+        .and_then(|m| serde_json::from_value::<crate::MaskForNorm>(m.clone()).ok());
+    let z_scored = report
+        .cases
+        .iter()
+        .flat_map(|c| &c.channels)
+        .any(|ch| ch.normalization.scheme == patchflow_volume::NormScheme::ZScore);
+    match mask {
+        Some(m) => {
+            let _ = writeln!(s, "{}", m.describe());
+        }
+        None if z_scored => {
+            let _ = writeln!(
+                s,
+                "use_mask_for_norm: not decided (the plan predates the rule; `patchflow ingest --replan` decides)"
+            );
+        }
+        None => {}
+    }
     for c in &report.cases {
         let _ = writeln!(
             s,
@@ -227,8 +262,21 @@ pub fn render_text(report: &StoreReport) -> String {
         for ch in &c.channels {
             let _ = writeln!(
                 s,
-                "  channel {:<8} {}  normalisation {:?}",
-                ch.name, ch.dtype, ch.normalization.scheme
+                "  channel {:<8} {}  normalisation {:?}{}",
+                ch.name,
+                ch.dtype,
+                ch.normalization.scheme,
+                if ch.use_mask_for_norm {
+                    " over the non-zero mask"
+                } else {
+                    ""
+                }
+            );
+        }
+        if let Some(m) = c.outside_mask_label {
+            let _ = writeln!(
+                s,
+                "  outside the non-zero mask: label {m} (served as label 0, image 0)"
             );
         }
         let _ = writeln!(

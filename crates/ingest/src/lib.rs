@@ -17,5 +17,5 @@ pub use discover::{CaseSource, DatasetSource, InputKind, discover, sanitize_id};
 pub use error::IngestError;
 pub use inspect::{StoreReport, inspect, render_text, verify};
 pub use pipeline::{CaseOutcome, IngestOptions, IngestReport, SourceRecord, ingest};
-pub use plan::{CtPlan, DatasetPlan, PlanSettings};
+pub use plan::{CtPlan, DatasetPlan, MaskForNorm, PlanSettings};
 pub use watch::watch;

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::IngestError;
 use crate::discover::{CaseSource, DatasetSource, discover};
-use crate::plan::{CtPlan, DatasetPlan, PlanSettings, scheme_for};
+use crate::plan::{CtPlan, DatasetPlan, MaskForNorm, PlanSettings, scheme_for};
 
 /// Foreground intensity samples drawn per CT case for the dataset statistics (as nnU-Net).
 const CT_SAMPLES_PER_CASE: usize = 10_000;
@@ -79,6 +79,9 @@ pub struct IngestReport {
     pub warnings: Vec<String>,
     /// Whether a new plan was made.
     pub replanned: bool,
+    /// The `use_mask_for_norm` decision of the plan made in this run (`None` when no plan was
+    /// made or no case has a z-scored channel).
+    pub mask_for_norm: Option<MaskForNorm>,
     /// Wall time in seconds.
     pub seconds: f64,
 }
@@ -106,6 +109,9 @@ impl IngestReport {
                 mb,
                 mb / self.seconds
             ));
+        }
+        if let Some(m) = &self.mask_for_norm {
+            s.push_str(&format!("\nnew plan: {}", m.describe()));
         }
         for w in &self.warnings {
             s.push_str(&format!("\nwarning: {w}"));
@@ -218,6 +224,10 @@ impl Session {
                 let (plan, failures) = make_plan(cases, opts, stop)?;
                 report.failed.extend(failures);
                 report.replanned = true;
+                report.mask_for_norm = plan.mask_for_norm.clone();
+                if let Some(m) = &plan.mask_for_norm {
+                    tracing::info!("{}", m.describe());
+                }
                 self.manifest.plan = serde_json::to_value(&plan).unwrap_or_default();
                 self.manifest.format = MANIFEST_FORMAT;
                 self.manifest.save(&self.out)?;
@@ -337,28 +347,36 @@ impl Session {
     }
 }
 
-/// Makes the dataset plan: target spacing and CT statistics. Returns cases that failed to read.
+/// Makes the dataset plan: target spacing, CT statistics and nnU-Net's `use_mask_for_norm`
+/// decision. Returns cases that failed to read.
 fn make_plan(
     cases: &[CaseSource],
     opts: &IngestOptions,
     stop: &AtomicBool,
 ) -> Result<(DatasetPlan, Vec<(String, String)>), IngestError> {
     let settings = opts.settings.clone();
+    // The crop of every case is only needed when some channel could use the non-zero mask.
+    let crop = cases
+        .iter()
+        .flat_map(|c| &c.channel_names)
+        .any(|n| scheme_for(n) == NormScheme::ZScore);
     let bar = progress_bar(opts.progress, cases.len() as u64, "plan");
     let results = parallel_map(cases, opts.jobs, stop, |case| {
-        let r = fingerprint_case(case, settings.seed);
+        let r = fingerprint_case(case, settings.seed, crop);
         bar.inc(1);
         r
     });
     bar.finish_and_clear();
     let mut spacings = Vec::new();
+    let mut relative_sizes = Vec::new();
     let mut samples: BTreeMap<usize, Vec<f32>> = BTreeMap::new();
     let mut failures = Vec::new();
     for (case, result) in cases.iter().zip(results) {
         match result {
-            Some(Ok((spacing, ct))) => {
-                spacings.push(spacing);
-                for (c, s) in ct {
+            Some(Ok(fp)) => {
+                spacings.push(fp.spacing);
+                relative_sizes.extend(fp.relative_size_after_cropping);
+                for (c, s) in fp.ct_samples {
                     samples.entry(c).or_default().extend(s);
                 }
             }
@@ -384,21 +402,38 @@ fn make_plan(
             patchflow_volume::CtStats::from_samples(&s).map(|st| (c, CtPlan::from(st)))
         })
         .collect();
+    let mask_for_norm = if crop {
+        let names: std::collections::BTreeSet<&String> =
+            cases.iter().flat_map(|c| &c.channel_names).collect();
+        MaskForNorm::decide(&relative_sizes, names)
+    } else {
+        None
+    };
     Ok((
         DatasetPlan {
             settings,
             target_spacing,
             ct_stats,
             planned_from_cases: spacings.len(),
+            mask_for_norm,
         },
         failures,
     ))
 }
 
-type Fingerprint = ([f64; 3], Vec<(usize, Vec<f32>)>);
+/// What planning reads from one case.
+struct Fingerprint {
+    /// Voxel spacing `[z, y, x]`.
+    spacing: [f64; 3],
+    /// Foreground intensity samples per CT channel.
+    ct_samples: Vec<(usize, Vec<f32>)>,
+    /// Voxels of the non-zero crop box over voxels of the image, when asked for.
+    relative_size_after_cropping: Option<f64>,
+}
 
-/// Reads what planning needs from one case: its spacing and CT foreground samples.
-fn fingerprint_case(case: &CaseSource, seed: u64) -> Result<Fingerprint, IngestError> {
+/// Reads what planning needs from one case: its spacing, CT foreground samples and, with
+/// `crop`, the share of the image its non-zero crop box keeps (every channel is read for it).
+fn fingerprint_case(case: &CaseSource, seed: u64, crop: bool) -> Result<Fingerprint, IngestError> {
     let ct_channels: Vec<usize> = case
         .channel_names
         .iter()
@@ -406,31 +441,75 @@ fn fingerprint_case(case: &CaseSource, seed: u64) -> Result<Fingerprint, IngestE
         .filter(|(_, n)| scheme_for(n) == NormScheme::Ct)
         .map(|(c, _)| c)
         .collect();
-    if ct_channels.is_empty() {
+    if ct_channels.is_empty() && !crop {
         let geometry = patchflow_volume::read_nifti_geometry(&case.images[0])?;
-        return Ok((geometry.spacing, Vec::new()));
+        return Ok(Fingerprint {
+            spacing: geometry.spacing,
+            ct_samples: Vec::new(),
+            relative_size_after_cropping: None,
+        });
     }
-    let (label_geometry, label) = patchflow_volume::read_label(&case.label)?;
-    let mut spacing = label_geometry.spacing;
-    let mut out = Vec::new();
-    for c in ct_channels {
-        let image = patchflow_volume::read_nifti(&case.images[c])?;
-        patchflow_volume::check_same_grid(
-            &image.geometry,
-            &label_geometry,
-            &case.images[c],
-            &case.label,
-        )?;
-        spacing = image.geometry.spacing;
-        let s = patchflow_volume::foreground_samples(
-            &image.data,
-            &label,
-            CT_SAMPLES_PER_CASE,
-            seed ^ xxhash_rust::xxh3::xxh3_64(case.id.as_bytes()),
-        );
-        out.push((c, s));
+    let label = if ct_channels.is_empty() {
+        None
+    } else {
+        Some(patchflow_volume::read_label(&case.label)?)
+    };
+    let mut first: Option<patchflow_volume::Geometry> = None;
+    let mut bbox: Option<[[usize; 2]; 3]> = None;
+    let mut ct_samples = Vec::new();
+    for (c, path) in case.images.iter().enumerate() {
+        let is_ct = ct_channels.contains(&c);
+        if !is_ct && !crop {
+            continue;
+        }
+        let image = patchflow_volume::read_nifti(path)?;
+        match (&label, &first) {
+            (Some((label_geometry, _)), _) => patchflow_volume::check_same_grid(
+                &image.geometry,
+                label_geometry,
+                path,
+                &case.label,
+            )?,
+            (None, Some(g)) => {
+                patchflow_volume::check_same_grid(&image.geometry, g, path, &case.images[0])?
+            }
+            (None, None) => {}
+        }
+        if crop {
+            let b = patchflow_volume::with_voxels!(&image.data, v => patchflow_volume::nonzero_bbox(v, image.geometry.shape));
+            bbox = match (bbox, b) {
+                (Some(a), Some(b)) => Some(std::array::from_fn(|i| {
+                    [a[i][0].min(b[i][0]), a[i][1].max(b[i][1])]
+                })),
+                (a, b) => a.or(b),
+            };
+        }
+        if let (true, Some((_, label))) = (is_ct, &label) {
+            let s = patchflow_volume::foreground_samples(
+                &image.data,
+                label,
+                CT_SAMPLES_PER_CASE,
+                seed ^ xxhash_rust::xxh3::xxh3_64(case.id.as_bytes()),
+            );
+            ct_samples.push((c, s));
+        }
+        first.get_or_insert(image.geometry);
     }
-    Ok((spacing, out))
+    let geometry = match first {
+        Some(g) => g,
+        None => patchflow_volume::read_nifti_geometry(&case.images[0])?,
+    };
+    let shape = geometry.shape;
+    // An all-zero case keeps its whole volume, as preprocessing does.
+    let relative_size_after_cropping = crop.then(|| {
+        let full = [[0, shape[0]], [0, shape[1]], [0, shape[2]]];
+        patchflow_volume::relative_size_after_cropping(shape, bbox.unwrap_or(full))
+    });
+    Ok(Fingerprint {
+        spacing: geometry.spacing,
+        ct_samples,
+        relative_size_after_cropping,
+    })
 }
 
 /// Reads, checks, preprocesses and writes one case.

@@ -9,6 +9,7 @@ use patchflow_volume::DType;
 
 use crate::SamplerError;
 use crate::convert::{ImageRuns, LabelRuns, OutputDType, write_f32};
+use crate::outside::{MarkerLabel, OutsideMask};
 use crate::request::{BatchRequest, ItemMeta};
 use crate::sampler::{Sampler, visit_into};
 
@@ -136,7 +137,7 @@ pub(crate) fn fill_item(
         };
         result?.map_err(|reason| case_err(format!("reading {array}: {reason}")))?;
     }
-    let src_img: &[f32] = src_img;
+    let outside = view.info.outside.as_ref();
 
     let runs = LabelRuns {
         stored: view.info.label_dtype,
@@ -161,15 +162,20 @@ pub(crate) fn fill_item(
                 &runs,
             )?
             .map_err(|reason| case_err(format!("reading label: {reason}")))?;
+            if let Some(o) = outside {
+                o.zero_source(src_img, lab);
+            }
             match bytemuck::try_cast_slice_mut::<u8, u16>(task.label) {
                 Ok(out_lab) => augment_into(
-                    params, src_img, lab, size, req.patch, image_out, out_lab, ignore, augment,
+                    params, src_img, lab, size, req.patch, image_out, out_lab, ignore, outside,
+                    augment,
                 ),
                 Err(_) => {
                     let n_out = task.label.len() / 2;
                     let tmp = grow(out_lab16, n_out);
                     let r = augment_into(
-                        params, src_img, lab, size, req.patch, image_out, tmp, ignore, augment,
+                        params, src_img, lab, size, req.patch, image_out, tmp, ignore, outside,
+                        augment,
                     );
                     for (d, v) in task.label.chunks_exact_mut(2).zip(tmp.iter()) {
                         d.copy_from_slice(&v.to_le_bytes());
@@ -182,9 +188,13 @@ pub(crate) fn fill_item(
             let lab = grow(src_lab8, n_src);
             visit_into(reader, ArrayId::Label, origin, size, lab, &runs)?
                 .map_err(|reason| case_err(format!("reading label: {reason}")))?;
+            if let Some(o) = outside {
+                o.zero_source(src_img, lab);
+            }
             let ignore = u8::try_from(ignore).unwrap_or(u8::MAX);
             augment_into(
-                params, src_img, lab, size, req.patch, image_out, task.label, ignore, augment,
+                params, src_img, lab, size, req.patch, image_out, task.label, ignore, outside,
+                augment,
             )
         }
     };
@@ -199,8 +209,33 @@ struct ImageOut<'a> {
     scratch: &'a mut Vec<f32>,
 }
 
+/// Augments one item; with `outside`, the source image must already be 0 at the marker, and
+/// the marker becomes label 0 after the transforms (nnU-Net's `RemoveLabelTansform(-1, 0)` at
+/// the end of its pipeline).
 #[allow(clippy::too_many_arguments)]
-fn augment_into<L: Label>(
+fn augment_into<L: Label + MarkerLabel>(
+    params: &AugmentParams,
+    src_img: &[f32],
+    src_lab: &[L],
+    size: [usize; 3],
+    patch: [usize; 3],
+    out: ImageOut<'_>,
+    out_lab: &mut [L],
+    ignore: L,
+    outside: Option<&OutsideMask>,
+    scratch: &mut Scratch,
+) -> Result<(), AugmentError> {
+    augment_spatial_and_intensity(
+        params, src_img, src_lab, size, patch, out, out_lab, ignore, scratch,
+    )?;
+    if let Some(o) = outside {
+        o.clear_label(out_lab);
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn augment_spatial_and_intensity<L: Label>(
     params: &AugmentParams,
     src_img: &[f32],
     src_lab: &[L],

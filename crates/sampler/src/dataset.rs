@@ -8,6 +8,7 @@ use patchflow_store::{ArrayId, CaseReader, ChunkCache, MANIFEST_FILE, Manifest};
 use patchflow_volume::{DType, Normalization};
 
 use crate::SamplerError;
+use crate::outside::OutsideMask;
 use crate::plan::CaseView;
 
 /// Ignore label served with `u8` labels (every class below 255).
@@ -28,6 +29,8 @@ pub(crate) struct CaseInfo {
     pub label_dtype: DType,
     /// The case's own ignore label, mapped to the dataset's where they differ.
     pub label_remap: Option<(u16, u16)>,
+    /// nnU-Net's outside-mask marker of the case, when it has one.
+    pub outside: Option<OutsideMask>,
 }
 
 /// A store folder opened for sampling: its manifest's cases, each a [`CaseReader`] sharing one
@@ -42,6 +45,7 @@ pub struct Dataset {
     label_dtype: DType,
     ignore_label: u16,
     classes: Vec<u16>,
+    any_outside_mask: bool,
 }
 
 impl std::fmt::Debug for Dataset {
@@ -73,10 +77,23 @@ fn case_path(dir: &Path, file: &str) -> Result<PathBuf, SamplerError> {
     Ok(dir.join(rel))
 }
 
+/// Refuses an outside-mask marker that could be mistaken for a class, for padding, or for the
+/// case's own ignore label.
+fn check_marker(reader: &CaseReader) -> Result<(), SamplerError> {
+    reader
+        .meta()
+        .check_outside_mask_label(|c| !reader.class_locations(c).is_empty())
+        .map_err(|reason| SamplerError::Dataset {
+            path: reader.path().to_path_buf(),
+            reason: format!("case {}: {reason}", reader.meta().id),
+        })
+}
+
 impl Dataset {
     /// Opens the store folder `store_dir`: reads its manifest, opens every case (sharing
     /// `cache`) and checks that the cases form one dataset (same number of image channels,
-    /// `u8`/`u16` labels, no class value that collides with the ignore label).
+    /// `u8`/`u16` labels, no class value that collides with the ignore label, outside-mask
+    /// markers that are no class of their case and fit the served label type).
     pub fn open(
         name: &str,
         store_dir: &Path,
@@ -158,7 +175,8 @@ impl Dataset {
             }
         }
 
-        // Classes in use (excluding each case's own ignore label) decide the served label type.
+        // Classes in use (excluding each case's own ignore label) decide the served label type;
+        // outside-mask markers must survive until they are cleared, so they count too.
         let mut used: BTreeSet<u16> = BTreeSet::new();
         let mut label_names = BTreeMap::new();
         for reader in &cases {
@@ -167,6 +185,10 @@ impl Dataset {
                 if count > 0 && Some(class) != meta.ignore_label {
                     used.insert(class);
                 }
+            }
+            if let Some(marker) = meta.outside_mask_label {
+                check_marker(reader)?;
+                used.insert(marker);
             }
             for (class, label) in &meta.label_names {
                 label_names.entry(*class).or_insert_with(|| label.clone());
@@ -225,8 +247,10 @@ impl Dataset {
                 channels,
                 label_dtype: meta.label_dtype,
                 label_remap,
+                outside: OutsideMask::of(meta),
             });
         }
+        let any_outside_mask = info.iter().any(|i| i.outside.is_some());
 
         tracing::info!(
             dataset = name,
@@ -247,7 +271,26 @@ impl Dataset {
             label_dtype,
             ignore_label,
             classes: classes.into_iter().collect(),
+            any_outside_mask,
         })
+    }
+
+    /// Whether some case carries nnU-Net's outside-mask marker (see the `outside` module).
+    pub(crate) fn any_outside_mask(&self) -> bool {
+        self.any_outside_mask
+    }
+
+    /// For readers of whole cases (validation, inference): serves the voxels of case `case`
+    /// outside nnU-Net's non-zero mask as batches do. `image` is the case's `[C, Z, Y, X]`
+    /// channels with their normalisation applied, `label` its `[Z, Y, X]` stored labels;
+    /// where the label is the case's `outside_mask_label`, it becomes 0 and every channel
+    /// with a deferred z-score becomes 0. Cases without a marker are left as they are.
+    pub fn clear_outside_mask(&self, case: usize, image: &mut [f32], label: &mut [u16]) {
+        let Some(outside) = self.info.get(case).and_then(|i| i.outside.as_ref()) else {
+            return;
+        };
+        outside.zero_source(image, label);
+        outside.clear_label(label);
     }
 
     /// The name the dataset was opened under.
@@ -346,6 +389,18 @@ impl CaseView for CaseRef<'_> {
 
     fn label_at(&self, voxel: [usize; 3]) -> Result<u16, SamplerError> {
         let origin = voxel.map(|v| i64::try_from(v).unwrap_or(i64::MAX));
+        let stored = self.stored_label_at(origin)?;
+        // A voxel outside nnU-Net's mask is served as background.
+        Ok(match &self.info.outside {
+            Some(o) if o.label == stored => 0,
+            _ => stored,
+        })
+    }
+}
+
+impl CaseRef<'_> {
+    /// The stored label value at one in-volume voxel.
+    fn stored_label_at(&self, origin: [i64; 3]) -> Result<u16, SamplerError> {
         match self.info.label_dtype {
             DType::U16 => {
                 let mut out = [0u16; 1];

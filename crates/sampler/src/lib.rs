@@ -9,7 +9,9 @@
 //! * placement follows nnU-Net v2 (crop bounds, forced-foreground items, class locations) or
 //!   MONAI's class weights ([`Policy`]);
 //! * every stored run of voxels is converted once, straight into the batch buffer, with the
-//!   channel's normalisation fused in ([`convert`]);
+//!   channel's normalisation fused in ([`convert`]); cases ingested with nnU-Net's
+//!   `use_mask_for_norm` serve label 0 and image 0 outside the non-zero mask, as nnU-Net trains
+//!   on them (see `CaseMeta::outside_mask_label`);
 //! * optional training augmentation ([`AugmentSpec`], nnU-Net's defaults as a preset) runs per
 //!   item from a source region read once, see [`patchflow_augment`];
 //! * items are filled in parallel on the caller's rayon pool;
@@ -21,6 +23,7 @@ mod augmented;
 pub mod convert;
 mod dataset;
 mod error;
+mod outside;
 pub mod placement;
 mod plan;
 mod request;

@@ -253,6 +253,9 @@ impl Sampler {
         tasks
             .into_par_iter()
             .try_for_each(|task| self.fill(req, &items, task))?;
+        if ds.any_outside_mask() {
+            self.clear_outside_mask(req, &items, image, label, voxels);
+        }
         tracing::trace!(
             index,
             items = items.len(),
@@ -321,6 +324,34 @@ impl Sampler {
                 ),
             )
         })
+    }
+
+    /// Serves the voxels of plain items outside nnU-Net's non-zero mask as label 0 and image 0
+    /// (see the `outside` module); items of cases without a marker are not touched.
+    fn clear_outside_mask(
+        &self,
+        req: &BatchRequest,
+        items: &[ItemMeta],
+        image: &mut [u8],
+        label: &mut [u8],
+        voxels: usize,
+    ) {
+        let ds = &*self.dataset;
+        let elem = req.dtype.size();
+        let item_image = voxels * elem * ds.num_channels();
+        let item_label = voxels * ds.label_dtype().size();
+        if item_image == 0 || item_label == 0 {
+            return;
+        }
+        image
+            .par_chunks_mut(item_image)
+            .zip(label.par_chunks_mut(item_label))
+            .zip(items.par_iter())
+            .for_each(|((image, label), meta)| {
+                if let Some(outside) = ds.view(meta.case).and_then(|v| v.info.outside.as_ref()) {
+                    outside.apply_served(image, elem, voxels, label, ds.label_dtype());
+                }
+            });
     }
 
     /// Fills one augmented item with a pooled scratch.

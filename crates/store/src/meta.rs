@@ -40,6 +40,14 @@ pub struct CaseMeta {
     pub class_voxels: BTreeMap<u16, u64>,
     /// Label value to ignore in the loss (reserved; `None` from ingest for now).
     pub ignore_label: Option<u16>,
+    /// The stored label value that marks voxels outside nnU-Net's non-zero mask (nnU-Net's −1,
+    /// written when the case's z-scored channels were normalised over that mask). Readers serve
+    /// such voxels as label 0 and, in every channel whose normalisation is a deferred z-score,
+    /// as image 0 (the stored value there is 0, which nnU-Net leaves unnormalised). Never a key
+    /// of `class_voxels` or of the class-location table, never the label type's all-ones value
+    /// (the padding/ignore label). Absent (`None`) in stores written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outside_mask_label: Option<u16>,
 }
 
 impl CaseMeta {
@@ -69,7 +77,44 @@ impl CaseMeta {
             label_names,
             class_voxels: pre.class_voxels.clone(),
             ignore_label: None,
+            outside_mask_label: pre.outside_mask_label,
         }
+    }
+
+    /// Checks [`CaseMeta::outside_mask_label`] against the label type, the classes and the
+    /// class-location table; the reason names the field and the value it collides with.
+    /// `has_locations` says whether the class-location table holds a class.
+    pub fn check_outside_mask_label(
+        &self,
+        has_locations: impl Fn(u16) -> bool,
+    ) -> Result<(), String> {
+        let Some(marker) = self.outside_mask_label else {
+            return Ok(());
+        };
+        let all_ones = match self.label_dtype {
+            DType::U8 => u16::from(u8::MAX),
+            _ => u16::MAX,
+        };
+        if marker == 0 || marker >= all_ones {
+            return Err(format!(
+                "outside_mask_label {marker} must be within 1..{all_ones} for {} labels ({all_ones} is the padding/ignore label)",
+                self.label_dtype
+            ));
+        }
+        if self.class_voxels.contains_key(&marker) {
+            return Err(format!(
+                "outside_mask_label {marker} is also a class in class_voxels"
+            ));
+        }
+        if has_locations(marker) {
+            return Err(format!("outside_mask_label {marker} has class locations"));
+        }
+        if self.ignore_label == Some(marker) {
+            return Err(format!(
+                "outside_mask_label {marker} equals the case's ignore_label"
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -94,6 +94,7 @@ fn meta_for(id: &str, shape: [usize; 3], channels: &[DType], label: DType) -> Ca
         label_names: BTreeMap::from([(0, "background".to_owned()), (1, "liver".to_owned())]),
         class_voxels: BTreeMap::from([(0, 10), (1, 5)]),
         ignore_label: None,
+        outside_mask_label: None,
     }
 }
 
@@ -823,6 +824,49 @@ fn class_locations_round_trip() {
     let path = case.write(dir.path(), [3, 3, 3]);
     let r = CaseReader::open(&path, ChunkCache::new(0)).unwrap();
     assert!(r.classes_with_locations().is_empty());
+}
+
+#[test]
+fn outside_mask_label_round_trips_and_is_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut case = TestCase::new("masked", [6, 7, 8], &[DType::U8], DType::U8, 4);
+    case.locations = BTreeMap::from([(1u16, vec![[0u32, 0, 0]])]);
+    // Absent: not even written, so headers of stores without a marker stay as they were.
+    let path = case.write(dir.path(), [3, 3, 3]);
+    let r = CaseReader::open(&path, ChunkCache::new(0)).unwrap();
+    assert_eq!(r.meta().outside_mask_label, None);
+    let json = serde_json::to_string(&case.meta).unwrap();
+    assert!(!json.contains("outside_mask_label"), "{json}");
+    // A header written before the field existed reads as None.
+    let back: CaseMeta = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, case.meta);
+
+    case.meta.outside_mask_label = Some(254);
+    let path = case.write(dir.path(), [3, 3, 3]);
+    let r = CaseReader::open(&path, ChunkCache::new(0)).unwrap();
+    assert_eq!(r.meta().outside_mask_label, Some(254));
+
+    let opts = WriteOptions::default();
+    let refused = |case: &TestCase, what: &str| {
+        let err = write_case(&dir.path().join("x.pfc"), &case.data(), &opts)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("outside_mask_label") && err.contains(what),
+            "{what}: {err}"
+        );
+    };
+    case.meta.outside_mask_label = Some(255);
+    refused(&case, "padding/ignore label");
+    case.meta.outside_mask_label = Some(0);
+    refused(&case, "within 1..255");
+    case.meta.outside_mask_label = Some(1);
+    refused(&case, "class in class_voxels");
+    case.meta.class_voxels.remove(&1);
+    refused(&case, "has class locations");
+    case.locations.clear();
+    case.meta.ignore_label = Some(1);
+    refused(&case, "ignore_label");
 }
 
 #[test]

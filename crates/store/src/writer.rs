@@ -280,6 +280,8 @@ fn validate<'a>(
             ),
         ));
     }
+    meta.check_outside_mask_label(|c| data.class_locations.contains_key(&c))
+        .map_err(|reason| StoreError::input(id, reason))?;
     arrays.push(ArraySrc {
         id: ArrayId::Label,
         bytes: data.label.as_bytes(),

@@ -488,7 +488,8 @@ impl VolumeLoader for StoreVolumes {
         for (c, out) in image.chunks_mut(n.max(1)).enumerate().take(channels) {
             read_channel(reader, c, out)?;
         }
-        let label = read_label(reader, self.dataset.ignore_label())?;
+        let mut label = read_label(reader, self.dataset.ignore_label())?;
+        self.dataset.clear_outside_mask(idx, &mut image, &mut label);
         Ok(Volume {
             id: id.to_string(),
             shape: meta.shape,

@@ -158,6 +158,7 @@ fn preprocessing(c: &mut Criterion) {
             ct_stats: vec![Some(stats)],
             interp: Interp::Cubic,
             seed: 0,
+            use_mask_for_norm: Vec::new(),
         };
         group.bench_function(format!("phantom_128_{name}"), |b| {
             b.iter(|| black_box(preprocess(&input, &plan).unwrap()))

@@ -12,11 +12,14 @@
 //!   module](mod@crate::preprocess) for the stored representation rule).
 //! * [`foreground_samples`], [`CtStats`], [`median_spacing`], [`Modality`]: dataset-level
 //!   statistics for the planner.
+//! * [`mask`]: nnU-Net's non-zero mask and its `use_mask_for_norm` rule
+//!   ([`mask_for_norm_applies`], [`relative_size_after_cropping`]).
 //! * [`phantom`], [`write_phantom_dataset`]: a deterministic synthetic CT dataset.
 
 mod error;
 mod label;
 mod locations;
+pub mod mask;
 mod nifti;
 mod phantom;
 pub mod preprocess;
@@ -31,7 +34,11 @@ pub use label::{
 };
 pub use locations::{
     ClassLocations, ClassVoxels, MAX_LOCATIONS_PER_CLASS, MIN_LOCATION_PERCENT, case_seed,
-    class_locations, foreground_samples, locations_to_keep,
+    class_locations, class_locations_outside_mask, foreground_samples, locations_to_keep,
+};
+pub use mask::{
+    MASK_FOR_NORM_MAX_RELATIVE_SIZE, filled_nonzero_mask, mark_outside_mask, mask_for_norm_applies,
+    outside_mask_label, relative_size_after_cropping,
 };
 pub use nifti::{
     MAX_VOXELS, NiftiImage, read_nifti, read_nifti_bytes, read_nifti_geometry, write_nifti,

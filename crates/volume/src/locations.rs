@@ -135,9 +135,24 @@ pub fn class_locations(
     shape: [usize; 3],
     seed: u64,
 ) -> (ClassVoxels, ClassLocations) {
+    class_locations_outside_mask(label, shape, seed, None)
+}
+
+/// [`class_locations`] for a label map whose value `outside_mask_label` marks voxels outside
+/// nnU-Net's non-zero mask (its −1): those voxels are counted as background (class 0, which
+/// they are served as) and never become a class or a location. With `None` this is exactly
+/// [`class_locations`].
+pub fn class_locations_outside_mask(
+    label: &LabelData,
+    shape: [usize; 3],
+    seed: u64,
+    outside_mask_label: Option<u16>,
+) -> (ClassVoxels, ClassLocations) {
+    // Marker 0 would be background anyway, so it stands for "no marker".
+    let marker = outside_mask_label.map_or(0, usize::from);
     match label {
-        LabelData::U8(v) => locations_of(v, shape, seed, 256),
-        LabelData::U16(v) => locations_of(v, shape, seed, 65_536),
+        LabelData::U8(v) => locations_of(v, shape, seed, 256, marker),
+        LabelData::U16(v) => locations_of(v, shape, seed, 65_536, marker),
     }
 }
 
@@ -146,10 +161,15 @@ fn locations_of<T: LabelValue>(
     shape: [usize; 3],
     seed: u64,
     classes: usize,
+    marker: usize,
 ) -> (ClassVoxels, ClassLocations) {
     let voxels = labels.len().min(shape.iter().product());
     let labels = &labels[..voxels];
-    let counts = histogram(labels, classes);
+    let mut counts = histogram(labels, classes);
+    if marker != 0 && marker < counts.len() {
+        counts[0] += counts[marker];
+        counts[marker] = 0;
+    }
 
     let mut class_voxels = BTreeMap::new();
     class_voxels.insert(0u16, counts[0]);
@@ -183,7 +203,7 @@ fn locations_of<T: LabelValue>(
         let (z, y) = ((r / ny) as u32, (r % ny) as u32);
         for (x, &l) in row.iter().enumerate() {
             let c = l.index();
-            if c == 0 {
+            if c == 0 || c == marker {
                 continue;
             }
             // Branch-free selection: always store into the next slot, advance only on a hit.
@@ -380,6 +400,31 @@ mod tests {
         // Deterministic for a seed, different for another.
         assert_eq!(class_locations(&labels, shape, 11).1, locs);
         assert_ne!(class_locations(&labels, shape, 12).1[&1], locs[&1]);
+    }
+
+    #[test]
+    fn the_outside_mask_marker_is_background_and_never_a_location() {
+        let shape = [2, 3, 4];
+        let mut v = vec![0u8; 24];
+        v[1] = 9; // the marker, below class 12 and above class 2
+        v[2] = 9;
+        v[3] = 2;
+        v[20] = 12;
+        let labels = LabelData::U8(v);
+        let (counts, locs) = class_locations_outside_mask(&labels, shape, 5, Some(9));
+        assert_eq!(counts, BTreeMap::from([(0, 22), (2, 1), (12, 1)]));
+        assert_eq!(locs.keys().copied().collect::<Vec<_>>(), vec![2, 12]);
+        // Without a marker (or a marker nowhere in the map) the result is class_locations'.
+        assert_eq!(
+            class_locations_outside_mask(&labels, shape, 5, None),
+            class_locations(&labels, shape, 5)
+        );
+        let plain = class_locations(&labels, shape, 5);
+        assert_eq!(
+            class_locations_outside_mask(&labels, shape, 5, Some(254)),
+            plain
+        );
+        assert_eq!(plain.0[&9], 2);
     }
 
     #[test]

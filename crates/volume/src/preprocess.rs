@@ -18,6 +18,19 @@
 //!
 //! Labels are cropped (and resampled with nearest neighbour) the same way; class counts and
 //! sampled class locations are computed on the final label map.
+//!
+//! # nnU-Net's `use_mask_for_norm`
+//!
+//! When the plan sets [`PreprocessPlan::use_mask_for_norm`] for a (z-scored) channel, the case
+//! is handled as nnU-Net's `crop_to_nonzero` and `ZScoreNormalization` do (see the
+//! [`mask`](crate::mask) module): label voxels that are 0 outside the hole-filled non-zero mask
+//! get the marker [`PreprocessedCase::outside_mask_label`] (nnU-Net's −1), the channel's mean and
+//! standard deviation come from the voxels without the marker, and voxels with the marker keep
+//! their stored value, 0. In the deferred form, readers serve such voxels as 0 (label and
+//! masked channels) instead of applying the normalisation; resampled cases are normalised inside
+//! the mask only, then resampled, with the marker resampled as a label, exactly in nnU-Net's
+//! order crop → normalise → resample. Class counts count marker voxels as background (class 0,
+//! which they are served as) and class locations never hold them.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -26,7 +39,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::VolumeError;
 use crate::label::grid_difference;
-use crate::locations::{case_seed, class_locations};
+use crate::locations::{case_seed, class_locations_outside_mask};
 use crate::nifti::{MAX_VOXELS, NiftiImage};
 use crate::resample::{
     Interp, Kernel, low_resolution_axis, needs_resampling, resample_f32, resample_labels,
@@ -63,6 +76,17 @@ pub struct PreprocessPlan {
     pub interp: Interp,
     /// Seed for class-location sampling (mixed with the case identifier).
     pub seed: u64,
+    /// nnU-Net's `use_mask_for_norm` per channel: normalise over the non-zero mask and keep 0
+    /// outside it. Only z-scored channels may use it; empty means no channel does.
+    #[serde(default)]
+    pub use_mask_for_norm: Vec<bool>,
+}
+
+impl PreprocessPlan {
+    /// Whether channel `c` is normalised over the non-zero mask.
+    pub fn masked(&self, c: usize) -> bool {
+        self.use_mask_for_norm.get(c).copied().unwrap_or(false)
+    }
 }
 
 /// A preprocessed case, ready for the store.
@@ -92,6 +116,10 @@ pub struct PreprocessedCase {
     pub class_locations: BTreeMap<u16, Vec<[u32; 3]>>,
     /// Whether the case was resampled (and so is stored normalised, as `f32`).
     pub resampled: bool,
+    /// The label value marking voxels outside nnU-Net's non-zero mask (nnU-Net's −1), when some
+    /// channel used the mask for its normalisation; never a class of this case nor the label
+    /// type's all-ones value.
+    pub outside_mask_label: Option<u16>,
 }
 
 /// Maps every variant of a [`VoxelData`] to the same variant.
@@ -167,11 +195,25 @@ pub fn preprocess(
         LabelData::U16(v) => LabelData::U16(crop(v, shape, crop_box)),
     };
 
-    // Normalisation per channel, computed on the cropped image.
+    // nnU-Net's crop_to_nonzero: background outside the filled non-zero mask gets the marker.
+    let (label, outside_mask_label) = if plan.use_mask_for_norm.contains(&true) {
+        let inside = crate::mask::filled_nonzero_mask(&cropped, cropped_shape);
+        let (label, marker) = crate::mask::mark_outside_mask(label, &inside);
+        (label, Some(marker))
+    } else {
+        (label, None)
+    };
+
+    // Normalisation per channel, computed on the cropped image (over the mask where asked).
     let norms: Vec<Normalization> = cropped
         .iter()
         .enumerate()
-        .map(|(i, data)| channel_normalization(input, plan, i, data))
+        .map(|(i, data)| {
+            let mask = outside_mask_label
+                .filter(|_| plan.masked(i))
+                .map(|m| (&label, m));
+            channel_normalization(input, plan, i, data, mask)
+        })
         .collect::<Result<_, _>>()?;
 
     let (out_shape, spacing, channels, norms, label) = match target {
@@ -188,8 +230,12 @@ pub fn preprocess(
             let channels = cropped
                 .iter()
                 .zip(&norms)
-                .map(|(data, norm)| {
-                    let normalised = normalise_f32(data, norm);
+                .enumerate()
+                .map(|(i, (data, norm))| {
+                    let mask = outside_mask_label
+                        .filter(|_| plan.masked(i))
+                        .map(|m| (&label, m));
+                    let normalised = normalise_f32(data, norm, mask);
                     VoxelData::F32(resample_f32(&normalised, cropped_shape, out_shape, kernels))
                 })
                 .collect();
@@ -204,13 +250,18 @@ pub fn preprocess(
             (out_shape, target, channels, norms, label)
         }
     };
-    let (class_voxels, class_locations) =
-        class_locations(&label, out_shape, case_seed(plan.seed, &input.id));
+    let (class_voxels, class_locations) = class_locations_outside_mask(
+        &label,
+        out_shape,
+        case_seed(plan.seed, &input.id),
+        outside_mask_label,
+    );
     tracing::debug!(
         case = %input.id,
         ?crop_box,
         ?out_shape,
         resampled = target.is_some(),
+        ?outside_mask_label,
         "preprocessed case"
     );
     Ok(PreprocessedCase {
@@ -226,6 +277,7 @@ pub fn preprocess(
         class_voxels,
         class_locations,
         resampled: target.is_some(),
+        outside_mask_label,
     })
 }
 
@@ -251,6 +303,20 @@ fn validate(input: &CaseInput, plan: &PreprocessPlan) -> Result<(), VolumeError>
             plan.schemes.len(),
             plan.ct_stats.len()
         )));
+    }
+    if !plan.use_mask_for_norm.is_empty() && plan.use_mask_for_norm.len() != n {
+        return Err(invalid(format!(
+            "the plan has {} use_mask_for_norm entries for {n} channels",
+            plan.use_mask_for_norm.len()
+        )));
+    }
+    for (i, scheme) in plan.schemes.iter().enumerate() {
+        if plan.masked(i) && *scheme != NormScheme::ZScore {
+            return Err(invalid(format!(
+                "channel {i} ({}) has use_mask_for_norm with {scheme:?} normalisation; only z-scored channels use the non-zero mask (as in nnU-Net)",
+                input.channel_names[i]
+            )));
+        }
     }
     for (i, c) in input.channels.iter().enumerate() {
         if c.data.len() != c.geometry.voxels() {
@@ -303,12 +369,14 @@ fn validate(input: &CaseInput, plan: &PreprocessPlan) -> Result<(), VolumeError>
     Ok(())
 }
 
-/// The normalisation of channel `i` (deferred form: source units).
+/// The normalisation of channel `i` (deferred form: source units). `mask`: the marked label and
+/// its marker when the channel is normalised over the non-zero mask.
 fn channel_normalization(
     input: &CaseInput,
     plan: &PreprocessPlan,
     i: usize,
     data: &VoxelData,
+    mask: Option<(&LabelData, u16)>,
 ) -> Result<Normalization, VolumeError> {
     Ok(match plan.schemes[i] {
         NormScheme::Ct => {
@@ -322,7 +390,12 @@ fn channel_normalization(
             stats.normalization()
         }
         NormScheme::ZScore => {
-            let (mean, std) = crate::with_voxels!(data, v => mean_std(v));
+            let (mean, std) = match mask {
+                Some((label, marker)) => {
+                    crate::with_voxels!(data, v => crate::mask::mean_std_inside(v, label, marker))
+                }
+                None => crate::with_voxels!(data, v => mean_std(v)),
+            };
             Normalization {
                 scheme: NormScheme::ZScore,
                 clip: None,
@@ -348,9 +421,27 @@ fn mean_std<T: Element>(v: &[T]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
-/// Converts to `f32` and applies the normalisation with exactly [`Normalization::apply`].
-fn normalise_f32(data: &VoxelData, norm: &Normalization) -> Vec<f32> {
-    crate::with_voxels!(data, v => v.iter().map(|x| norm.apply(x.to_f64() as f32)).collect())
+/// Converts to `f32` and applies the normalisation with exactly [`Normalization::apply`]; with
+/// `mask` (the marked label and its marker), voxels with the marker keep their value (0) as
+/// nnU-Net's `image[mask] = ...` leaves them.
+fn normalise_f32(
+    data: &VoxelData,
+    norm: &Normalization,
+    mask: Option<(&LabelData, u16)>,
+) -> Vec<f32> {
+    match mask {
+        None => {
+            crate::with_voxels!(data, v => v.iter().map(|x| norm.apply(x.to_f64() as f32)).collect())
+        }
+        Some((label, marker)) => crate::with_voxels!(data, v => v
+            .iter()
+            .enumerate()
+            .map(|(i, x)| {
+                let x = x.to_f64() as f32;
+                if label.get(i) == marker { x } else { norm.apply(x) }
+            })
+            .collect()),
+    }
 }
 
 /// Bounding box `[start, end)` per axis of the non-zero voxels, `None` when all are zero.

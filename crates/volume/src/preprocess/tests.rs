@@ -73,6 +73,7 @@ fn ct_plan(target: Option<[f64; 3]>) -> PreprocessPlan {
         })],
         interp: Interp::Cubic,
         seed: 42,
+        use_mask_for_norm: Vec::new(),
     }
 }
 
@@ -133,6 +134,7 @@ fn zscore_and_none_schemes() {
         ct_stats: vec![None, None],
         interp: Interp::Linear,
         seed: 0,
+        use_mask_for_norm: Vec::new(),
     };
     let out = preprocess(&input, &plan).unwrap();
     assert!(!out.resampled, "spacing equals the target");
@@ -405,6 +407,7 @@ fn phantom_dataset_end_to_end() {
         ct_stats: vec![Some(stats)],
         interp: Interp::default(),
         seed: 1,
+        use_mask_for_norm: Vec::new(),
     };
     for case in &cases {
         let out = preprocess(case, &plan).unwrap();
@@ -521,4 +524,164 @@ fn resampled_grids_beyond_the_voxel_limit_are_refused() {
         preprocess(&case, &ct_plan(Some([1.0e-300, 1.0, 1.0]))),
         Err(VolumeError::InvalidCase { .. })
     ));
+}
+
+/// A `[12, 12, 12]` MR case for the non-zero mask: a hollow-cored "head" of intensities
+/// `z 2..10, y 2..10, x 2..10` whose centre `4..8` is zero (a hole the mask fills), a zero
+/// notch on one face reaching the box edge (outside the mask), class 1 inside and class 3 at a
+/// zero voxel outside the mask (kept, as nnU-Net only marks `seg == 0`).
+fn head_case(spacing: [f64; 3]) -> CaseInput {
+    let shape = [12, 12, 12];
+    let g = geometry(shape, spacing);
+    let idx = |z: usize, y: usize, x: usize| (z * 12 + y) * 12 + x;
+    let mut mr = vec![0u16; g.voxels()];
+    let mut label = vec![0u8; g.voxels()];
+    for z in 2..10 {
+        for y in 2..10 {
+            for x in 2..10 {
+                let core = (4..8).contains(&z) && (4..8).contains(&y) && (4..8).contains(&x);
+                let notch = x == 2 && (3..5).contains(&y) && (3..5).contains(&z);
+                if !core && !notch {
+                    mr[idx(z, y, x)] = (100 + 7 * z + 3 * y + x) as u16;
+                }
+            }
+        }
+    }
+    for z in 5..7 {
+        for y in 5..7 {
+            for x in 3..6 {
+                label[idx(z, y, x)] = 1;
+            }
+        }
+    }
+    label[idx(3, 3, 2)] = 3; // in the notch: image 0, outside the mask, labelled
+    CaseInput {
+        id: "head_001".into(),
+        channels: vec![image("head_001_0000.nii.gz", &g, VoxelData::U16(mr))],
+        channel_names: vec!["T1".into()],
+        label: LabelData::U8(label),
+        label_geometry: g,
+    }
+}
+
+fn mr_plan(target: Option<[f64; 3]>, masked: bool) -> PreprocessPlan {
+    PreprocessPlan {
+        target_spacing: target,
+        schemes: vec![NormScheme::ZScore],
+        ct_stats: vec![None],
+        interp: Interp::Cubic,
+        seed: 3,
+        use_mask_for_norm: vec![masked],
+    }
+}
+
+#[test]
+fn mask_for_norm_marks_outside_and_takes_statistics_inside() {
+    let input = head_case([1.0, 1.0, 1.0]);
+    let out = preprocess(&input, &mr_plan(None, true)).unwrap();
+    assert_eq!(out.crop_box, [[2, 10], [2, 10], [2, 10]]);
+    assert_eq!(out.outside_mask_label, Some(254));
+    let idx = |z: usize, y: usize, x: usize| (z * 8 + y) * 8 + x;
+    // Cropped coordinates: the core (2..6) is a filled hole, the notch (x 0, y 1..3, z 1..3)
+    // touches the box face, so it is outside; the class-3 voxel there keeps its class.
+    assert_eq!(out.label.get(idx(2, 2, 2)), 0, "filled hole is inside");
+    assert_eq!(out.label.get(idx(2, 1, 0)), 254, "notch is outside");
+    assert_eq!(
+        out.label.get(idx(1, 1, 0)),
+        3,
+        "labelled voxels are never marked"
+    );
+    let marked = (0..out.label.len())
+        .filter(|&i| out.label.get(i) == 254)
+        .count();
+    assert_eq!(marked, 3, "the notch has 4 voxels, one of them labelled");
+    // Statistics over every voxel without the marker (holes and the labelled zero included).
+    let VoxelData::U8(v) = &out.channels[0] else {
+        panic!("u16 values below 256 are narrowed to u8")
+    };
+    let inside: Vec<f64> = (0..v.len())
+        .filter(|&i| out.label.get(i) != 254)
+        .map(|i| f64::from(v[i]))
+        .collect();
+    let n = inside.len() as f64;
+    let mean = inside.iter().sum::<f64>() / n;
+    let std = (inside.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n).sqrt();
+    assert_eq!(out.norms[0].mean, mean as f32);
+    assert_eq!(out.norms[0].inv_std, (1.0 / std) as f32);
+    // Stored values outside are 0, so serving 0 there is nnU-Net's untouched value.
+    for (i, &x) in v.iter().enumerate() {
+        if out.label.get(i) == 254 {
+            assert_eq!(x, 0);
+        }
+    }
+    // Marker voxels count as background; no class or location for the marker.
+    assert_eq!(out.class_voxels.values().sum::<u64>(), 512);
+    assert!(!out.class_voxels.contains_key(&254));
+    assert!(!out.class_locations.contains_key(&254));
+    assert_eq!(out.class_voxels[&3], 1);
+    assert_eq!(out.class_voxels[&1], 12);
+
+    // Without the mask: no marker, whole-box statistics, the same crop.
+    let plain = preprocess(&input, &mr_plan(None, false)).unwrap();
+    assert_eq!(plain.outside_mask_label, None);
+    assert_eq!(plain.class_voxels, out.class_voxels);
+    assert_ne!(plain.norms[0], out.norms[0]);
+    assert_eq!(plain.label.get(idx(2, 1, 0)), 0);
+}
+
+#[test]
+fn mask_for_norm_in_the_resampled_path_keeps_zero_outside_before_resampling() {
+    let input = head_case([1.0, 1.0, 1.0]);
+    let target = [0.5, 1.0, 1.0];
+    let out = preprocess(&input, &mr_plan(Some(target), true)).unwrap();
+    assert!(out.resampled);
+    assert_eq!(out.outside_mask_label, Some(254));
+    assert!(out.norms[0].is_identity());
+    assert_eq!(out.norms[0].scheme, NormScheme::ZScore);
+    // By hand: crop, mark, normalise inside only, then resample image and label.
+    let deferred = preprocess(&input, &mr_plan(None, true)).unwrap();
+    let VoxelData::U8(src) = &deferred.channels[0] else {
+        unreachable!()
+    };
+    let norm = deferred.norms[0];
+    let normalised: Vec<f32> = src
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| {
+            if deferred.label.get(i) == 254 {
+                0.0
+            } else {
+                norm.apply(f32::from(x))
+            }
+        })
+        .collect();
+    let shape = [16, 8, 8];
+    assert_eq!(out.shape, shape);
+    let want = resample_f32(&normalised, [8, 8, 8], shape, [Kernel::Cubic; 3]);
+    let VoxelData::F32(v) = &out.channels[0] else {
+        panic!("resampled channels are f32")
+    };
+    assert_eq!(v, &want);
+    assert_eq!(
+        out.label,
+        crate::resample::resample_labels(&deferred.label, [8, 8, 8], shape)
+    );
+    assert!(!out.class_locations.contains_key(&254));
+}
+
+#[test]
+fn mask_for_norm_is_refused_for_ct_channels_and_wrong_lengths() {
+    let input = block_case([1.0, 1.0, 1.0], true);
+    let mut plan = ct_plan(None);
+    plan.use_mask_for_norm = vec![true];
+    let err = preprocess(&input, &plan).unwrap_err().to_string();
+    assert!(err.contains("use_mask_for_norm"), "{err}");
+    plan.use_mask_for_norm = vec![false, false];
+    let err = preprocess(&input, &plan).unwrap_err().to_string();
+    assert!(
+        err.contains("2 use_mask_for_norm entries for 1 channels"),
+        "{err}"
+    );
+    plan.use_mask_for_norm = vec![false];
+    assert_eq!(preprocess(&input, &plan).unwrap().outside_mask_label, None);
 }

@@ -140,6 +140,7 @@ pub fn run(data: &[u8]) -> Outcome {
             Interp::Cubic
         },
         seed: u64::from(mode),
+        use_mask_for_norm: Vec::new(),
         schemes,
     };
     let names = ["CT", "T2"];
