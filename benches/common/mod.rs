@@ -97,6 +97,7 @@ pub fn write_store(dir: &std::path::Path) -> (Vec<i16>, Vec<u8>) {
         label_names: BTreeMap::new(),
         class_voxels,
         ignore_label: None,
+        outside_mask_label: None,
     };
     let file = case_file_name(&meta.id);
     let report = write_case(

@@ -139,6 +139,7 @@ fn meta() -> CaseMeta {
         label_names: BTreeMap::new(),
         class_voxels: BTreeMap::new(),
         ignore_label: None,
+        outside_mask_label: None,
     }
 }
 

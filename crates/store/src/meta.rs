@@ -40,6 +40,12 @@ pub struct CaseMeta {
     pub class_voxels: BTreeMap<u16, u64>,
     /// Label value to ignore in the loss (reserved; `None` from ingest for now).
     pub ignore_label: Option<u16>,
+    /// The stored label value that marks voxels outside nnU-Net's non-zero mask (nnU-Net's seg
+    /// value −1, where `use_mask_for_norm` applies); readers serve such voxels as label 0. It is
+    /// never a class of the dataset, nor 255/65535. `None` when the case has no such voxels
+    /// (every case not ingested from nnU-Net's preprocessed folders).
+    #[serde(default)]
+    pub outside_mask_label: Option<u16>,
 }
 
 impl CaseMeta {
@@ -69,6 +75,7 @@ impl CaseMeta {
             label_names,
             class_voxels: pre.class_voxels.clone(),
             ignore_label: None,
+            outside_mask_label: None,
         }
     }
 }

@@ -94,6 +94,7 @@ fn meta_for(id: &str, shape: [usize; 3], channels: &[DType], label: DType) -> Ca
         label_names: BTreeMap::from([(0, "background".to_owned()), (1, "liver".to_owned())]),
         class_voxels: BTreeMap::from([(0, 10), (1, 5)]),
         ignore_label: None,
+        outside_mask_label: None,
     }
 }
 

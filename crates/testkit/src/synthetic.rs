@@ -134,6 +134,7 @@ pub fn make_case(id: &str, shape: [usize; 3], seed: u64, second_class: Option<u1
         .into(),
         class_voxels,
         ignore_label: None,
+        outside_mask_label: None,
     };
     MemCase {
         meta,
