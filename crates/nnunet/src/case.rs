@@ -230,10 +230,11 @@ impl PreprocessedFolder {
             ArrayFormat::B2nd => (read_b2nd(&files[0])?, read_b2nd(&files[1])?),
             ArrayFormat::Npy => (read_npy(&files[0])?, read_npy(&files[1])?),
             ArrayFormat::Npz => {
-                let mut v = read_npz(&files[0], &["data", "seg"])?;
-                let seg = v.pop().unwrap_or_else(|| unreachable_array());
-                let data = v.pop().unwrap_or_else(|| unreachable_array());
-                (data, seg)
+                let mut v = read_npz(&files[0], &["data", "seg"])?.into_iter();
+                match (v.next(), v.next()) {
+                    (Some(data), Some(seg)) => (data, seg),
+                    _ => return Err(NnunetError::format(&files[0], "no data and seg arrays")),
+                }
             }
         };
         let case_err = |reason: String| NnunetError::Case {
@@ -415,18 +416,6 @@ impl PreprocessedFolder {
     }
 }
 
-fn unreachable_array() -> NdArray {
-    NdArray {
-        dtype: crate::array::NpyDType {
-            kind: ElemKind::UInt,
-            size: 1,
-            big_endian: false,
-        },
-        shape: vec![0],
-        data: Vec::new(),
-    }
-}
-
 /// Reads nnU-Net's `.pkl` properties of a case.
 pub fn read_properties(path: &Path) -> Result<CaseProperties, NnunetError> {
     let p = read_pickle(path)?;
@@ -486,8 +475,7 @@ pub fn properties_from_pickle(path: &Path, p: &Pickle) -> Result<CaseProperties,
     for (a, row) in bbox_rows.iter().enumerate() {
         let pair: Option<Vec<i64>> = p
             .seq(row)
-            .map(|r| r.iter().map(|x| p.integer(x)).collect::<Option<Vec<_>>>())
-            .flatten();
+            .and_then(|r| r.iter().map(|x| p.integer(x)).collect::<Option<Vec<_>>>());
         match pair.as_deref() {
             Some(&[s, e]) if 0 <= s && s <= e => bbox[a] = [s as usize, e as usize],
             _ => {

@@ -188,7 +188,7 @@ pub(crate) fn unshuffle(typesize: usize, src: &[u8], dst: &mut [u8]) {
 /// eight.
 pub(crate) fn bitunshuffle(typesize: usize, src: &[u8], dst: &mut [u8], chunk_version: u8) {
     let n_all = src.len() / typesize;
-    if chunk_version == 2 && n_all % 8 != 0 {
+    if chunk_version == 2 && !n_all.is_multiple_of(8) {
         dst[..src.len()].copy_from_slice(src);
         return;
     }
