@@ -1,12 +1,15 @@
 //! `patchflow inspect`: what a store holds, for people (a table) and programs (one JSON document).
 //!
 //! The JSON document (`--json`) has these fields:
-//! - `dataset` (string), `store` (path), `plan` (the dataset plan as stored in the manifest);
+//! - `dataset` (string), `store` (path), `plan` (the dataset plan as stored in the manifest; for a
+//!   store of nnU-Net's preprocessed folder nnU-Net's plan with `kind` `"nnunet"`, `patch_size`,
+//!   `batch_size`, `num_pool_per_axis`, `transpose_forward`, ...: see `NnunetStorePlan`);
 //! - `cases`: one object per case with `id`, `file`, `shape` `[z,y,x]`, `spacing` `[z,y,x]` mm,
 //!   `original_shape` `[z,y,x]`, `original_spacing` `[z,y,x]`, `orientation` (e.g. `"RAS"`),
 //!   `crop_box` (`[[start,end)]` per axis in original voxels), `channels` (`name`, `dtype`,
 //!   `normalization`), `label_dtype`, `classes` (`value`, `name` or null, `voxels`),
-//!   `raw_bytes` (preprocessed arrays uncompressed), `stored_bytes` (case file),
+//!   `outside_mask_label` (the label value marking voxels outside nnU-Net's non-zero mask, or
+//!   null), `raw_bytes` (preprocessed arrays uncompressed), `stored_bytes` (case file),
 //!   `compression_ratio` (raw / stored), `input_bytes` (source NIfTI files; null if unknown);
 //! - `total`: `cases`, `raw_bytes`, `stored_bytes`, `input_bytes`, `compression_ratio`,
 //!   `size_vs_input` (stored / input).
@@ -66,6 +69,8 @@ pub struct CaseReport {
     pub label_dtype: String,
     /// Classes present with their voxel counts.
     pub classes: Vec<ClassReport>,
+    /// Label value marking voxels outside nnU-Net's non-zero mask, if the case has any.
+    pub outside_mask_label: Option<u16>,
     /// Preprocessed bytes, uncompressed.
     pub raw_bytes: u64,
     /// Bytes of the case file.
@@ -143,7 +148,8 @@ pub fn inspect(store: &Path, case: Option<&str>) -> Result<StoreReport, IngestEr
         let stats = reader.stats();
         let input_bytes = serde_json::from_value::<SourceRecord>(entry.source.clone())
             .ok()
-            .map(|r| r.input_bytes);
+            .map(|r| r.input_bytes)
+            .or_else(|| entry.source.get("input_bytes").and_then(|b| b.as_u64()));
         cases.push(CaseReport {
             id: meta.id.clone(),
             file: entry.file.clone(),
@@ -172,6 +178,7 @@ pub fn inspect(store: &Path, case: Option<&str>) -> Result<StoreReport, IngestEr
                     voxels,
                 })
                 .collect(),
+            outside_mask_label: meta.outside_mask_label,
             raw_bytes: stats.raw_bytes,
             stored_bytes: stats.file_bytes,
             compression_ratio: ratio(stats.raw_bytes, stats.file_bytes),
@@ -209,6 +216,25 @@ pub fn render_text(report: &StoreReport) -> String {
     if let Some(t) = report.plan.get("target_spacing") {
         let _ = writeln!(s, "target spacing [z,y,x] mm: {t}");
     }
+    if let Some(p) = crate::NnunetStorePlan::from_value(&report.plan) {
+        let n = &p.nnunet;
+        let _ = writeln!(
+            s,
+            "nnU-Net plan {} {} of {}: patch {:?}, batch {}, poolings per axis {:?}, spacing {:?} mm\n\
+             arrays in nnU-Net's transposed frame: transpose_forward {:?}; outside-mask label {}\n\
+             from {}",
+            n.plans_name,
+            n.configuration,
+            n.dataset_name,
+            n.patch_size,
+            n.batch_size,
+            n.num_pool_per_axis,
+            n.spacing,
+            n.transpose_forward,
+            p.outside_mask_label,
+            p.source.display(),
+        );
+    }
     for c in &report.cases {
         let _ = writeln!(
             s,
@@ -243,9 +269,12 @@ pub fn render_text(report: &StoreReport) -> String {
         );
         let _ = writeln!(
             s,
-            "  classes ({}, label {}):",
+            "  classes ({}, label {}){}:",
             c.classes.len(),
-            c.label_dtype
+            c.label_dtype,
+            c.outside_mask_label
+                .map(|m| format!(", outside nnU-Net's mask: label {m}"))
+                .unwrap_or_default()
         );
         for k in &c.classes {
             let _ = writeln!(
