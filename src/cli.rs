@@ -150,8 +150,10 @@ pub struct DemoArgs {
 /// `patchflow ingest`.
 #[derive(Args, Debug)]
 pub struct IngestArgs {
-    /// nnU-Net raw dataset folder (imagesTr/, labelsTr/, dataset.json) or a TSV file with a
-    /// header row naming the columns `image` and `label` (optional: `id`, `modality`).
+    /// nnU-Net raw dataset folder (imagesTr/, labelsTr/, dataset.json), nnU-Net's preprocessed
+    /// configuration folder (nnUNet_preprocessed/DatasetXXX_Name/nnUNetPlans_3d_fullres, stored
+    /// as nnU-Net has it), or a TSV file with a header row naming the columns `image` and
+    /// `label` (optional: `id`, `modality`).
     pub input: PathBuf,
     /// Store folder to write (created if absent).
     #[arg(long, short)]
@@ -230,17 +232,21 @@ pub struct PhantomArgs {
 #[derive(Args, Debug)]
 pub struct ScheduleArgs {
     /// Final (planned) patch z,y,x, or one number for a cube.
-    #[arg(long, value_parser = |s: &str| patchflow_curriculum::parse_triplet(s).map_err(|e| e.to_string()))]
-    pub final_patch: [usize; 3],
+    #[arg(long, required_unless_present = "store", value_parser = |s: &str| patchflow_curriculum::parse_triplet(s).map_err(|e| e.to_string()))]
+    pub final_patch: Option<[usize; 3]>,
     /// Stride-2 poolings per axis z,y,x, or one number for all axes.
-    #[arg(long, value_parser = |s: &str| patchflow_curriculum::parse_pools(s).map_err(|e| e.to_string()))]
-    pub pools: [u32; 3],
+    #[arg(long, required_unless_present = "store", value_parser = |s: &str| patchflow_curriculum::parse_pools(s).map_err(|e| e.to_string()))]
+    pub pools: Option<[u32; 3]>,
+    /// A store ingested from nnU-Net's preprocessed folder: its plan's patch size, poolings per
+    /// axis and batch size (flags given as well override them).
+    #[arg(long)]
+    pub store: Option<PathBuf>,
     /// Training epochs.
     #[arg(long, default_value_t = 1000)]
     pub epochs: usize,
-    /// Planned batch size.
-    #[arg(long, default_value_t = 2)]
-    pub batch: usize,
+    /// Planned batch size [default: the store's plan, else 2].
+    #[arg(long)]
+    pub batch: Option<usize>,
     /// pgps-efficiency, pgps-performance, constant or rpss.
     #[arg(long, default_value = "pgps-efficiency")]
     pub mode: patchflow_curriculum::Mode,
@@ -491,8 +497,40 @@ fn serve(a: ServeArgs) -> Result<ExitCode> {
 }
 
 fn schedule(a: ScheduleArgs) -> Result<ExitCode> {
+    let plan = match &a.store {
+        Some(store) => {
+            let manifest = patchflow_store::Manifest::load(store)?
+                .with_context(|| format!("{}: not a patchflow store", store.display()))?;
+            let plan =
+                patchflow_ingest::NnunetStorePlan::from_manifest(&manifest).with_context(|| {
+                    format!(
+                        "{}: not a store of nnU-Net's preprocessed folder",
+                        store.display()
+                    )
+                })?;
+            let n = plan.nnunet;
+            let (Ok(patch), Ok(pools)) = (
+                <[usize; 3]>::try_from(n.patch_size.as_slice()),
+                <[u32; 3]>::try_from(n.num_pool_per_axis.as_slice()),
+            ) else {
+                bail!(
+                    "{}: the plan's patch {:?} is not 3D",
+                    store.display(),
+                    n.patch_size
+                );
+            };
+            Some((patch, pools, n.batch_size))
+        }
+        None => None,
+    };
+    let final_patch = a
+        .final_patch
+        .or(plan.map(|p| p.0))
+        .context("--final-patch")?;
+    let pools = a.pools.or(plan.map(|p| p.1)).context("--pools")?;
+    let batch = a.batch.or(plan.map(|p| p.2)).unwrap_or(2);
     let schedule =
-        patchflow_curriculum::Schedule::build(a.final_patch, a.pools, a.epochs, a.batch, a.mode)?;
+        patchflow_curriculum::Schedule::build(final_patch, pools, a.epochs, batch, a.mode)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&schedule.to_json())?);
     } else {

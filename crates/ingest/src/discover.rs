@@ -109,9 +109,12 @@ fn discover_nnunet(root: &Path) -> Result<DatasetSource, IngestError> {
     if !json_path.is_file() || !images_dir.is_dir() {
         return Err(IngestError::Input {
             path: root.to_path_buf(),
-            reason: "not an nnU-Net raw dataset folder (expected dataset.json and imagesTr/) \
-                     and not a TSV file"
-                .into(),
+            reason: format!(
+                "not an nnU-Net raw dataset folder (expected dataset.json and imagesTr/), \
+                 not an nnU-Net preprocessed configuration folder (.b2nd/.npz and .pkl cases \
+                 below a dataset.json){} and not a TSV file",
+                preprocessed_hint(root)
+            ),
         });
     }
     let text = std::fs::read_to_string(&json_path).map_err(|e| IngestError::io(&json_path, e))?;
@@ -269,6 +272,28 @@ fn discover_nnunet(root: &Path) -> Result<DatasetSource, IngestError> {
         cases,
         problems,
     })
+}
+
+/// For a dataset folder of `nnUNet_preprocessed`, the configuration folders to pass instead.
+fn preprocessed_hint(root: &Path) -> String {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return String::new();
+    };
+    let mut configs: Vec<String> = entries
+        .flatten()
+        .filter(|e| patchflow_nnunet::is_preprocessed_folder(&e.path()))
+        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+        .collect();
+    configs.sort();
+    if configs.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; this looks like nnU-Net's preprocessed dataset folder: pass one of its \
+             configuration folders ({})",
+            configs.join(", ")
+        )
+    }
 }
 
 fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>, IngestError> {

@@ -44,6 +44,9 @@ pub enum IngestError {
     /// Reading or preprocessing a volume failed.
     #[error(transparent)]
     Volume(#[from] patchflow_volume::VolumeError),
+    /// Reading nnU-Net's preprocessed folder failed.
+    #[error(transparent)]
+    Nnunet(#[from] patchflow_nnunet::NnunetError),
     /// Writing or reading the store failed.
     #[error(transparent)]
     Store(#[from] patchflow_store::StoreError),

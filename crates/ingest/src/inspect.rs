@@ -4,7 +4,9 @@
 //! - `dataset` (string), `store` (path), `plan` (the dataset plan as stored in the manifest; its
 //!   `mask_for_norm` holds nnU-Net's `use_mask_for_norm` decision: the
 //!   `median_relative_size_after_cropping`, the `threshold` and `use_mask_for_norm` per channel
-//!   name);
+//!   name; for a store of nnU-Net's preprocessed folder nnU-Net's plan with `kind` `"nnunet"`,
+//!   `patch_size`, `batch_size`, `num_pool_per_axis`, `transpose_forward`, ...: see
+//!   `NnunetStorePlan`);
 //! - `cases`: one object per case with `id`, `file`, `shape` `[z,y,x]`, `spacing` `[z,y,x]` mm,
 //!   `original_shape` `[z,y,x]`, `original_spacing` `[z,y,x]`, `orientation` (e.g. `"RAS"`),
 //!   `crop_box` (`[[start,end)]` per axis in original voxels), `channels` (`name`, `dtype`,
@@ -154,7 +156,8 @@ pub fn inspect(store: &Path, case: Option<&str>) -> Result<StoreReport, IngestEr
         let stats = reader.stats();
         let input_bytes = serde_json::from_value::<SourceRecord>(entry.source.clone())
             .ok()
-            .map(|r| r.input_bytes);
+            .map(|r| r.input_bytes)
+            .or_else(|| entry.source.get("input_bytes").and_then(|b| b.as_u64()));
         cases.push(CaseReport {
             id: meta.id.clone(),
             file: entry.file.clone(),
@@ -222,6 +225,25 @@ pub fn render_text(report: &StoreReport) -> String {
     let _ = writeln!(s, "dataset {} ({})", report.dataset, report.store.display());
     if let Some(t) = report.plan.get("target_spacing") {
         let _ = writeln!(s, "target spacing [z,y,x] mm: {t}");
+    }
+    if let Some(p) = crate::NnunetStorePlan::from_value(&report.plan) {
+        let n = &p.nnunet;
+        let _ = writeln!(
+            s,
+            "nnU-Net plan {} {} of {}: patch {:?}, batch {}, poolings per axis {:?}, spacing {:?} mm\n\
+             arrays in nnU-Net's transposed frame: transpose_forward {:?}; outside-mask label {}\n\
+             from {}",
+            n.plans_name,
+            n.configuration,
+            n.dataset_name,
+            n.patch_size,
+            n.batch_size,
+            n.num_pool_per_axis,
+            n.spacing,
+            n.transpose_forward,
+            p.outside_mask_label,
+            p.source.display(),
+        );
     }
     let mask = report
         .plan
@@ -291,9 +313,12 @@ pub fn render_text(report: &StoreReport) -> String {
         );
         let _ = writeln!(
             s,
-            "  classes ({}, label {}):",
+            "  classes ({}, label {}){}:",
             c.classes.len(),
-            c.label_dtype
+            c.label_dtype,
+            c.outside_mask_label
+                .map(|m| format!(", outside nnU-Net's mask: label {m}"))
+                .unwrap_or_default()
         );
         for k in &c.classes {
             let _ = writeln!(

@@ -1,5 +1,5 @@
 //! The ingest pipeline: discovers cases, plans the dataset, preprocesses in parallel and writes
-//! the store.
+//! the store; or stores nnU-Net's own preprocessed folder as it is (`nnunet` module).
 //!
 //! `patchflow ingest` is a thin wrapper over [`ingest`] and [`watch`]; `patchflow inspect` over
 //! [`inspect()`]. The volume crate knows images, the store crate knows the file format; this crate
@@ -9,6 +9,7 @@
 mod discover;
 mod error;
 pub mod inspect;
+mod nnunet;
 mod pipeline;
 mod plan;
 mod watch;
@@ -16,6 +17,7 @@ mod watch;
 pub use discover::{CaseSource, DatasetSource, InputKind, discover, sanitize_id};
 pub use error::IngestError;
 pub use inspect::{StoreReport, inspect, render_text, verify};
+pub use nnunet::NnunetStorePlan;
 pub use pipeline::{CaseOutcome, IngestOptions, IngestReport, SourceRecord, ingest};
 pub use plan::{CtPlan, DatasetPlan, MaskForNorm, PlanSettings};
 pub use watch::watch;

@@ -149,6 +149,9 @@ pub fn ingest(
     opts: &IngestOptions,
     stop: &AtomicBool,
 ) -> Result<IngestReport, IngestError> {
+    if patchflow_nnunet::is_preprocessed_folder(input) {
+        return crate::nnunet::ingest_preprocessed(input, out, opts, stop);
+    }
     let source = discover(input)?;
     let mut session = Session::open(out, &source)?;
     session.run(&source, &source.cases, opts, stop)
@@ -164,6 +167,11 @@ pub(crate) struct Session {
 impl Session {
     /// Opens (creating) the store folder, takes its writer lock and loads the manifest.
     pub(crate) fn open(out: &Path, source: &DatasetSource) -> Result<Session, IngestError> {
+        Session::open_named(out, &source.name)
+    }
+
+    /// [`Session::open`] for a dataset named `name` (a new manifest takes that name).
+    pub(crate) fn open_named(out: &Path, name: &str) -> Result<Session, IngestError> {
         std::fs::create_dir_all(out).map_err(|e| IngestError::io(out, e))?;
         let lock_path = out.join(".ingest.lock");
         let lock = std::fs::OpenOptions::new()
@@ -184,7 +192,7 @@ impl Session {
             Some(m) => m,
             None => Manifest {
                 format: MANIFEST_FORMAT,
-                dataset: source.name.clone(),
+                dataset: name.to_string(),
                 plan: serde_json::Value::Null,
                 cases: Vec::new(),
             },
@@ -212,6 +220,7 @@ impl Session {
         for (id, e) in &source.problems {
             report.failed.push((id.clone(), e.to_string()));
         }
+        crate::nnunet::refuse_nnunet_store(&self.out, &self.manifest)?;
 
         let stored_plan: Option<DatasetPlan> =
             serde_json::from_value(self.manifest.plan.clone()).ok();
@@ -571,9 +580,16 @@ fn ingest_case(
 
 /// xxh3-64 over the contents of every file of the case (hex) and their total size.
 fn fingerprint_files(case: &CaseSource) -> Result<(String, u64), IngestError> {
+    fingerprint_paths(case.files())
+}
+
+/// xxh3-64 over the contents of the files, in order (hex), and their total size.
+pub(crate) fn fingerprint_paths<'a>(
+    paths: impl Iterator<Item = &'a PathBuf>,
+) -> Result<(String, u64), IngestError> {
     let mut hasher = xxhash_rust::xxh3::Xxh3::new();
     let mut total = 0u64;
-    for path in case.files() {
+    for path in paths {
         let bytes = std::fs::read(path).map_err(|e| IngestError::io(path, e))?;
         total += bytes.len() as u64;
         hasher.update(&(bytes.len() as u64).to_le_bytes());
@@ -583,7 +599,7 @@ fn fingerprint_files(case: &CaseSource) -> Result<(String, u64), IngestError> {
 }
 
 /// Whether a stored case file exists and opens (header and index valid).
-fn case_file_ok(path: &Path) -> bool {
+pub(crate) fn case_file_ok(path: &Path) -> bool {
     let cache = patchflow_store::ChunkCache::new(0);
     patchflow_store::CaseReader::open(path, cache).is_ok()
 }

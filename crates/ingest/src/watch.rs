@@ -39,6 +39,14 @@ pub fn watch(
     stop: &AtomicBool,
     mut on_round: impl FnMut(&IngestReport),
 ) -> Result<(), IngestError> {
+    if patchflow_nnunet::is_preprocessed_folder(input) {
+        return Err(IngestError::Input {
+            path: input.to_path_buf(),
+            reason: "--watch is for raw datasets; an nnU-Net preprocessed folder is ingested \
+                     once (run the same command again after nnU-Net preprocessed more cases)"
+                .into(),
+        });
+    }
     let first = discover(input)?;
     let mut session = Session::open(out, &first)?;
     // Files seen at the previous poll, and the state each case was last handled in.

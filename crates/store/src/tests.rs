@@ -1046,3 +1046,15 @@ fn in_memory_files_read_like_mapped_files() {
         }
     }
 }
+
+#[test]
+fn outside_mask_label_is_absent_in_older_headers_and_round_trips() {
+    let mut meta = meta_for("m", [2, 3, 4], &[DType::F32], DType::U8);
+    let mut json = serde_json::to_value(&meta).unwrap();
+    json.as_object_mut().unwrap().remove("outside_mask_label");
+    let old: CaseMeta = serde_json::from_value(json).unwrap();
+    assert_eq!(old.outside_mask_label, None);
+    meta.outside_mask_label = Some(5);
+    let back: CaseMeta = serde_json::from_str(&serde_json::to_string(&meta).unwrap()).unwrap();
+    assert_eq!(back.outside_mask_label, Some(5));
+}

@@ -1,0 +1,297 @@
+//! Ingest of nnU-Net v2's preprocessed configuration folder (`nnUNet_preprocessed/
+//! DatasetXXX_Name/nnUNetPlans_3d_fullres`): every case is stored as nnU-Net has it (its
+//! float32 image in its transposed frame, its seg with −1 as the case's `outside_mask_label`,
+//! its class locations), so that every voxel the daemon serves is what nnU-Net's own loader
+//! reads. Nothing is resampled or normalised again.
+//!
+//! The manifest's plan is a [`NnunetStorePlan`]: nnU-Net's plan of the configuration (patch
+//! size, batch size, poolings per axis, `transpose_forward`, ...) for trainers and the PGPS
+//! schedule, plus the store's own settings. Cases whose files and plan are unchanged are
+//! skipped on a re-run, as for raw datasets.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use patchflow_nnunet::{NnunetPlan, PreprocessedFolder};
+use patchflow_store::{CaseData, Manifest, ManifestCase, WriteOptions, case_file_name};
+use serde::{Deserialize, Serialize};
+
+use crate::IngestError;
+use crate::discover::sanitize_id;
+use crate::pipeline::{
+    CaseOutcome, IngestOptions, IngestReport, Session, case_file_ok, fingerprint_paths,
+    progress_bar,
+};
+
+/// The plan of a store ingested from nnU-Net's preprocessed folder (the manifest's `plan`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NnunetStorePlan {
+    /// nnU-Net's plan of the configuration (`kind` is `"nnunet"`).
+    #[serde(flatten)]
+    pub nnunet: NnunetPlan,
+    /// Label value that marks voxels outside nnU-Net's non-zero mask, in every case that has
+    /// such voxels (see `CaseMeta::outside_mask_label`).
+    pub outside_mask_label: u16,
+    /// The preprocessed folder the cases came from.
+    pub source: PathBuf,
+    /// Chunk shape `[z, y, x]` of the store.
+    pub chunk_shape: [usize; 3],
+    /// zstd level of the store's chunks.
+    pub zstd_level: i32,
+}
+
+impl NnunetStorePlan {
+    /// The plan of a store, when it was ingested from nnU-Net's preprocessed folder.
+    pub fn from_manifest(manifest: &Manifest) -> Option<NnunetStorePlan> {
+        NnunetStorePlan::from_value(&manifest.plan)
+    }
+
+    /// The plan from a manifest's `plan` value, when it is an nnU-Net plan.
+    pub fn from_value(plan: &serde_json::Value) -> Option<NnunetStorePlan> {
+        if plan.get("kind").and_then(|k| k.as_str()) != Some("nnunet") {
+            return None;
+        }
+        serde_json::from_value(plan.clone()).ok()
+    }
+
+    /// A stable digest: a case stored under another plan is stale.
+    fn digest(&self) -> String {
+        let mut p = self.clone();
+        // Where the folder lies does not change the data.
+        p.source = PathBuf::new();
+        let json = serde_json::to_vec(&p).unwrap_or_default();
+        format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&json))
+    }
+}
+
+/// Provenance of a stored case (the manifest's `source` of each case).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct NnunetSourceRecord {
+    /// Every file the case was read from (arrays, then properties).
+    files: Vec<PathBuf>,
+    /// xxh3-64 over their contents, hex.
+    fingerprint: String,
+    /// Digest of the plan the case was stored under.
+    plan: String,
+    /// Bytes of the files.
+    input_bytes: u64,
+}
+
+/// Refuses to add raw-dataset cases to a store that holds nnU-Net preprocessed cases.
+pub(crate) fn refuse_nnunet_store(out: &Path, manifest: &Manifest) -> Result<(), IngestError> {
+    if NnunetStorePlan::from_manifest(manifest).is_some() && !manifest.cases.is_empty() {
+        return Err(IngestError::Input {
+            path: out.to_path_buf(),
+            reason: "this store holds cases of nnU-Net's preprocessed folder; ingest raw \
+                     datasets into another store"
+                .into(),
+        });
+    }
+    Ok(())
+}
+
+/// Stores the cases of an nnU-Net preprocessed configuration folder in the store folder `out`.
+pub(crate) fn ingest_preprocessed(
+    input: &Path,
+    out: &Path,
+    opts: &IngestOptions,
+    stop: &AtomicBool,
+) -> Result<IngestReport, IngestError> {
+    let started = Instant::now();
+    let folder = PreprocessedFolder::open(input)?;
+    let name = if folder.plan.dataset_name.is_empty() {
+        input
+            .parent()
+            .and_then(|p| p.file_name())
+            .and_then(|n| n.to_str())
+            .map(sanitize_id)
+            .unwrap_or_else(|| "dataset".into())
+    } else {
+        sanitize_id(&folder.plan.dataset_name)
+    };
+    let mut session = Session::open_named(out, &name)?;
+    let mut report = IngestReport {
+        dataset: session.manifest.dataset.clone(),
+        ..IngestReport::default()
+    };
+    if !session.manifest.cases.is_empty()
+        && NnunetStorePlan::from_manifest(&session.manifest).is_none()
+    {
+        return Err(IngestError::Input {
+            path: out.to_path_buf(),
+            reason: "this store holds cases ingested from a raw dataset; store nnU-Net's \
+                     preprocessed folder in another store"
+                .into(),
+        });
+    }
+    if opts.settings.keep_spacing || opts.settings.target_spacing.is_some() {
+        report.warnings.push(
+            "--keep-spacing and --spacing do not apply to nnU-Net's preprocessed folder: its \
+             cases are stored at nnU-Net's spacing"
+                .into(),
+        );
+    }
+    let plan = NnunetStorePlan {
+        nnunet: folder.plan.clone(),
+        outside_mask_label: patchflow_nnunet::outside_mask_label(&folder.dataset),
+        source: input.to_path_buf(),
+        chunk_shape: opts.settings.chunk_shape,
+        zstd_level: opts.settings.zstd_level,
+    };
+    let digest = plan.digest();
+    let previous = NnunetStorePlan::from_manifest(&session.manifest);
+    if previous.as_ref() != Some(&plan) {
+        report.replanned = previous.as_ref().is_none_or(|p| p.digest() != digest);
+        session.manifest.plan = serde_json::to_value(&plan).unwrap_or_default();
+        session.manifest.save(out)?;
+    }
+    let existing: HashMap<String, NnunetSourceRecord> = session
+        .manifest
+        .cases
+        .iter()
+        .filter_map(|c| Some((c.id.clone(), serde_json::from_value(c.source.clone()).ok()?)))
+        .collect();
+    let mut todo = Vec::new();
+    for id in &folder.cases {
+        if let Err(e) = patchflow_store::validate_case_id(id) {
+            report.failed.push((id.clone(), e.to_string()));
+            continue;
+        }
+        let files = folder.case_files(id);
+        let (fingerprint, input_bytes) = match fingerprint_paths(files.iter()) {
+            Ok(f) => f,
+            Err(e) => {
+                report.failed.push((id.clone(), e.to_string()));
+                continue;
+            }
+        };
+        let unchanged = existing.get(id).is_some_and(|r| {
+            r.fingerprint == fingerprint
+                && r.plan == digest
+                && case_file_ok(&out.join(case_file_name(id)))
+        });
+        let record = NnunetSourceRecord {
+            files,
+            fingerprint,
+            plan: digest.clone(),
+            input_bytes,
+        };
+        if unchanged {
+            report.skipped.push(id.clone());
+        } else {
+            todo.push((id.clone(), record));
+        }
+    }
+
+    let bar = progress_bar(opts.progress, todo.len() as u64, "ingest");
+    let write_opts = WriteOptions {
+        chunk_shape: plan.chunk_shape,
+        zstd_level: plan.zstd_level,
+    };
+    let jobs = opts.jobs.max(1).min(todo.len().max(1));
+    let (work_tx, work_rx) = crossbeam_channel::unbounded();
+    for item in todo {
+        let _ = work_tx.send(item);
+    }
+    drop(work_tx);
+    let (done_tx, done_rx) = crossbeam_channel::unbounded();
+    std::thread::scope(|scope| -> Result<(), IngestError> {
+        for _ in 0..jobs {
+            let work_rx = work_rx.clone();
+            let done_tx = done_tx.clone();
+            let (folder, write_opts, bar) = (&folder, &write_opts, &bar);
+            scope.spawn(move || {
+                while let Ok((id, record)) = work_rx.recv() {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    bar.set_message(id.clone());
+                    let result = store_case(folder, &id, out, write_opts, record.input_bytes);
+                    let _ = done_tx.send((id, record, result));
+                }
+            });
+        }
+        drop(done_tx);
+        for (id, record, result) in done_rx.iter() {
+            bar.inc(1);
+            match result {
+                Ok((outcome, warnings)) => {
+                    for w in warnings {
+                        bar.suspend(|| tracing::warn!("{w}"));
+                        report.warnings.push(w);
+                    }
+                    session.manifest.cases.retain(|c| c.id != id);
+                    session.manifest.cases.push(ManifestCase {
+                        id: id.clone(),
+                        file: case_file_name(&id),
+                        stored_bytes: outcome.stored_bytes,
+                        source: serde_json::to_value(&record).unwrap_or_default(),
+                    });
+                    session.manifest.cases.sort_by(|a, b| a.id.cmp(&b.id));
+                    session.manifest.save(out)?;
+                    report.ingested.push(outcome);
+                }
+                Err(e) => {
+                    bar.suspend(|| tracing::error!("case {id}: {e}"));
+                    report.failed.push((id, e.to_string()));
+                }
+            }
+        }
+        Ok(())
+    })?;
+    bar.finish_and_clear();
+    if stop.load(Ordering::Relaxed) {
+        tracing::warn!("stopped by signal: cases not started are left for the next run");
+    }
+    report.failed.sort();
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Reads one case with the nnU-Net reader and writes it to the store.
+fn store_case(
+    folder: &PreprocessedFolder,
+    id: &str,
+    out: &Path,
+    write_opts: &WriteOptions,
+    input_bytes: u64,
+) -> Result<(CaseOutcome, Vec<String>), IngestError> {
+    let case = folder.load_case(id)?;
+    let mut warnings = Vec::new();
+    if !case.properties.skipped_location_keys.is_empty() {
+        warnings.push(format!(
+            "case {id}: class locations of {} are not single classes and were not stored \
+             (foreground sampling uses the single classes)",
+            case.properties.skipped_location_keys.join(", ")
+        ));
+    }
+    let stored = folder.to_store_case(case)?;
+    if stored.meta.class_voxels.keys().all(|&c| c == 0) {
+        warnings.push(format!(
+            "case {id}: its seg has no foreground voxels; it is stored, but foreground \
+             oversampling will crop it uniformly"
+        ));
+    }
+    let path = out.join(case_file_name(id));
+    let written = patchflow_store::write_case(
+        &path,
+        &CaseData {
+            meta: &stored.meta,
+            channels: &stored.channels,
+            label: &stored.label,
+            class_locations: &stored.class_locations,
+        },
+        write_opts,
+    )?;
+    Ok((
+        CaseOutcome {
+            id: id.to_string(),
+            input_bytes,
+            stored_bytes: written.stored_bytes,
+            raw_bytes: written.raw_bytes,
+        },
+        warnings,
+    ))
+}
