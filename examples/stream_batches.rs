@@ -28,7 +28,7 @@ struct Args {
     #[arg(long)]
     dataset: String,
     /// Patch size `z,y,x`.
-    #[arg(long, value_delimiter = ',', num_args = 3, default_value = "32,32,32")]
+    #[arg(long, value_delimiter = ',', default_value = "32,32,32")]
     patch: Vec<i64>,
     /// Items per batch.
     #[arg(long, default_value_t = 2)]
