@@ -241,7 +241,11 @@ class Stream:
         unknown = set(kwargs) - set(_CONFIG_KEYS) - set(_POSITION_KEYS)
         if unknown:
             raise InvalidArgument(f"reconfigure: unknown argument(s) {sorted(unknown)}")
+        if isinstance(kwargs.get("cases"), str):
+            raise InvalidArgument("cases: expected a list of case ids, got one string")
         config = _merge(self._config, {k: v for k, v in kwargs.items() if k in _CONFIG_KEYS})
+        if config.get("cases") is not None:
+            config["cases"] = list(config["cases"])
         native = self._require()
         if any(k in kwargs for k in _POSITION_KEYS):
             start = kwargs.get("start_index")
@@ -427,6 +431,8 @@ class Client:
             seed=seed,
             cases=None if cases is None else list(cases),
         )
+        if isinstance(cases, str):
+            raise InvalidArgument("cases: expected a list of case ids, got one string")
         start = 0 if start_index is None else _index("start_index", start_index)
         stride = 1 if index_stride is None else _stride(index_stride)
         return Stream(self, config, start, stride, prefetch)
