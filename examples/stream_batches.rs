@@ -8,7 +8,8 @@
 //! ```
 //!
 //! Prints one JSON line per batch (index, shapes, dtypes, items); with `--out DIR` also writes
-//! the image and label bytes of batch `k` to `DIR/k.image` and `DIR/k.label`.
+//! the image and label bytes of batch `k` to `DIR/k.image` and `DIR/k.label`. With
+//! `--seconds S` it measures instead: batches received per second (benches/compare).
 
 use std::path::PathBuf;
 
@@ -60,6 +61,13 @@ struct Args {
     /// Folder for the batches' bytes.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Instead of `--count` batches: stream for this many seconds after `--warmup` batches
+    /// and print one JSON line with the patches received and the wall time (a benchmark).
+    #[arg(long, conflicts_with = "out")]
+    seconds: Option<f64>,
+    /// Batches received before the timed part of `--seconds`.
+    #[arg(long, default_value_t = 2)]
+    warmup: u64,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -100,6 +108,27 @@ async fn main() -> anyhow::Result<()> {
     let mut stream = client
         .stream_strided(config, args.start, args.stride)
         .await?;
+    if let Some(seconds) = args.seconds {
+        for _ in 0..args.warmup {
+            stream.next().await?;
+        }
+        let start = std::time::Instant::now();
+        let (mut batches, mut patches) = (0u64, 0u64);
+        while batches < 2 || start.elapsed().as_secs_f64() < seconds {
+            let batch = stream.next().await?;
+            // What a trainer does first: look at the buffers it will turn into tensors.
+            std::hint::black_box((batch.image.as_ptr(), batch.label.as_ptr()));
+            batches += 1;
+            patches += batch.batch_size as u64;
+        }
+        let wall = start.elapsed().as_secs_f64();
+        println!(
+            "{}",
+            serde_json::json!({"batches": batches, "patches": patches, "wall_s": wall,
+                               "patches_per_s": patches as f64 / wall})
+        );
+        return Ok(());
+    }
     if let Some(dir) = &args.out {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
