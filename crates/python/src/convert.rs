@@ -312,7 +312,7 @@ pub(crate) fn listing<'py>(
         list.append(summary(py, s)?)?;
     }
     d.set_item("datasets", list)?;
-    d.set_item("limits", limits(py, &r.limits.clone().unwrap_or_default())?)?;
+    d.set_item("limits", limits(py, &r.limits.unwrap_or_default())?)?;
     Ok(d)
 }
 
