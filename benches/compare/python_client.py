@@ -112,7 +112,8 @@ def main() -> int:
                     seconds = args.seconds if p == largest else args.small_seconds
                     sock = Path(tmp) / f"d-{transport}-{p}-{mode}.sock"
                     daemon = subprocess.Popen([args.bin, "--quiet", "serve", str(store), "--no-tcp", "--unix", str(sock),
-                                               "--workers", "1"], stdin=subprocess.DEVNULL)
+                                               "--workers", "1"], stdin=subprocess.DEVNULL,
+                                              stderr=subprocess.DEVNULL)
                     endpoint = f"unix:{sock}"
                     try:
                         patchflow.Client(endpoint).list_datasets()  # waits for the daemon

@@ -3,6 +3,7 @@
 //! made it (a forked child connects again instead of sharing the parent's sockets).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -270,6 +271,19 @@ fn forked(pid: u32) -> PyErr {
 impl NativeStream {
     /// The next batch, in index order; waits with the GIL released.
     fn next(&self, py: Python<'_>) -> PyResult<NativeBatch> {
+        // Fast path: a batch already read ahead is taken without entering the runtime or
+        // releasing the GIL (one poll; `next` is cancel-safe, so a pending poll loses nothing).
+        if let Ok(mut guard) = self.stream.try_lock()
+            && let Some(stream) = guard.as_mut().and_then(ForkGuard::get_mut)
+        {
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            let next = std::pin::pin!(stream.next());
+            match next.poll(&mut cx) {
+                std::task::Poll::Ready(Ok(batch)) => return Ok(NativeBatch::new(batch)),
+                std::task::Poll::Ready(Err(e)) => return Err(client_error(&e)),
+                std::task::Poll::Pending => {}
+            }
+        }
         let rt = runtime()?;
         loop {
             let step = py.detach(|| {

@@ -157,11 +157,9 @@ class Batch:
         """
         import torch
 
-        with warnings.catch_warnings():
-            # torch warns that the arrays are not writable, which is the point.
-            warnings.filterwarnings("ignore", message=".*not writable.*", category=UserWarning)
-            image = torch.from_numpy(self.image)
-            label = torch.from_numpy(self.label)
+        _quiet_torch_readonly_warning()
+        image = torch.from_numpy(self.image)
+        label = torch.from_numpy(self.label)
         if self.dtype == "bf16":
             image = image.view(torch.bfloat16)
         return image, label
@@ -172,6 +170,20 @@ class Batch:
             f"<patchflow.Batch index={self.index} image=[{self.batch_size}, {self.channels}, "
             f"{z}, {y}, {x}] {self.dtype} label={self.label_dtype}>"
         )
+
+
+_FILTERED = False
+
+
+def _quiet_torch_readonly_warning() -> None:
+    """torch warns that tensors made from read-only arrays are not writable, which is the point
+    here; the warning is silenced for this module's calls only, once (a `catch_warnings` per
+    batch would cost more than the rest of `Batch.torch`)."""
+    global _FILTERED
+    if not _FILTERED:
+        warnings.filterwarnings("ignore", message=".*not writable.*", category=UserWarning,
+                                module=r"patchflow\._client")
+        _FILTERED = True
 
 
 def _view(buffer: _native.NativeBuffer, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
