@@ -64,8 +64,7 @@ if has python "$loaders"; then
   # The Python package (crates/python) in the same venv as the peers, and the Rust client
   # example it is measured against.
   if ! cargo build --release -q -p patchflow --example stream_batches 2>&1 | tail -20 \
-      || ! "$py" -m pip install -q --no-deps --force-reinstall "maturin>=1.16,<2" 2>&1 | tail -5 \
-      || ! "$py" -m pip install -q --no-deps --force-reinstall --no-build-isolation "$root/crates/python" 2>&1 | tail -20; then
+      || ! "$py" -m pip install -q --no-deps --force-reinstall "$root/crates/python" 2>&1 | tail -20; then
     fail "the Python package (pip install ./crates/python)"
   fi
 fi
