@@ -125,8 +125,11 @@ def test_damaged_data_is_data_loss(store, start_daemon, tmp_path):
     # Damaged while served (the daemon checked the file at start and maps it).
     flip_payload_bytes(damaged / "phantom_000.pfc")
     with pytest.raises(patchflow.DataLoss, match="phantom_000"):
-        # The whole case in every batch: the first one reads every chunk.
-        with client.stream("damaged", patch=(40, 64, 64), batch=1, cases=["phantom_000"], policy="uniform") as s:
+        # The whole case in every batch: the first one reads every chunk. One batch in flight:
+        # with more, a batch prepared after the case was set aside may answer first, with
+        # FailedPrecondition ("every requested case is set aside").
+        with client.stream("damaged", patch=(40, 64, 64), batch=1, cases=["phantom_000"], policy="uniform",
+                           prefetch=1) as s:
             for _ in range(16):
                 next(s)
     # The case is set aside: listed with its reason.
