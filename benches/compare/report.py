@@ -19,6 +19,8 @@ import sys
 LOADERS = [
     ("patchflow_inproc", "patchflow, in process"),
     ("patchflow_grpc", "patchflow, gRPC loopback (daemon + client)"),
+    ("patchflow_rust", "patchflow, Rust client, shared memory (daemon + client)"),
+    ("patchflow_py", "patchflow, Python package, torch tensors, shared memory (daemon + client)"),
     ("nnunet", "nnU-Net v2 nnUNetDataLoader"),
     ("monai", "MONAI RandCropByPosNegLabeld"),
     ("torchio", "TorchIO Queue + LabelSampler"),

@@ -16,7 +16,7 @@
 #   COMPARE_SECONDS        measured seconds at the largest patch [20]
 #   COMPARE_SMALL_SECONDS  measured seconds at smaller patches   [8]
 #   COMPARE_DATASETS       real,phantom (or one of them)      [real,phantom]
-#   COMPARE_LOADERS        patchflow,nnunet,monai,torchio,memmap [all]
+#   COMPARE_LOADERS        patchflow,python,nnunet,monai,torchio,memmap [all]
 #   COMPARE_PAIRS          image/label TSV of the real data   [../shared/data/pairs.tsv]
 #   CARGO_TARGET_DIR       where cargo builds                 [target]
 set -uo pipefail
@@ -28,7 +28,7 @@ patches=${COMPARE_PATCHES:-128,64,32}
 seconds=${COMPARE_SECONDS:-20}
 small_seconds=${COMPARE_SMALL_SECONDS:-8}
 datasets=${COMPARE_DATASETS:-real,phantom}
-loaders=${COMPARE_LOADERS:-patchflow,nnunet,monai,torchio,memmap}
+loaders=${COMPARE_LOADERS:-patchflow,python,nnunet,monai,torchio,memmap}
 pairs=${COMPARE_PAIRS:-../shared/data/pairs.tsv}
 results=$work/results
 logs=$work/logs
@@ -59,6 +59,14 @@ step "cargo build --release -p patchflow"
 bin=${CARGO_TARGET_DIR:-$root/target}/release/patchflow
 if ! cargo build --release -q -p patchflow 2>&1 | tail -20; then
   fail "cargo build --release -p patchflow"
+fi
+if has python "$loaders"; then
+  # The Python package (crates/python) in the same venv as the peers, and the Rust client
+  # example it is measured against.
+  if ! cargo build --release -q -p patchflow --example stream_batches 2>&1 | tail -20 \
+      || ! "$py" -m pip install -q --no-deps --force-reinstall "$root/crates/python" 2>&1 | tail -20; then
+    fail "the Python package (pip install ./crates/python)"
+  fi
 fi
 have_peer=0
 if [ -x "$bin" ] && "$bin" bench peer --help >/dev/null 2>&1; then
@@ -193,6 +201,18 @@ for ds in "${active[@]}"; do
       done
     else
       echo "skipped: no 'patchflow bench peer' or no store"
+    fi
+  fi
+  if has python "$loaders"; then
+    step "$ds: the Python package and the Rust client, through shared memory"
+    if [ -d "$store" ]; then
+      one_core "$py" "$here/python_client.py" --store "$store" --dataset "$ds" --out "$results" \
+          --patches "$patches" --seconds "$seconds" --small-seconds "$small_seconds" --batch 2 \
+          --foreground 0.33 --bin "$bin" \
+          --rust-client "${CARGO_TARGET_DIR:-$root/target}/release/examples/stream_batches" \
+        || fail "python $ds: some configurations failed (see above)"
+    else
+      echo "skipped: no store"
     fi
   fi
   for l in memmap nnunet monai torchio; do

@@ -280,6 +280,26 @@ impl Client {
         config: StreamConfig,
         start: u64,
     ) -> Result<BatchStream, ClientError> {
+        self.stream_strided(config, start, 1).await
+    }
+
+    /// Opens a stream of the batches `start, start + stride, start + 2 × stride, ...` of the
+    /// sequence: one share of a sequence that several consumers split between them (rank `r` of
+    /// `n` data-parallel trainers takes `start = r`, `stride = n`, and together they receive
+    /// exactly the batches one trainer would). The batches of the stream are spread over the
+    /// daemons in turn, as those of [`Client::stream`] are.
+    pub async fn stream_strided(
+        &self,
+        config: StreamConfig,
+        start: u64,
+        stride: u64,
+    ) -> Result<BatchStream, ClientError> {
+        if stride == 0 {
+            return Err(ClientError::Config {
+                field: "index_stride",
+                reason: "must be at least 1".into(),
+            });
+        }
         let links = self
             .daemons
             .iter()
@@ -308,6 +328,7 @@ impl Client {
         let mut stream = BatchStream {
             links,
             next_index: start,
+            stride,
             config_id: 0,
             config: config.clone(),
             failed: None,
@@ -353,6 +374,8 @@ where
 pub struct BatchStream {
     links: Vec<Link>,
     next_index: u64,
+    /// Distance between consecutive indices of the stream.
+    stride: u64,
     config_id: u64,
     config: StreamConfig,
     failed: Option<ClientError>,
@@ -362,6 +385,19 @@ impl BatchStream {
     /// Index of the batch the next call to [`BatchStream::next`] returns.
     pub fn next_index(&self) -> u64 {
         self.next_index
+    }
+
+    /// The turn of the next batch: batch `k` comes from daemon `(k / stride) mod N`, so a
+    /// stream of stride 1 serves batch `k` from daemon `k mod N`, and each share of a strided
+    /// sequence is spread over every daemon too.
+    fn turn(&self) -> u64 {
+        self.next_index / self.stride
+    }
+
+    /// Distance between the indices of consecutive batches (1 unless opened with
+    /// [`Client::stream_strided`]).
+    pub fn index_stride(&self) -> u64 {
+        self.stride
     }
 
     /// The configuration in force.
@@ -376,7 +412,7 @@ impl BatchStream {
             return Err(err.clone());
         }
         let n = self.links.len() as u64;
-        let j = (self.next_index % n) as usize;
+        let j = (self.turn() % n) as usize;
         let Some(link) = self.links.get_mut(j) else {
             return Err(ClientError::NoEndpoints);
         };
@@ -401,7 +437,7 @@ impl BatchStream {
                         self.failed = Some(err.clone());
                         return Err(err);
                     }
-                    self.next_index += 1;
+                    self.next_index = self.next_index.saturating_add(self.stride);
                     link.send(Command::Credit);
                     return Ok(batch);
                 }
@@ -428,13 +464,17 @@ impl BatchStream {
         self.config_id += 1;
         self.failed = None;
         let n = self.links.len() as u64;
+        let turn = self.turn();
         for (j, link) in self.links.iter_mut().enumerate() {
-            // The first index >= next_index that daemon j serves (index mod n == j).
-            let offset = (j as u64 + n - self.next_index % n) % n;
-            let start = self.next_index.saturating_add(offset);
+            // The first turn >= the current one that daemon j serves (turn mod n == j), and the
+            // index of the batch there.
+            let offset = (j as u64 + n - turn % n) % n;
+            let start = self
+                .next_index
+                .saturating_add(offset.saturating_mul(self.stride));
             link.send(Command::Configure(Box::new(config.to_wire(
                 start,
-                n,
+                n.saturating_mul(self.stride),
                 self.config_id,
             ))));
         }

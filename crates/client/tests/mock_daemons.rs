@@ -305,6 +305,51 @@ async fn three_daemons_hand_out_batches_in_order_and_follow_reconfiguration() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strided_streams_split_one_sequence_over_every_daemon() {
+    let daemons = [
+        daemon(Behaviour::default()).await,
+        daemon(Behaviour::default()).await,
+    ];
+    let client = Client::connect(daemons.iter().map(|d| d.endpoint.clone()), options())
+        .await
+        .unwrap();
+    let mut config = StreamConfig::new("mock", [2, 2, 2], 1);
+    config.seed = 3;
+    // Three consumers of one sequence: together they see every index once.
+    let mut seen = Vec::new();
+    for rank in 0..3u64 {
+        let mut stream = client
+            .stream_strided(config.clone(), rank, 3)
+            .await
+            .unwrap();
+        assert_eq!(stream.index_stride(), 3);
+        let mut patch = [2, 2, 2];
+        for i in 0..6u64 {
+            let batch = next(&mut stream).await.unwrap();
+            assert_eq!(batch.index, rank + 3 * i);
+            check(&batch, 3, patch, 1);
+            seen.push(batch.index);
+            if rank == 1 && i == 2 {
+                // A reconfiguration keeps the share.
+                patch = [3, 2, 2];
+                let mut bigger = config.clone();
+                bigger.patch = [3, 2, 2].map(|v: usize| v as i64);
+                stream.reconfigure(bigger).unwrap();
+            }
+        }
+        assert_eq!(stream.next_index(), rank + 18);
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, (0..18).collect::<Vec<u64>>());
+    // Each share was spread over both daemons.
+    for d in &daemons {
+        assert_eq!(d.opens.load(Ordering::SeqCst), 3);
+    }
+    let err = client.stream_strided(config, 0, 0).await.err().unwrap();
+    assert!(err.to_string().contains("index_stride"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_daemons_are_reconnected_without_skipping_or_repeating() {
     let daemons = [
         daemon(Behaviour {

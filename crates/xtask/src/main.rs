@@ -2,8 +2,11 @@
 //!
 //! The two commands the README gives for a fresh machine live here, so that each can install what
 //! it needs before it runs: `cargo xtask demo` runs the main job end to end, `cargo xtask test`
-//! runs every test (CI runs exactly this). Both first install libtorch for the trainer
-//! (`cargo xtask libtorch`) when it is absent.
+//! runs every test (CI runs exactly this): the workspace's Rust tests, then the Python tests of
+//! the `patchflow` package in the project's Python environment (see [`pyenv`]). Both first
+//! install libtorch for the trainer (`cargo xtask libtorch`) when it is absent.
+
+mod pyenv;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -15,13 +18,22 @@ fn main() -> ExitCode {
         Some("test") => libtorch(&root).and_then(|()| test(&root, &args[1..])),
         Some("demo") => libtorch(&root).and_then(|()| demo(&root, &args[1..])),
         Some("libtorch") => libtorch(&root),
+        Some("pyenv") => libtorch(&root).and_then(|()| {
+            let py = pyenv::pyenv(&root)?;
+            pyenv::install_wheel(&root, &py)?;
+            eprintln!("pyenv: ready: {}", py.display());
+            Ok(())
+        }),
+        Some("pytest") => libtorch(&root).and_then(|()| pyenv::pytest(&root, &args[1..])),
         _ => {
             eprintln!(
                 "usage: cargo xtask <task>\n\n\
                  tasks:\n  \
                  demo [DIR]   phantom dataset -> ingest -> serve -> PGPS training -> report (default DIR: demo-out)\n  \
-                 test [ARGS]  run the whole test suite (extra ARGS go to cargo test)\n  \
-                 libtorch     install libtorch for the trainer under target/ (if absent)"
+                 test [ARGS]  run the whole test suite: cargo test (extra ARGS go there), then pytest\n  \
+                 libtorch     install libtorch for the trainer under target/ (if absent)\n  \
+                 pyenv        build the Python environment target/pyenv with the patchflow wheel\n  \
+                 pytest [ARGS] the Python tests only (extra ARGS go to pytest)"
             );
             return ExitCode::from(2);
         }
@@ -46,7 +58,7 @@ fn workspace_root() -> PathBuf {
 
 /// A cargo command that sees the project's libtorch (also set by `.cargo/config.toml`; set
 /// here too so that it holds whatever configuration the caller has).
-fn cargo() -> Command {
+pub(crate) fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.env("LIBTORCH", libtorch_dir(&workspace_root()));
     cmd
@@ -63,7 +75,7 @@ const LIBTORCH_WHEELS: [&str; 3] = [
 ];
 
 /// Where the wheels are installed (`pip install --target`).
-fn libtorch_prefix(root: &Path) -> PathBuf {
+pub(crate) fn libtorch_prefix(root: &Path) -> PathBuf {
     root.join("target").join("libtorch-py")
 }
 
@@ -140,7 +152,7 @@ fn libtorch(root: &Path) -> Result<(), String> {
     Ok(())
 }
 
-fn run(cmd: &mut Command) -> Result<(), String> {
+pub(crate) fn run(cmd: &mut Command) -> Result<(), String> {
     eprintln!("+ {cmd:?}");
     let status = cmd
         .status()
@@ -152,19 +164,30 @@ fn run(cmd: &mut Command) -> Result<(), String> {
     }
 }
 
-/// Runs every test of the workspace.
+/// Runs every test of the workspace, then the Python tests.
 ///
 /// A failure reports the space left on the target folder's disk, since a full disk shows up as a
 /// bare linker error.
 fn test(root: &Path, extra: &[String]) -> Result<(), String> {
-    let mut cmd = cargo();
-    cmd.current_dir(root)
-        .args(["test", "--workspace", "--exclude", "xtask"])
-        .args(extra);
-    run(&mut cmd).map_err(|e| match free_space(&root.join("target")) {
+    let with_disk = |e: String| match free_space(&root.join("target")) {
         Some(free) => format!("{e} (disk space left for target/: {free})"),
         None => e,
-    })
+    };
+    let mut cmd = cargo();
+    cmd.current_dir(root)
+        // The Python package has no Rust tests (pytest runs them below, on the wheel maturin
+        // builds): building it here too would only rebuild pyo3 for another configuration.
+        .args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "xtask",
+            "--exclude",
+            "patchflow-python",
+        ])
+        .args(extra);
+    run(&mut cmd).map_err(with_disk)?;
+    pyenv::pytest(root, &[]).map_err(with_disk)
 }
 
 /// Space left on the disk holding `dir`, as `df` prints it, if `df` can tell.
