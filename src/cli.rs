@@ -70,7 +70,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DIR")]
     pub disk_cache: Option<PathBuf>,
     /// Budget of --disk-cache in GB.
-    #[arg(long, value_name = "N", default_value_t = 10.0, requires = "disk_cache")]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 10.0,
+        requires = "disk_cache"
+    )]
     pub disk_cache_gb: f64,
     /// Serve Prometheus text metrics on HOST:PORT (GET /metrics).
     #[arg(long)]

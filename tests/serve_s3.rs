@@ -72,9 +72,11 @@ async fn real_pairs_ingested_to_s3_are_served_voxel_for_voxel() {
         server,
         &["ingest", s(&tsv), "--out", &store, "--keep-spacing"],
     );
-    let inspected: serde_json::Value =
-        serde_json::from_str(&run_with_env(server, &["inspect", &store, "--json", "--verify"]))
-            .expect("inspect prints JSON");
+    let inspected: serde_json::Value = serde_json::from_str(&run_with_env(
+        server,
+        &["inspect", &store, "--json", "--verify"],
+    ))
+    .expect("inspect prints JSON");
     assert_eq!(inspected["cases"].as_array().unwrap().len(), PAIRS.len());
 
     let manifest = Manifest::load(&PathBuf::from(&store)).unwrap().unwrap();
@@ -138,7 +140,9 @@ async fn real_pairs_ingested_to_s3_are_served_voxel_for_voxel() {
             let want = expected_image(pre, item.origin, patch);
             let got = &image[i * n..(i + 1) * n];
             assert!(
-                got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                got.iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
                 "batch {b} item {i} ({} at {:?}): image differs",
                 item.case_id,
                 item.origin

@@ -182,15 +182,14 @@ impl Session {
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs())
             );
-            let lock = ObjectLock::acquire(&lock_at, &holder)?.map_err(|held_by| {
-                IngestError::Input {
+            let lock =
+                ObjectLock::acquire(&lock_at, &holder)?.map_err(|held_by| IngestError::Input {
                     path: out.to_path_buf(),
                     reason: format!(
                         "another ingest is writing this store: {lock_at} exists ({held_by}); \
                          if that run is dead, delete the object and try again"
                     ),
-                }
-            })?;
+                })?;
             let manifest = Self::manifest_or_new(out, source)?;
             return Ok(Session {
                 out: out.to_path_buf(),

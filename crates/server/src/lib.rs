@@ -197,12 +197,11 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let cache = match &config.disk_cache {
         Some(dir) => {
             let budget = (config.disk_cache_gb * 1e9) as u64;
-            let disk = patchflow_store::DiskCache::open(dir, budget).map_err(|e| {
-                ServerError::Config {
+            let disk =
+                patchflow_store::DiskCache::open(dir, budget).map_err(|e| ServerError::Config {
                     field: "disk_cache",
                     reason: e.to_string(),
-                }
-            })?;
+                })?;
             ChunkCache::with_disk_cache(cache_bytes, disk)
         }
         None => ChunkCache::new(cache_bytes),

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use patchflow_proto::v1 as pb;
-use patchflow_sampler::{Dataset, Sampler};
 use patchflow_sampler::SamplerError;
+use patchflow_sampler::{Dataset, Sampler};
 use patchflow_store::{ChunkCache, MANIFEST_FILE, Manifest, StoreLocation};
 use patchflow_volume::{DType, NormScheme, Normalization};
 

@@ -93,13 +93,18 @@ async fn a_damaged_chunk_in_s3_is_data_loss_and_its_case_is_set_aside() {
     let StoreLocation::S3(loc) = StoreLocation::from_path(&file).unwrap() else {
         unreachable!()
     };
-    let mut bytes = patchflow_store::get_object(&loc, u64::MAX).unwrap().unwrap();
+    let mut bytes = patchflow_store::get_object(&loc, u64::MAX)
+        .unwrap()
+        .unwrap();
     let u64_at = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
     let (index, len) = (u64_at(&bytes, 40) as usize, u64_at(&bytes, 48) as usize);
     let mut damaged = 0;
     for e in (index..index + len).step_by(32) {
         if matches!(bytes[e], 1 | 2) {
-            let (off, n) = (u64_at(&bytes, e + 8) as usize, u64_at(&bytes, e + 16) as usize);
+            let (off, n) = (
+                u64_at(&bytes, e + 8) as usize,
+                u64_at(&bytes, e + 16) as usize,
+            );
             bytes[off + n / 2] ^= 0x5a;
             damaged += 1;
         }
@@ -122,9 +127,16 @@ async fn a_damaged_chunk_in_s3_is_data_loss_and_its_case_is_set_aside() {
     };
     assert_eq!(err.code(), Some(Code::DataLoss), "{err}");
     let message = err.message().unwrap_or_default();
-    assert!(message.contains("case_b") && message.contains("set aside"), "{err}");
+    assert!(
+        message.contains("case_b") && message.contains("set aside"),
+        "{err}"
+    );
     let description = client.describe(&fx.name).await.unwrap();
-    let aside: Vec<&str> = description.set_aside.iter().map(|c| c.id.as_str()).collect();
+    let aside: Vec<&str> = description
+        .set_aside
+        .iter()
+        .map(|c| c.id.as_str())
+        .collect();
     assert_eq!(aside, ["case_b"]);
     // A new stream is served from the other cases, voxel for voxel.
     let mut stream = client.stream(stream_config(&fx, 4)).await.unwrap();
