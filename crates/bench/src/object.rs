@@ -308,6 +308,7 @@ fn endpoint_addr(endpoint: &str) -> Result<SocketAddr, BenchError> {
 /// environment).
 fn use_endpoint(bucket: &str, endpoint: &str) -> Result<(), BenchError> {
     use patchflow_store::object_store::aws::AmazonS3Builder;
+    patchflow_store::install_crypto_provider();
     let store = AmazonS3Builder::from_env()
         .with_bucket_name(bucket)
         .with_endpoint(endpoint)

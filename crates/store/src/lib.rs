@@ -50,8 +50,8 @@ pub use object_store;
 pub use reader::{BoxRun, COALESCE_GAP_BYTES, CaseReader, KERNEL_READAHEAD_ENV, MAX_RANGE_BYTES};
 pub use remote::{
     MAX_REQUESTS_IN_FLIGHT, MAX_REQUESTS_PER_READ, MULTIPART_PART_BYTES, MULTIPART_THRESHOLD,
-    ObjectLock, RemoteStats, bucket_stats, delete_object, get_object, list_folders, list_objects,
-    put_object, remote_stats, retry_config, set_bucket_client,
+    ObjectLock, RemoteStats, bucket_stats, delete_object, get_object, install_crypto_provider,
+    list_folders, list_objects, put_object, remote_stats, retry_config, set_bucket_client,
 };
 pub use writer::write_case;
 

@@ -144,7 +144,20 @@ fn run<T: Send + 'static>(fut: impl Future<Output = T> + Send + 'static) -> Resu
     })
 }
 
+/// Makes ring the process's TLS crypto provider when none is set yet: the HTTP client of the
+/// S3 clients takes the process default. Call it before building an S3 client of your own
+/// for [`set_bucket_client`]; the clients made here call it themselves.
+pub fn install_crypto_provider() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        if rustls::crypto::CryptoProvider::get_default().is_none() {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+    });
+}
+
 fn clients() -> &'static Mutex<HashMap<String, Arc<Bucket>>> {
+    install_crypto_provider();
     static CLIENTS: OnceLock<Mutex<HashMap<String, Arc<Bucket>>>> = OnceLock::new();
     CLIENTS.get_or_init(Default::default)
 }

@@ -149,6 +149,7 @@ impl MotoServer {
 
     /// A client of `bucket` on `endpoint` (this server, or a proxy in front of it).
     pub fn client_for(endpoint: &str, bucket: &str) -> Arc<dyn ObjectStore> {
+        patchflow_store::install_crypto_provider();
         let store = AmazonS3Builder::new()
             .with_endpoint(endpoint)
             .with_allow_http(true)
