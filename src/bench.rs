@@ -37,9 +37,21 @@ pub struct SuiteArgs {
     /// Folder for the generated dataset, the store, the daemon log and the reports.
     #[arg(long, default_value = "patchflow-bench")]
     pub work_dir: PathBuf,
-    /// Measure this existing store instead of generating and ingesting one.
+    /// Measure this existing store instead of generating and ingesting one. A store in object
+    /// storage (`s3://bucket/prefix`, endpoint from AWS_ENDPOINT_URL) is measured against a
+    /// local copy, through a latency-adding proxy (--latencies-ms), and with several daemons
+    /// (--daemons) sharing it.
     #[arg(long)]
     pub store: Option<PathBuf>,
+    /// Latencies the proxy adds in each direction, milliseconds (object storage only).
+    #[arg(long, value_delimiter = ',', default_value = "0,1,5")]
+    pub latencies_ms: Vec<f64>,
+    /// Daemon counts measured over one store in object storage.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+    pub daemons: Vec<usize>,
+    /// Client streams spread over those daemons.
+    #[arg(long, default_value_t = 4)]
+    pub daemon_clients: usize,
     /// Generated cases.
     #[arg(long, default_value_t = 8)]
     pub cases: usize,
@@ -264,6 +276,13 @@ pub fn run(a: BenchArgs, progress: bool) -> Result<ExitCode> {
 
 fn suite(a: SuiteArgs, progress: bool) -> Result<ExitCode> {
     let workers = if a.workers == 0 { cores() } else { a.workers };
+    if let Some(store) = a
+        .store
+        .as_ref()
+        .filter(|s| patchflow_store::StoreLocation::is_remote_path(s))
+    {
+        return object_store(&a, store.clone(), workers);
+    }
     let mut dataset = bench::DatasetSpec {
         cases: a.cases,
         shape: a.shape,
@@ -320,6 +339,50 @@ fn suite(a: SuiteArgs, progress: bool) -> Result<ExitCode> {
     bench::write_json(&json, &report)?;
     bench::write_plot(&report, &png)?;
     println!("report: {} and {}", json.display(), png.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `patchflow bench --store s3://…`.
+fn object_store(a: &SuiteArgs, store: PathBuf, workers: usize) -> Result<ExitCode> {
+    let endpoint = std::env::var("AWS_ENDPOINT_URL")
+        .context("--store s3://…: set AWS_ENDPOINT_URL to the (http://) endpoint to proxy")?;
+    if a.latencies_ms.iter().any(|l| !(l.is_finite() && *l >= 0.0)) {
+        bail!("--latencies-ms: each must be a non-negative number");
+    }
+    let cfg = bench::ObjectBenchConfig {
+        store,
+        work_dir: a.work_dir.clone(),
+        endpoint,
+        latencies: a
+            .latencies_ms
+            .iter()
+            .map(|&ms| Duration::from_secs_f64(ms / 1e3))
+            .collect(),
+        edges: a.edges.clone(),
+        batch: a.batch,
+        foreground: a.foreground,
+        workers,
+        cache_mb: a.cache_mb,
+        cold_batches: a.cold_batches,
+        seconds: a.seconds,
+        daemons: if a.no_daemon {
+            Vec::new()
+        } else {
+            a.daemons.clone()
+        },
+        clients: a.daemon_clients.max(1),
+        exe: (!a.no_daemon).then(exe).transpose()?,
+        command: command_line(),
+    };
+    let stop = stop_flag()?;
+    let report = bench::run_object_store(&cfg, &stop)?;
+    print!("{}", bench::render_object(&report));
+    let json = a
+        .json
+        .clone()
+        .unwrap_or_else(|| a.work_dir.join("bench-s3.json"));
+    bench::write_json(&json, &report)?;
+    println!("report: {}", json.display());
     Ok(ExitCode::SUCCESS)
 }
 

@@ -45,7 +45,9 @@ pub enum Command {
 /// `patchflow serve`.
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// Store folders (each a dataset named after its folder), or folders of stores.
+    /// Store folders (each a dataset named after its folder), or folders of stores; local
+    /// paths or `s3://bucket/prefix` (credentials, region and endpoint from the AWS_*
+    /// environment variables).
     #[arg(required = true)]
     pub stores: Vec<PathBuf>,
     /// TCP address to listen on, HOST:PORT (port 0 picks a free one).
@@ -63,6 +65,18 @@ pub struct ServeArgs {
     /// Chunk cache capacity in MiB, shared by every dataset (0: no cache, every read decodes).
     #[arg(long, default_value_t = 1024)]
     pub cache_mb: u64,
+    /// Keep chunks fetched from object storage in this local folder too, so that a restarted
+    /// daemon reads them from there (bounded by --disk-cache-gb).
+    #[arg(long, value_name = "DIR")]
+    pub disk_cache: Option<PathBuf>,
+    /// Budget of --disk-cache in GB.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 10.0,
+        requires = "disk_cache"
+    )]
+    pub disk_cache_gb: f64,
     /// Serve Prometheus text metrics on HOST:PORT (GET /metrics).
     #[arg(long)]
     pub metrics: Option<String>,
@@ -155,7 +169,7 @@ pub struct IngestArgs {
     /// as nnU-Net has it), or a TSV file with a header row naming the columns `image` and
     /// `label` (optional: `id`, `modality`).
     pub input: PathBuf,
-    /// Store folder to write (created if absent).
+    /// Store folder to write (created if absent), or `s3://bucket/prefix` in object storage.
     #[arg(long, short)]
     pub out: PathBuf,
     /// Cases processed in parallel [default: number of cores].
@@ -193,7 +207,7 @@ pub struct IngestArgs {
 /// `patchflow inspect`.
 #[derive(Args, Debug)]
 pub struct InspectArgs {
-    /// Store folder.
+    /// Store folder, or `s3://bucket/prefix`.
     pub store: PathBuf,
     /// Only this case.
     #[arg(long)]
@@ -452,6 +466,8 @@ fn serve(a: ServeArgs) -> Result<ExitCode> {
         unix: a.unix,
         workers: a.workers,
         cache_mb: a.cache_mb,
+        disk_cache: a.disk_cache,
+        disk_cache_gb: a.disk_cache_gb,
         metrics: a
             .metrics
             .as_deref()

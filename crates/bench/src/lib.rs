@@ -14,7 +14,9 @@
 //!
 //! and prints a table, writes a JSON report ([`SuiteReport`]) and a PNG plot, with a note of
 //! the machine. [`run_peer`] measures one configuration on one core for side-by-side tables
-//! with other loaders; [`run_load`] puts many changing streams on one daemon for a set time.
+//! with other loaders; [`run_load`] puts many changing streams on one daemon for a set time;
+//! [`run_object_store`] measures a store in S3-compatible object storage against a local copy,
+//! through a latency-adding proxy, and several daemons sharing it.
 
 mod daemon;
 mod error;
@@ -22,6 +24,7 @@ mod generate;
 mod load;
 mod machine;
 mod measure;
+mod object;
 mod peer;
 mod plot;
 mod procstat;
@@ -33,6 +36,10 @@ pub use generate::{DatasetSpec, folder_bytes, generate};
 pub use load::{LoadConfig, LoadReport, render_load, run_load};
 pub use machine::{Disk, Machine};
 pub use measure::{CacheState, Measurement, Transport, percentile};
+pub use object::{
+    DaemonsMeasurement, LatencyProxy, ObjectBenchConfig, ObjectMeasurement, ObjectReport,
+    copy_store, render_object, run_object_store,
+};
 pub use peer::{PeerConfig, PeerReport, run_peer};
 pub use plot::write_plot;
 pub use procstat::{ProcSample, sample as process_sample};

@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use patchflow_store::{
-    CaseData, CaseMeta, MANIFEST_FORMAT, Manifest, ManifestCase, WriteOptions, case_file_name,
-    is_temp_file_name,
+    CaseData, CaseMeta, MANIFEST_FORMAT, Manifest, ManifestCase, ObjectLock, StoreLocation,
+    WriteOptions, case_file_name, is_temp_file_name,
 };
 use patchflow_volume::{CaseInput, NormScheme, median_spacing};
 use serde::{Deserialize, Serialize};
@@ -138,7 +138,8 @@ pub struct SourceRecord {
     pub input_bytes: u64,
 }
 
-/// Ingests `input` (nnU-Net folder or TSV) into the store folder `out`.
+/// Ingests `input` (nnU-Net folder or TSV) into the store folder `out` (or the object-storage
+/// location `s3://bucket/prefix`, see [`patchflow_store::StoreLocation`]).
 ///
 /// Cases already stored from identical files with the same plan are skipped. Failing cases are
 /// reported and the others still ingested. `stop` is polled between cases: when it becomes true
@@ -160,9 +161,20 @@ pub fn ingest(
 /// An open store folder being written: holds the writer lock and the manifest.
 pub(crate) struct Session {
     out: PathBuf,
-    _lock: std::fs::File,
+    _lock: WriterLock,
     pub(crate) manifest: Manifest,
 }
+
+/// The lock that keeps a second ingest from writing the same store.
+enum WriterLock {
+    /// A held lock on `.ingest.lock` in the store folder (released when the process ends).
+    File(#[allow(dead_code)] std::fs::File),
+    /// The object `prefix/.ingest.lock`, made with a conditional PUT and deleted at the end.
+    Object(#[allow(dead_code)] ObjectLock),
+}
+
+/// Name of the writer lock in a store.
+const LOCK_NAME: &str = ".ingest.lock";
 
 impl Session {
     /// Opens (creating) the store folder, takes its writer lock and loads the manifest.
@@ -172,8 +184,35 @@ impl Session {
 
     /// [`Session::open`] for a dataset named `name` (a new manifest takes that name).
     pub(crate) fn open_named(out: &Path, name: &str) -> Result<Session, IngestError> {
+        if let StoreLocation::S3(location) = StoreLocation::from_path(out)? {
+            let lock_at = location.join(LOCK_NAME);
+            let holder = format!(
+                "patchflow ingest, process {} on {}, started at {} s since the Unix epoch",
+                std::process::id(),
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_owned())
+                    .unwrap_or_else(|_| "an unknown host".into()),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs())
+            );
+            let lock =
+                ObjectLock::acquire(&lock_at, &holder)?.map_err(|held_by| IngestError::Input {
+                    path: out.to_path_buf(),
+                    reason: format!(
+                        "another ingest is writing this store: {lock_at} exists ({held_by}); \
+                         if that run is dead, delete the object and try again"
+                    ),
+                })?;
+            let manifest = Self::manifest_or_new(out, name)?;
+            return Ok(Session {
+                out: out.to_path_buf(),
+                _lock: WriterLock::Object(lock),
+                manifest,
+            });
+        }
         std::fs::create_dir_all(out).map_err(|e| IngestError::io(out, e))?;
-        let lock_path = out.join(".ingest.lock");
+        let lock_path = out.join(LOCK_NAME);
         let lock = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -188,7 +227,17 @@ impl Session {
             });
         }
         remove_stale_temp_files(out);
-        let manifest = match Manifest::load(out)? {
+        let manifest = Self::manifest_or_new(out, name)?;
+        Ok(Session {
+            out: out.to_path_buf(),
+            _lock: WriterLock::File(lock),
+            manifest,
+        })
+    }
+
+    /// The store's manifest, or an empty one for a new store.
+    fn manifest_or_new(out: &Path, name: &str) -> Result<Manifest, IngestError> {
+        Ok(match Manifest::load(out)? {
             Some(m) => m,
             None => Manifest {
                 format: MANIFEST_FORMAT,
@@ -196,11 +245,6 @@ impl Session {
                 plan: serde_json::Value::Null,
                 cases: Vec::new(),
             },
-        };
-        Ok(Session {
-            out: out.to_path_buf(),
-            _lock: lock,
-            manifest,
         })
     }
 

@@ -14,7 +14,9 @@ pub const DEFAULT_PORT: u16 = 50051;
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
     /// Store folders to serve. Each path is either a store (a folder holding `manifest.json`;
-    /// the dataset is named after the folder) or a folder whose sub-folders are stores.
+    /// the dataset is named after the folder) or a folder whose sub-folders are stores. A path
+    /// `s3://bucket/prefix` names the same in object storage (see
+    /// [`patchflow_store::StoreLocation`]).
     pub stores: Vec<PathBuf>,
     /// TCP address to listen on (`None`: no TCP listener). Port 0 picks a free port; see
     /// [`crate::RunningServer::local_addr`].
@@ -27,6 +29,12 @@ pub struct ServerConfig {
     /// Capacity of the chunk cache shared by every dataset, in MiB; 0 turns the cache off (every
     /// read decodes its chunks from the mapped file).
     pub cache_mb: u64,
+    /// Folder of a local disk cache beneath the chunk cache, for stores in object storage:
+    /// fetched chunk payloads are kept there within [`disk_cache_gb`](Self::disk_cache_gb) and
+    /// survive restarts (`None`: no disk cache).
+    pub disk_cache: Option<PathBuf>,
+    /// Budget of the disk cache, GB (10^9 bytes).
+    pub disk_cache_gb: f64,
     /// Address of the Prometheus metrics endpoint (`GET /metrics`), or `None` for none.
     pub metrics: Option<SocketAddr>,
     /// Request limits.
@@ -65,6 +73,8 @@ impl Default for ServerConfig {
             unix: None,
             workers: 0,
             cache_mb: 1024,
+            disk_cache: None,
+            disk_cache_gb: 10.0,
             metrics: None,
             limits: Limits::default(),
             shutdown_grace: Duration::from_secs(10),
@@ -177,6 +187,14 @@ impl ServerConfig {
             return Err(ServerError::Config {
                 field: "stores",
                 reason: "no store folder given".into(),
+            });
+        }
+        if self.disk_cache.is_some()
+            && !(self.disk_cache_gb.is_finite() && self.disk_cache_gb > 0.0)
+        {
+            return Err(ServerError::Config {
+                field: "disk_cache_gb",
+                reason: format!("{} is not a positive number of GB", self.disk_cache_gb),
             });
         }
         if self.listen.is_none() && self.unix.is_none() {

@@ -156,7 +156,9 @@ pub fn store_status(err: &StoreError) -> Status {
         | StoreError::InvalidId { .. }
         | StoreError::NoSuchArray { .. }
         | StoreError::DTypeMismatch { .. }
-        | StoreError::InvalidBox { .. } => Code::Internal,
+        | StoreError::InvalidBox { .. }
+        | StoreError::InvalidLocation { .. }
+        | StoreError::Remote { .. } => Code::Internal,
     };
     Status::new(code, err.to_string())
 }

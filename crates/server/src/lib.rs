@@ -193,7 +193,19 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let tcp_server = transport(&config, tls.clone())?;
     let unix_server = transport(&config, None)?;
     let workers = config.worker_threads();
-    let cache = ChunkCache::new(config.cache_mb.saturating_mul(1 << 20));
+    let cache_bytes = config.cache_mb.saturating_mul(1 << 20);
+    let cache = match &config.disk_cache {
+        Some(dir) => {
+            let budget = (config.disk_cache_gb * 1e9) as u64;
+            let disk =
+                patchflow_store::DiskCache::open(dir, budget).map_err(|e| ServerError::Config {
+                    field: "disk_cache",
+                    reason: e.to_string(),
+                })?;
+            ChunkCache::with_disk_cache(cache_bytes, disk)
+        }
+        None => ChunkCache::new(cache_bytes),
+    };
     let stores = config.stores.clone();
     let registry_cache = Arc::clone(&cache);
     let registry = tokio::task::spawn_blocking(move || Registry::open(&stores, &registry_cache))

@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use patchflow_proto::v1 as pb;
+use patchflow_sampler::SamplerError;
 use patchflow_sampler::{Dataset, Sampler};
-use patchflow_store::{ChunkCache, MANIFEST_FILE};
+use patchflow_store::{ChunkCache, MANIFEST_FILE, Manifest, StoreLocation};
 use patchflow_volume::{DType, NormScheme, Normalization};
 
 use crate::ServerError;
@@ -118,6 +119,29 @@ impl Registry {
 /// The store folders `path` stands for: itself when it holds a manifest, else its sub-folders
 /// that do (sorted).
 fn store_dirs(path: &Path) -> Result<Vec<PathBuf>, ServerError> {
+    let store_err = |source: patchflow_store::StoreError| ServerError::Store {
+        path: path.to_path_buf(),
+        source: SamplerError::Store(source),
+    };
+    if let StoreLocation::S3(location) = StoreLocation::from_path(path).map_err(store_err)? {
+        // In object storage: the prefix itself, or the "sub-folders" holding a manifest.
+        if Manifest::load(path).map_err(store_err)?.is_some() {
+            return Ok(vec![path.to_path_buf()]);
+        }
+        let mut stores = Vec::new();
+        for sub in patchflow_store::list_folders(&location).map_err(store_err)? {
+            let sub = sub.to_path();
+            if Manifest::load(&sub).map_err(store_err)?.is_some() {
+                stores.push(sub);
+            }
+        }
+        if stores.is_empty() {
+            return Err(ServerError::NotAStore {
+                path: path.to_path_buf(),
+            });
+        }
+        return Ok(stores);
+    }
     let io = |what, source| ServerError::Io {
         what,
         path: path.display().to_string(),
@@ -152,6 +176,10 @@ fn store_dirs(path: &Path) -> Result<Vec<PathBuf>, ServerError> {
 /// The dataset name of a store folder: the folder's own name, which must follow the identifier
 /// rule of case ids.
 fn dataset_name(store: &Path) -> Result<String, ServerError> {
+    if let Ok(StoreLocation::S3(location)) = StoreLocation::from_path(store) {
+        let name = location.name().to_owned();
+        return check_dataset_name(store, name);
+    }
     // A path like "." or "/data/x/.." has no usable file name: resolve it first.
     let resolved = store.canonicalize().map_err(|source| ServerError::Io {
         what: "resolving store folder",
@@ -165,6 +193,11 @@ fn dataset_name(store: &Path) -> Result<String, ServerError> {
         .ok_or_else(|| ServerError::NotAStore {
             path: store.to_path_buf(),
         })?;
+    check_dataset_name(store, name)
+}
+
+/// `name` as the dataset name of `store`, if it follows the identifier rule.
+fn check_dataset_name(store: &Path, name: String) -> Result<String, ServerError> {
     // Requests name datasets by identifier; a folder that breaks the rule could never be asked
     // for, so it is refused here rather than served unreachable.
     patchflow_store::validate_case_id(&name).map_err(|e| ServerError::DatasetName {

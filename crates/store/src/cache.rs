@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use quick_cache::sync::{Cache, GuardResult};
 use quick_cache::{OptionsBuilder, Weighter};
 
+use crate::disk_cache::DiskCache;
+
 /// Cache key: (reader id, array index, linear chunk index).
 pub(crate) type ChunkKey = (u64, u32, u32);
 
@@ -88,6 +90,8 @@ pub struct CacheStats {
 /// rewritten file never sees chunks of an earlier one.
 pub struct ChunkCache {
     inner: Cache<ChunkKey, Arc<ChunkBuf>, ByteWeighter>,
+    /// Stored payloads of chunks fetched from object storage, kept on local disk.
+    disk: Option<Arc<DiskCache>>,
     hits: AtomicU64,
     misses: AtomicU64,
 }
@@ -121,9 +125,27 @@ impl ChunkCache {
         };
         Arc::new(ChunkCache {
             inner,
+            disk: None,
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
         })
+    }
+
+    /// A cache like [`new`](Self::new) in memory, with `disk` beneath it for the chunks that
+    /// readers of object storage fetch: a chunk missing from memory is looked up there before
+    /// it is fetched, and every fetched payload is kept there. Readers of local files do not
+    /// use the disk tier (their chunks are on local disk already).
+    pub fn with_disk_cache(capacity_bytes: u64, disk: Arc<DiskCache>) -> Arc<ChunkCache> {
+        let mut cache = ChunkCache::new(capacity_bytes);
+        if let Some(c) = Arc::get_mut(&mut cache) {
+            c.disk = Some(disk);
+        }
+        cache
+    }
+
+    /// The disk tier, if any.
+    pub fn disk_cache(&self) -> Option<&Arc<DiskCache>> {
+        self.disk.as_ref()
     }
 
     /// Current counters.
@@ -142,7 +164,14 @@ impl ChunkCache {
         self.inner.contains_key(key)
     }
 
-    /// Drops every cached chunk (counters are kept).
+    /// Keeps a chunk decoded outside [`get_or_load`](Self::get_or_load) (a batch fetched from
+    /// object storage); counted as a miss.
+    pub(crate) fn insert(&self, key: ChunkKey, value: Arc<ChunkBuf>) {
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        self.inner.insert(key, value);
+    }
+
+    /// Drops every chunk cached in memory (counters and the disk tier are kept).
     pub fn clear(&self) {
         self.inner.clear();
     }

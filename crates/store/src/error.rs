@@ -96,6 +96,23 @@ pub enum StoreError {
         /// What is wrong.
         reason: String,
     },
+    /// A store location (`s3://bucket/prefix`) is malformed.
+    #[error("invalid store location {location:?}: {reason}")]
+    InvalidLocation {
+        /// The location as given.
+        location: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Object storage could not be used at all (client configuration, request runtime);
+    /// failed requests on an object are [`StoreError::Io`] naming its `s3://` location.
+    #[error("{location}: {reason}")]
+    Remote {
+        /// The bucket or object concerned.
+        location: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// JSON (de)serialisation of a manifest or header failed.
     #[error("{path}: invalid JSON: {source}")]
     Json {

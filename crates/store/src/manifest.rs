@@ -1,11 +1,12 @@
 //! The dataset manifest and case naming rules.
 
-use std::path::{Component, Path};
+use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::atomic::atomic_write;
 use crate::error::StoreError;
+use crate::location::StoreLocation;
 
 /// File name of the manifest in a store directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -50,9 +51,23 @@ pub struct ManifestCase {
 
 impl Manifest {
     /// Reads `store_dir/manifest.json`; `None` when it does not exist. Rejects a newer format,
-    /// invalid case ids and case files that point outside the store directory.
+    /// invalid case ids and case files that point outside the store directory. A store
+    /// location `s3://bucket/prefix` reads the object `prefix/manifest.json`.
     pub fn load(store_dir: &Path) -> Result<Option<Manifest>, StoreError> {
         let path = store_dir.join(MANIFEST_FILE);
+        if let StoreLocation::S3(location) = StoreLocation::from_path(store_dir)? {
+            let location = location.join(MANIFEST_FILE);
+            return match crate::remote::get_object(&location, MAX_MANIFEST_BYTES)? {
+                None => Ok(None),
+                Some(bytes) => {
+                    let m = serde_json::from_slice(&bytes).map_err(|source| StoreError::Json {
+                        path: path.clone(),
+                        source,
+                    })?;
+                    Self::check(m, path).map(Some)
+                }
+            };
+        }
         let file = match std::fs::File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -70,6 +85,11 @@ impl Manifest {
             path: path.clone(),
             source,
         })?;
+        Self::check(m, path).map(Some)
+    }
+
+    /// Rejects a newer format, invalid case ids and case files outside the store.
+    fn check(m: Manifest, path: PathBuf) -> Result<Manifest, StoreError> {
         if m.format > MANIFEST_FORMAT {
             return Err(StoreError::UnsupportedVersion {
                 path,
@@ -90,10 +110,11 @@ impl Manifest {
                 ));
             }
         }
-        Ok(Some(m))
+        Ok(m)
     }
 
-    /// Writes `store_dir/manifest.json` atomically (pretty-printed JSON).
+    /// Writes `store_dir/manifest.json` atomically (pretty-printed JSON); in object storage,
+    /// as one PUT of the object `prefix/manifest.json`.
     pub fn save(&self, store_dir: &Path) -> Result<(), StoreError> {
         let path = store_dir.join(MANIFEST_FILE);
         let mut bytes = serde_json::to_vec_pretty(self).map_err(|source| StoreError::Json {
@@ -101,7 +122,12 @@ impl Manifest {
             source,
         })?;
         bytes.push(b'\n');
-        atomic_write(&path, &bytes)
+        match StoreLocation::from_path(store_dir)? {
+            StoreLocation::Local(_) => atomic_write(&path, &bytes),
+            StoreLocation::S3(location) => {
+                crate::remote::put_object(&location.join(MANIFEST_FILE), bytes)
+            }
+        }
     }
 }
 

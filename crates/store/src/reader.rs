@@ -1,4 +1,5 @@
-//! The memory-mapped case reader and box reads.
+//! The case reader and box reads: case files memory-mapped from local disk, or read from
+//! object storage with ranged requests.
 
 use std::any::TypeId;
 use std::cell::RefCell;
@@ -12,14 +13,23 @@ use patchflow_volume::{DType, Element};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::cache::{ChunkBuf, ChunkCache};
+use crate::disk_cache::DiskKey;
 use crate::error::StoreError;
 use crate::format::{
     ENTRY_LEN, Entry, FORMAT_VERSION, Grid, HeaderDoc, KIND_CONSTANT, KIND_RAW, KIND_ZSTD,
     MAX_CASE_VOXELS, MAX_CHUNK_VOXELS, MAX_CLASSES, MAX_HEADER_LEN, PREAMBLE_LEN, Preamble,
     PreambleError, Section,
 };
+use crate::location::{ObjectLocation, StoreLocation};
 use crate::manifest::validate_case_id;
 use crate::meta::{ArrayId, ArrayStats, CaseMeta, StoreStats};
+use crate::remote::Bucket;
+
+/// Payloads of one object-storage read closer than this are fetched in one range request
+/// (the gap's bytes are fetched and dropped): one round trip costs more than this many bytes.
+pub const COALESCE_GAP_BYTES: u64 = 256 << 10;
+/// Longest single range request of a read (longer runs are split).
+pub const MAX_RANGE_BYTES: u64 = 32 << 20;
 
 /// Source of unique reader ids (cache keys).
 static NEXT_READER_ID: AtomicU64 = AtomicU64::new(1);
@@ -92,14 +102,92 @@ struct ClassSpan {
     count: usize,
 }
 
-/// A memory-mapped case file.
+/// The bytes of a case file.
+enum Body {
+    /// The whole file, memory-mapped (or copied into an anonymous mapping).
+    Mapped(Mmap),
+    /// A file in object storage: its index, class table and header are held in memory, chunk
+    /// payloads fetched with ranged requests when a read needs them.
+    Remote(RemoteBody),
+}
+
+struct RemoteBody {
+    bucket: Arc<Bucket>,
+    location: ObjectLocation,
+    /// `location` as text (disk cache keys).
+    url: String,
+    file_len: u64,
+    /// Bytes `[tail_start, file_len)` of the file, 8-byte aligned in memory.
+    tail: AlignedBytes,
+    tail_start: u64,
+}
+
+/// Bytes at an 8-byte aligned address, so that tables can be viewed in place.
+struct AlignedBytes {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl AlignedBytes {
+    fn copy_of(bytes: &[u8]) -> AlignedBytes {
+        let mut words = vec![0u64; bytes.len().div_ceil(8)];
+        bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
+        AlignedBytes {
+            words,
+            len: bytes.len(),
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &bytemuck::cast_slice::<u64, u8>(&self.words)[..self.len]
+    }
+}
+
+impl Body {
+    fn len(&self) -> u64 {
+        match self {
+            Body::Mapped(m) => m.len() as u64,
+            Body::Remote(r) => r.file_len,
+        }
+    }
+
+    /// Bytes `[offset, offset + len)` when they are held in memory: anywhere in a mapped file,
+    /// only in the tail (index, class table, header) of a remote one.
+    fn held(&self, offset: u64, len: u64) -> Option<&[u8]> {
+        let (bytes, base) = match self {
+            Body::Mapped(m) => (&m[..], 0),
+            Body::Remote(r) => (r.tail.bytes(), r.tail_start),
+        };
+        let start = usize::try_from(offset.checked_sub(base)?).ok()?;
+        let end = start.checked_add(usize::try_from(len).ok()?)?;
+        bytes.get(start..end)
+    }
+}
+
+/// What validation found in a case file's structure.
+struct Parsed {
+    meta: CaseMeta,
+    grid: Grid,
+    arrays: Vec<ArrayInfo>,
+    classes: Vec<ClassSpan>,
+}
+
+/// Chunks decoded for one box read of a remote case, by linear chunk index (sorted).
+type Fetched = Vec<(u32, Arc<ChunkBuf>)>;
+
+/// A validated case file, memory-mapped from local disk or read from object storage.
 ///
 /// Opening validates the whole file structure (preamble, section bounds and checksums, header,
 /// every index entry, the class-location table), so that reads never touch bytes outside the
 /// file. Chunk payloads are checked against their checksum when first decoded.
+///
+/// A path `s3://bucket/key` opens the object there (see [`crate::StoreLocation`]): opening
+/// fetches the preamble and then the index, class table and header (two ranged GETs) and
+/// keeps them; a box read fetches the payloads of the chunks it needs that neither the chunk
+/// cache nor its disk tier holds, as few coalesced range requests, a few at a time.
 pub struct CaseReader {
     path: PathBuf,
-    map: Mmap,
+    body: Body,
     meta: CaseMeta,
     pub(crate) grid: Grid,
     pub(crate) arrays: Vec<ArrayInfo>,
@@ -130,8 +218,16 @@ impl std::fmt::Debug for CaseReader {
 }
 
 impl CaseReader {
-    /// Maps and validates the case file at `path`; decoded chunks go through `cache`.
+    /// Maps and validates the case file at `path` (or fetches the structure of the object at
+    /// an `s3://bucket/key` path); decoded chunks go through `cache`.
     pub fn open(path: &Path, cache: Arc<ChunkCache>) -> Result<CaseReader, StoreError> {
+        match StoreLocation::from_path(path)? {
+            StoreLocation::Local(_) => Self::open_file(path, cache),
+            StoreLocation::S3(location) => Self::open_remote(location, cache),
+        }
+    }
+
+    fn open_file(path: &Path, cache: Arc<ChunkCache>) -> Result<CaseReader, StoreError> {
         let file = File::open(path).map_err(|e| StoreError::io(path, e))?;
         let len = file.metadata().map_err(|e| StoreError::io(path, e))?.len();
         if len < PREAMBLE_LEN as u64 {
@@ -185,20 +281,132 @@ impl CaseReader {
         Self::from_map(name.to_path_buf(), map, cache)
     }
 
+    /// Opens the case object at `location`: its preamble, then everything from the index to
+    /// the end of the file, validated as a local file is.
+    fn open_remote(
+        location: ObjectLocation,
+        cache: Arc<ChunkCache>,
+    ) -> Result<CaseReader, StoreError> {
+        let path = location.to_path();
+        let bucket = crate::remote::bucket(&location.bucket)?;
+        let (head, file_len) = bucket.get_head(&location, PREAMBLE_LEN as u64)?;
+        if (head.len() as u64) < file_len.min(PREAMBLE_LEN as u64) {
+            return Err(StoreError::corrupt(
+                &path,
+                format!(
+                    "the first {} bytes of a {file_len}-byte object came back as {}",
+                    PREAMBLE_LEN,
+                    head.len()
+                ),
+            ));
+        }
+        if file_len <= PREAMBLE_LEN as u64 {
+            // Too short to be valid: validate it whole for the exact reason.
+            let parsed = Self::validate(&path, file_len, &head, &head, 0)?;
+            return Ok(Self::assemble(
+                path,
+                Body::Remote(RemoteBody {
+                    bucket,
+                    url: location.url(),
+                    location,
+                    file_len,
+                    tail: AlignedBytes::copy_of(&head),
+                    tail_start: 0,
+                }),
+                parsed,
+                cache,
+            ));
+        }
+        let pre = match Preamble::decode(&head) {
+            Ok(p) => p,
+            Err(e) => {
+                return Err(preamble_error(&path, Some(e))
+                    .unwrap_or_else(|| StoreError::corrupt(&path, "invalid preamble")));
+            }
+        };
+        // The index must start inside the file, after the preamble, for the tail to be fetched;
+        // everything else is checked by validation as for a local file.
+        let tail_start = pre.index.offset;
+        if pre.file_len != file_len || tail_start < PREAMBLE_LEN as u64 || tail_start >= file_len {
+            return Err(Self::validate(&path, file_len, &head, &[], file_len)
+                .err()
+                .unwrap_or_else(|| {
+                    StoreError::corrupt(
+                        &path,
+                        format!("index offset {tail_start} lies outside the file"),
+                    )
+                }));
+        }
+        let tail = bucket
+            .get_ranges(&location, std::iter::once(tail_start..file_len).collect())?
+            .pop()
+            .unwrap_or_default();
+        let tail = AlignedBytes::copy_of(&tail);
+        let parsed = Self::validate(&path, file_len, &head, tail.bytes(), tail_start)?;
+        Ok(Self::assemble(
+            path,
+            Body::Remote(RemoteBody {
+                bucket,
+                url: location.url(),
+                location,
+                file_len,
+                tail,
+                tail_start,
+            }),
+            parsed,
+            cache,
+        ))
+    }
+
     fn from_map(
         path: PathBuf,
         map: Mmap,
         cache: Arc<ChunkCache>,
     ) -> Result<CaseReader, StoreError> {
-        let bad = |reason: String| StoreError::corrupt(&path, reason);
-        let pre = match Preamble::decode(&map) {
+        let parsed = Self::validate(&path, map.len() as u64, &map, &map, 0)?;
+        Ok(Self::assemble(path, Body::Mapped(map), parsed, cache))
+    }
+
+    fn assemble(path: PathBuf, body: Body, parsed: Parsed, cache: Arc<ChunkCache>) -> CaseReader {
+        let uid = NEXT_READER_ID.fetch_add(1, Ordering::Relaxed);
+        let Parsed {
+            meta,
+            grid,
+            arrays,
+            classes,
+        } = parsed;
+        tracing::debug!(path = %path.display(), case = %meta.id, shape = ?meta.shape, chunk = ?grid.chunk, "case opened");
+        CaseReader {
+            path,
+            body,
+            meta,
+            grid,
+            arrays,
+            classes,
+            cache,
+            uid,
+            prefetch: false,
+        }
+    }
+
+    /// Validates the structure of a file of `file_len` bytes from its start `head` (at least
+    /// the preamble, when the file has one) and `tail`, its bytes from `tail_start` to the end
+    /// (which must hold every section).
+    fn validate(
+        path: &Path,
+        file_len: u64,
+        head: &[u8],
+        tail: &[u8],
+        tail_start: u64,
+    ) -> Result<Parsed, StoreError> {
+        let bad = |reason: String| StoreError::corrupt(path, reason);
+        let pre = match Preamble::decode(head) {
             Ok(p) => p,
             Err(e) => {
-                return Err(preamble_error(&path, Some(e))
+                return Err(preamble_error(path, Some(e))
                     .unwrap_or_else(|| bad("invalid preamble".to_owned())));
             }
         };
-        let file_len = map.len() as u64;
         if pre.file_len != file_len {
             return Err(bad(format!(
                 "preamble records a file of {} bytes, the file has {file_len} (truncated or extended)",
@@ -239,10 +447,10 @@ impl CaseReader {
                 pre.classes.offset
             )));
         }
-        let index_bytes = section_bytes(&map, &pre.index, "index").map_err(&bad)?;
+        let index_bytes = section_bytes(tail, tail_start, &pre.index, "index").map_err(&bad)?;
         let class_bytes =
-            section_bytes(&map, &pre.classes, "class-location table").map_err(&bad)?;
-        let header_bytes = section_bytes(&map, &pre.header, "header").map_err(&bad)?;
+            section_bytes(tail, tail_start, &pre.classes, "class-location table").map_err(&bad)?;
+        let header_bytes = section_bytes(tail, tail_start, &pre.header, "header").map_err(&bad)?;
 
         let doc: HeaderDoc = serde_json::from_slice(header_bytes)
             .map_err(|e| bad(format!("header JSON does not parse: {e}")))?;
@@ -329,18 +537,11 @@ impl CaseReader {
         let classes = parse_classes(class_bytes, pre.classes.offset as usize, shape)
             .map_err(|r| bad(format!("class-location table: {r}")))?;
 
-        let uid = NEXT_READER_ID.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(path = %path.display(), case = %meta.id, shape = ?shape, chunk = ?chunk, "case opened");
-        Ok(CaseReader {
-            path,
-            map,
+        Ok(Parsed {
             meta,
             grid,
             arrays,
             classes,
-            cache,
-            uid,
-            prefetch: false,
         })
     }
 
@@ -361,22 +562,30 @@ impl CaseReader {
 
     /// Size of the case file in bytes.
     pub fn file_len(&self) -> u64 {
-        self.map.len() as u64
+        self.body.len()
+    }
+
+    /// Whether the case is read from object storage.
+    pub fn is_remote(&self) -> bool {
+        matches!(self.body, Body::Remote(_))
     }
 
     /// Asks the kernel to drop this file's pages from memory, so that the next reads come from
     /// storage again (cold-start benchmarks). Unmaps this reader's resident pages first, since
     /// the page cache keeps pages that a process still maps. Decoded chunks in the
     /// [`ChunkCache`] are not touched (see [`ChunkCache::clear`]). Pages mapped by another
-    /// process stay in memory.
+    /// process stay in memory. A case read from object storage has no pages to drop: nothing
+    /// happens.
     pub fn evict_page_cache(&self) -> Result<(), StoreError> {
         use std::os::fd::AsRawFd;
+        let Body::Mapped(map) = &self.body else {
+            return Ok(());
+        };
         // SAFETY: the mapping is read-only and backed by a file that is never modified in place
         // (see `open`); dropping its pages only makes the next access fault them in again from
         // the same file, so no data the program relies on is lost.
         unsafe {
-            self.map
-                .unchecked_advise(memmap2::UncheckedAdvice::DontNeed)
+            map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed)
                 .map_err(|e| StoreError::io(&self.path, e))?;
         }
         let file = File::open(&self.path).map_err(|e| StoreError::io(&self.path, e))?;
@@ -573,7 +782,13 @@ impl CaseReader {
             }
         }
 
-        self.prefetch(a, lo, hi);
+        let fetched = match &self.body {
+            Body::Mapped(map) => {
+                self.prefetch(map, a, lo, hi);
+                Fetched::new()
+            }
+            Body::Remote(remote) => self.fetch_missing(remote, a, lo, hi)?,
+        };
         // Data: one block per band of chunks (fixed cz, cy).
         let cs = self.grid.chunk;
         let (cx_lo, cx_hi) = (lo[2] / cs[2], (hi[2] - 1) / cs[2]);
@@ -591,7 +806,7 @@ impl CaseReader {
                     let x_ext = self.grid.extent(c)[2];
                     let x0 = lo[2].max(x_start);
                     let x1 = hi[2].min(x_start + x_ext);
-                    let src = self.chunk(a, c)?;
+                    let src = self.chunk(a, c, &fetched)?;
                     let bx = x0 - lo[2] + b0[2];
                     // Neighbouring constant chunks of one value make one run per row.
                     if let (ChunkSrc::Const(bits), Some(last)) = (&src, band.last_mut())
@@ -636,16 +851,14 @@ impl CaseReader {
     /// Asks the kernel to start reading the stored bytes of every chunk of array `a` that the
     /// voxel range `[lo, hi)` touches and that the chunk cache does not hold, so that the
     /// reads overlap and only those bytes are read. Adjacent payloads go in one call.
-    fn prefetch(&self, a: usize, lo: [usize; 3], hi: [usize; 3]) {
+    fn prefetch(&self, map: &Mmap, a: usize, lo: [usize; 3], hi: [usize; 3]) {
         if !self.prefetch {
             return;
         }
         let cs = self.grid.chunk;
         let mut pending: Option<(usize, usize)> = None;
         let flush = |range: (usize, usize)| {
-            if let Err(e) =
-                self.map
-                    .advise_range(memmap2::Advice::WillNeed, range.0, range.1 - range.0)
+            if let Err(e) = map.advise_range(memmap2::Advice::WillNeed, range.0, range.1 - range.0)
             {
                 tracing::trace!(error = %e, "madvise(WILLNEED) failed");
             }
@@ -666,7 +879,7 @@ impl CaseReader {
                         .ok()
                         .zip(usize::try_from(e.len).ok())
                         .and_then(|(o, l)| Some((o, o.checked_add(l)?)))
-                        .filter(|&(_, end)| end <= self.map.len())
+                        .filter(|&(_, end)| end <= map.len())
                     else {
                         // Bad entries are reported when the chunk is decoded.
                         continue;
@@ -687,8 +900,135 @@ impl CaseReader {
         }
     }
 
-    /// The chunk at grid coordinates `c` of array `a`, through the cache.
-    fn chunk(&self, a: usize, c: [usize; 3]) -> Result<ChunkSrc, StoreError> {
+    /// The payloads of every chunk of array `a` in the voxel range `[lo, hi)` that the chunk
+    /// cache does not hold, from the disk cache or fetched from object storage (as few range
+    /// requests as [`COALESCE_GAP_BYTES`] allows), each checked and decoded, kept in the chunk
+    /// cache and returned, so that the read has them even if the cache lets them go.
+    fn fetch_missing(
+        &self,
+        remote: &RemoteBody,
+        a: usize,
+        lo: [usize; 3],
+        hi: [usize; 3],
+    ) -> Result<Fetched, StoreError> {
+        let cs = self.grid.chunk;
+        let mut wanted: Vec<(u32, Entry)> = Vec::new();
+        for cz in lo[0] / cs[0]..=(hi[0] - 1) / cs[0] {
+            for cy in lo[1] / cs[1]..=(hi[1] - 1) / cs[1] {
+                for cx in lo[2] / cs[2]..=(hi[2] - 1) / cs[2] {
+                    let lin = self.grid.linear([cz, cy, cx]);
+                    let Some(&e) = self.arrays[a].entries.get(lin) else {
+                        continue;
+                    };
+                    if e.kind != KIND_CONSTANT
+                        && !self.cache.contains(&(self.uid, a as u32, lin as u32))
+                    {
+                        wanted.push((lin as u32, e));
+                    }
+                }
+            }
+        }
+        let mut fetched = Fetched::with_capacity(wanted.len());
+        let disk = self.cache.disk_cache();
+        if let Some(disk) = disk {
+            let mut rest = Vec::with_capacity(wanted.len());
+            for (lin, e) in wanted {
+                match disk.get(&self.disk_key(remote, a, lin, &e)) {
+                    Some(bytes) => fetched.push((lin, self.keep(a, lin, &e, &bytes)?)),
+                    None => rest.push((lin, e)),
+                }
+            }
+            wanted = rest;
+        }
+        for (lin, e, bytes) in self.fetch_payloads(remote, a, wanted)? {
+            let buf = self.keep(a, lin, &e, &bytes)?;
+            if let Some(disk) = disk {
+                disk.put(&self.disk_key(remote, a, lin, &e), &bytes);
+            }
+            fetched.push((lin, buf));
+        }
+        fetched.sort_unstable_by_key(|&(lin, _)| lin);
+        Ok(fetched)
+    }
+
+    fn disk_key<'r>(&self, remote: &'r RemoteBody, a: usize, lin: u32, e: &Entry) -> DiskKey<'r> {
+        DiskKey {
+            case: &remote.url,
+            array: a as u32,
+            chunk: lin,
+            len: e.len,
+            checksum: e.checksum,
+        }
+    }
+
+    /// Checks and decodes a fetched payload and keeps it in the chunk cache.
+    fn keep(
+        &self,
+        a: usize,
+        lin: u32,
+        e: &Entry,
+        stored: &[u8],
+    ) -> Result<Arc<ChunkBuf>, StoreError> {
+        let c = self.grid.coords(lin as usize);
+        let buf = Arc::new(self.decode_payload(a, c, e, stored)?);
+        self.cache
+            .insert((self.uid, a as u32, lin), Arc::clone(&buf));
+        Ok(buf)
+    }
+
+    /// Fetches the stored payloads of `chunks` (of array `a`) from object storage: payloads at
+    /// most [`COALESCE_GAP_BYTES`] apart share one range request of at most
+    /// [`MAX_RANGE_BYTES`]. Returns each chunk with its payload, in offset order.
+    fn fetch_payloads(
+        &self,
+        remote: &RemoteBody,
+        a: usize,
+        mut chunks: Vec<(u32, Entry)>,
+    ) -> Result<Vec<(u32, Entry, bytes::Bytes)>, StoreError> {
+        if chunks.is_empty() {
+            return Ok(Vec::new());
+        }
+        chunks.sort_unstable_by_key(|(_, e)| e.offset_or_value);
+        // Runs of chunks: [first, end) into `chunks`, and the byte range fetched.
+        let mut runs: Vec<(usize, usize, std::ops::Range<u64>)> = Vec::new();
+        for (i, (lin, e)) in chunks.iter().enumerate() {
+            let start = e.offset_or_value;
+            let end = start
+                .checked_add(e.len)
+                .filter(|&end| end <= remote.file_len)
+                .ok_or_else(|| {
+                    self.chunk_corrupt(
+                        a,
+                        self.grid.coords(*lin as usize),
+                        "payload outside the file",
+                    )
+                })?;
+            match runs.last_mut() {
+                Some((_, last, range))
+                    if start >= range.end
+                        && start - range.end <= COALESCE_GAP_BYTES
+                        && end - range.start <= MAX_RANGE_BYTES =>
+                {
+                    *last = i + 1;
+                    range.end = end;
+                }
+                _ => runs.push((i, i + 1, start..end)),
+            }
+        }
+        let ranges: Vec<_> = runs.iter().map(|(_, _, r)| r.clone()).collect();
+        let bodies = remote.bucket.get_ranges(&remote.location, ranges)?;
+        let mut out = Vec::with_capacity(chunks.len());
+        for ((first, end, range), body) in runs.into_iter().zip(bodies) {
+            for &(lin, e) in &chunks[first..end] {
+                let at = (e.offset_or_value - range.start) as usize;
+                out.push((lin, e, body.slice(at..at + e.len as usize)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The chunk at grid coordinates `c` of array `a`: from `fetched`, else through the cache.
+    fn chunk(&self, a: usize, c: [usize; 3], fetched: &Fetched) -> Result<ChunkSrc, StoreError> {
         let lin = self.grid.linear(c);
         let Some(e) = self.arrays[a].entries.get(lin) else {
             return Err(self.chunk_corrupt(a, c, "no index entry"));
@@ -696,19 +1036,58 @@ impl CaseReader {
         if e.kind == KIND_CONSTANT {
             return Ok(ChunkSrc::Const(e.offset_or_value));
         }
+        if !fetched.is_empty()
+            && let Ok(i) = fetched.binary_search_by_key(&(lin as u32), |&(l, _)| l)
+        {
+            return Ok(ChunkSrc::Buf(Arc::clone(&fetched[i].1)));
+        }
         let key = (self.uid, a as u32, lin as u32);
         let buf = self.cache.get_or_load(key, || self.decode(a, c, e))?;
         Ok(ChunkSrc::Buf(buf))
     }
 
-    /// Checks and decodes one stored chunk.
+    /// Checks and decodes one stored chunk (fetching it alone when the case is remote).
     fn decode(&self, a: usize, c: [usize; 3], e: &Entry) -> Result<ChunkBuf, StoreError> {
+        match &self.body {
+            Body::Mapped(_) => {
+                let stored = self
+                    .body
+                    .held(e.offset_or_value, e.len)
+                    .ok_or_else(|| self.chunk_corrupt(a, c, "payload outside the file"))?;
+                self.decode_payload(a, c, e, stored)
+            }
+            Body::Remote(remote) => {
+                let lin = self.grid.linear(c) as u32;
+                if let Some(disk) = self.cache.disk_cache()
+                    && let Some(bytes) = disk.get(&self.disk_key(remote, a, lin, e))
+                {
+                    return self.decode_payload(a, c, e, &bytes);
+                }
+                let (_, _, bytes) = self
+                    .fetch_payloads(remote, a, vec![(lin, *e)])?
+                    .pop()
+                    .ok_or_else(|| self.chunk_corrupt(a, c, "payload was not fetched"))?;
+                let buf = self.decode_payload(a, c, e, &bytes)?;
+                if let Some(disk) = self.cache.disk_cache() {
+                    disk.put(&self.disk_key(remote, a, lin, e), &bytes);
+                }
+                Ok(buf)
+            }
+        }
+    }
+
+    /// Checks one stored payload against its index entry and decodes it.
+    fn decode_payload(
+        &self,
+        a: usize,
+        c: [usize; 3],
+        e: &Entry,
+        stored: &[u8],
+    ) -> Result<ChunkBuf, StoreError> {
         let raw_len = self.grid.voxels(c) * self.arrays[a].dtype.size();
-        let stored = usize::try_from(e.offset_or_value)
-            .ok()
-            .zip(usize::try_from(e.len).ok())
-            .and_then(|(o, l)| self.map.get(o..o.checked_add(l)?))
-            .ok_or_else(|| self.chunk_corrupt(a, c, "payload outside the file"))?;
+        if stored.len() as u64 != e.len {
+            return Err(self.chunk_corrupt(a, c, "payload has the wrong length"));
+        }
         if xxh3_64(stored) != e.checksum {
             return Err(StoreError::Checksum {
                 case: self.meta.id.clone(),
@@ -750,8 +1129,8 @@ impl CaseReader {
             return &[];
         };
         let s = &self.classes[i];
-        self.map
-            .get(s.offset..s.offset + s.count * 12)
+        self.body
+            .held(s.offset as u64, (s.count * 12) as u64)
             .and_then(|b| bytemuck::try_cast_slice(b).ok())
             .unwrap_or(&[])
     }
@@ -766,11 +1145,36 @@ impl CaseReader {
     }
 
     /// Checks every stored chunk: checksum and full decode (bypasses the cache).
+    /// A remote case is fetched from object storage for this (in batches of at most
+    /// [`MAX_RANGE_BYTES`] of payloads; the disk cache is bypassed too).
     pub fn verify(&self) -> Result<(), StoreError> {
         for (a, info) in self.arrays.iter().enumerate() {
-            for (lin, e) in info.entries.iter().enumerate() {
-                if e.kind != KIND_CONSTANT {
-                    self.decode(a, self.grid.coords(lin), e)?;
+            let Body::Remote(remote) = &self.body else {
+                for (lin, e) in info.entries.iter().enumerate() {
+                    if e.kind != KIND_CONSTANT {
+                        self.decode(a, self.grid.coords(lin), e)?;
+                    }
+                }
+                continue;
+            };
+            let mut batch: Vec<(u32, Entry)> = Vec::new();
+            let mut batch_bytes = 0u64;
+            let stored = info
+                .entries
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| e.kind != KIND_CONSTANT);
+            let mut pending = stored.peekable();
+            while let Some((lin, e)) = pending.next() {
+                batch.push((lin as u32, *e));
+                batch_bytes += e.len;
+                if batch_bytes >= MAX_RANGE_BYTES || pending.peek().is_none() {
+                    for (lin, e, bytes) in
+                        self.fetch_payloads(remote, a, std::mem::take(&mut batch))?
+                    {
+                        self.decode_payload(a, self.grid.coords(lin as usize), &e, &bytes)?;
+                    }
+                    batch_bytes = 0;
                 }
             }
         }
@@ -805,7 +1209,7 @@ impl CaseReader {
         StoreStats {
             raw_bytes: arrays.iter().map(|s| s.raw_bytes).sum(),
             stored_bytes: arrays.iter().map(|s| s.stored_bytes).sum(),
-            file_bytes: self.map.len() as u64,
+            file_bytes: self.body.len(),
             arrays,
         }
     }
@@ -939,12 +1343,20 @@ fn preamble_error(path: &Path, e: Option<PreambleError>) -> Option<StoreError> {
     }
 }
 
-/// The bytes of a section, checked against its checksum.
-fn section_bytes<'m>(map: &'m [u8], s: &Section, name: &str) -> Result<&'m [u8], String> {
-    let bytes = usize::try_from(s.offset)
-        .ok()
+/// The bytes of a section, checked against its checksum; `held` are the file's bytes from
+/// offset `base` on.
+fn section_bytes<'m>(
+    held: &'m [u8],
+    base: u64,
+    s: &Section,
+    name: &str,
+) -> Result<&'m [u8], String> {
+    let bytes = s
+        .offset
+        .checked_sub(base)
+        .and_then(|o| usize::try_from(o).ok())
         .zip(usize::try_from(s.len).ok())
-        .and_then(|(o, l)| map.get(o..o.checked_add(l)?))
+        .and_then(|(o, l)| held.get(o..o.checked_add(l)?))
         .ok_or_else(|| format!("{name} section lies outside the file"))?;
     let sum = xxh3_64(bytes);
     if sum != s.checksum {

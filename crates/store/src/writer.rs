@@ -1,7 +1,6 @@
 //! The case-file writer.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,6 +16,7 @@ use crate::format::{
     MAX_CASE_VOXELS, MAX_CHUNK_VOXELS, MAX_CLASSES, MAX_HEADER_LEN, PREAMBLE_LEN, Preamble,
     Section, align8,
 };
+use crate::location::StoreLocation;
 use crate::manifest::validate_case_id;
 use crate::meta::{ArrayId, CaseData, WriteOptions, WriteReport};
 
@@ -45,20 +45,59 @@ enum Encoded {
 /// Atomically writes one case file (temporary file in the same directory, fsync, rename,
 /// fsync of the directory). On any error the temporary file is removed and an existing file
 /// under `path` is left as it was.
+///
+/// A path `s3://bucket/key` writes the object there instead: the file is made in memory and
+/// uploaded whole (in parts when large), so the object appears complete or not at all.
 pub fn write_case(
     path: &Path,
     data: &CaseData<'_>,
     opts: &WriteOptions,
 ) -> Result<WriteReport, StoreError> {
     let started = Instant::now();
+    let report = match StoreLocation::from_path(path)? {
+        StoreLocation::Local(_) => {
+            let tmp = TempFile::create(path)?;
+            let out = Out::new(
+                BufWriter::with_capacity(1 << 20, tmp.file()),
+                tmp.tmp_path(),
+            );
+            let (report, out) = encode_case(data, opts, out)?;
+            drop(out);
+            tmp.commit()?;
+            report
+        }
+        StoreLocation::S3(location) => {
+            let out = Out::new(std::io::Cursor::new(Vec::new()), path);
+            let (report, out) = encode_case(data, opts, out)?;
+            let bytes = out.w.into_inner();
+            crate::remote::put_object(&location, bytes)?;
+            report
+        }
+    };
+    let secs = started.elapsed().as_secs_f64();
+    tracing::debug!(
+        case = %data.meta.id,
+        path = %path.display(),
+        raw_bytes = report.raw_bytes,
+        stored_bytes = report.stored_bytes,
+        mb_per_s = report.raw_bytes as f64 / 1e6 / secs.max(1e-9),
+        "case written"
+    );
+    Ok(report)
+}
+
+/// Writes the case file's bytes to `out`.
+fn encode_case<'p, W: Write + Seek>(
+    data: &CaseData<'_>,
+    opts: &WriteOptions,
+    mut out: Out<'p, W>,
+) -> Result<(WriteReport, Out<'p, W>), StoreError> {
     let meta = data.meta;
     let (grid, arrays) = validate(data, opts)?;
     let header = encode_header(meta, opts)?;
     let classes = encode_classes(&meta.id, meta.shape, data.class_locations)?;
     let raw_bytes: u64 = arrays.iter().map(|a| a.bytes.len() as u64).sum();
 
-    let tmp = TempFile::create(path)?;
-    let mut out = Out::new(tmp.file(), tmp.tmp_path());
     out.write(&[0u8; PREAMBLE_LEN])?;
 
     // Chunks of every array, in array order then C order of the chunk grid.
@@ -129,22 +168,13 @@ pub fn write_case(
         header: header_sec,
     };
     out.finish(&preamble.encode())?;
-    drop(out);
-    tmp.commit()?;
-
-    let secs = started.elapsed().as_secs_f64();
-    tracing::debug!(
-        case = %meta.id,
-        path = %path.display(),
-        raw_bytes,
-        stored_bytes = file_len,
-        mb_per_s = raw_bytes as f64 / 1e6 / secs.max(1e-9),
-        "case written"
-    );
-    Ok(WriteReport {
-        raw_bytes,
-        stored_bytes: file_len,
-    })
+    Ok((
+        WriteReport {
+            raw_bytes,
+            stored_bytes: file_len,
+        },
+        out,
+    ))
 }
 
 /// Checks the case against its metadata and the options; returns the grid and arrays.
@@ -480,20 +510,16 @@ thread_local! {
         const { std::cell::Cell::new(None) };
 }
 
-/// Buffered output that tracks its position.
-struct Out<'f> {
-    w: BufWriter<&'f File>,
+/// Output that tracks its position: a buffered file, or memory.
+struct Out<'f, W> {
+    w: W,
     pos: u64,
     path: &'f Path,
 }
 
-impl<'f> Out<'f> {
-    fn new(file: &'f File, path: &'f Path) -> Self {
-        Out {
-            w: BufWriter::with_capacity(1 << 20, file),
-            pos: 0,
-            path,
-        }
+impl<'f, W: Write + Seek> Out<'f, W> {
+    fn new(w: W, path: &'f Path) -> Self {
+        Out { w, pos: 0, path }
     }
 
     fn err(&self, e: std::io::Error) -> StoreError {
@@ -530,11 +556,12 @@ impl<'f> Out<'f> {
     /// Flushes and writes the preamble over the placeholder at the start.
     fn finish(&mut self, preamble: &[u8]) -> Result<(), StoreError> {
         self.w.flush().map_err(|e| self.err(e))?;
-        let f = self.w.get_mut();
-        f.seek(SeekFrom::Start(0))
+        self.w
+            .seek(SeekFrom::Start(0))
             .map_err(|e| StoreError::io(self.path, e))?;
-        f.write_all(preamble)
+        self.w
+            .write_all(preamble)
             .map_err(|e| StoreError::io(self.path, e))?;
-        Ok(())
+        self.w.flush().map_err(|e| StoreError::io(self.path, e))
     }
 }

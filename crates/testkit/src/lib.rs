@@ -2,7 +2,9 @@
 //!
 //! Several crates test against the same kind of data: a small store written from arrays kept in
 //! memory, so that every served voxel can be checked against a plain crop of those arrays; and
-//! the fuzz targets' saved inputs, replayed as ordinary tests. Both live here once.
+//! the fuzz targets' saved inputs, replayed as ordinary tests; and a real S3-compatible
+//! server (moto) for the object-storage tests. They live here once.
 
 pub mod fuzz;
+pub mod moto;
 pub mod synthetic;

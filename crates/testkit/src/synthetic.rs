@@ -162,20 +162,45 @@ pub fn locations(case: &MemCase) -> BTreeMap<u16, Vec<[u32; 3]>> {
     out
 }
 
-/// Writes `cases` and a manifest into `dir` (created if needed), with small chunks so that
-/// patches cross chunk borders. Cases are written in reverse order: readers must sort by id.
+/// Writes `cases` and a manifest into `dir` (created if needed; an `s3://bucket/prefix`
+/// location works too), with small chunks so that patches cross chunk borders. Cases are
+/// written in reverse order: readers must sort by id.
 pub fn write_store(dir: &Path, cases: &[MemCase]) {
-    std::fs::create_dir_all(dir).expect("store folder");
-    let opts = WriteOptions {
-        chunk_shape: [4, 5, 6],
-        ..WriteOptions::default()
-    };
+    let sizes = write_cases(dir, cases);
+    manifest_of(cases, &sizes).save(dir).expect("save manifest");
+}
+
+/// The manifest [`write_store`] writes for `cases` whose files have `sizes` bytes (in the
+/// order of `cases`).
+pub fn manifest_of(cases: &[MemCase], sizes: &[u64]) -> Manifest {
     let mut manifest = Manifest {
         format: MANIFEST_FORMAT,
         dataset: "synthetic".into(),
         plan: serde_json::Value::Null,
         cases: Vec::new(),
     };
+    for (case, &stored_bytes) in cases.iter().zip(sizes).rev() {
+        let file = case_file_name(&case.meta.id);
+        manifest.cases.push(ManifestCase {
+            id: case.meta.id.clone(),
+            stored_bytes,
+            file,
+            source: serde_json::Value::Null,
+        });
+    }
+    manifest
+}
+
+/// Writes the case files of [`write_store`] without the manifest; returns each file's size.
+pub fn write_cases(dir: &Path, cases: &[MemCase]) -> Vec<u64> {
+    if !patchflow_store::StoreLocation::is_remote_path(dir) {
+        std::fs::create_dir_all(dir).expect("store folder");
+    }
+    let opts = WriteOptions {
+        chunk_shape: [4, 5, 6],
+        ..WriteOptions::default()
+    };
+    let mut sizes = Vec::with_capacity(cases.len());
     for case in cases.iter().rev() {
         let file = case_file_name(&case.meta.id);
         let locs = locations(case);
@@ -186,14 +211,10 @@ pub fn write_store(dir: &Path, cases: &[MemCase]) {
             class_locations: &locs,
         };
         let report = write_case(&dir.join(&file), &data, &opts).expect("write case");
-        manifest.cases.push(ManifestCase {
-            id: case.meta.id.clone(),
-            file,
-            stored_bytes: report.stored_bytes,
-            source: serde_json::Value::Null,
-        });
+        sizes.push(report.stored_bytes);
     }
-    manifest.save(dir).expect("save manifest");
+    sizes.reverse();
+    sizes
 }
 
 #[cfg(test)]
