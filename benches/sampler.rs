@@ -12,7 +12,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use patchflow_sampler::{BatchRequest, Dataset, OutputDType, Policy, Sampler};
+use patchflow_sampler::{BatchRequest, Dataset, OutputDType, Patch, Policy, Sampler};
 use patchflow_store::{ArrayId, ChunkCache};
 
 mod common;
@@ -53,7 +53,7 @@ fn sampling(c: &mut Criterion) {
 
     // Warm the cache: a uniform batch of the largest patch at many origins touches every chunk.
     let warm = BatchRequest {
-        patch: SHAPE,
+        patch: Patch::new(SHAPE).expect("patch"),
         batch: 1,
         policy: Policy::Uniform,
         crops_per_case: 1,
@@ -109,7 +109,7 @@ fn sampling(c: &mut Criterion) {
         let voxels = edge * edge * edge;
         group.throughput(Throughput::Elements(BATCH as u64));
         let req = BatchRequest {
-            patch,
+            patch: Patch::new(patch).expect("patch"),
             batch: BATCH,
             policy: Policy::ForegroundOversample { fraction: 0.33 },
             crops_per_case: 1,

@@ -145,9 +145,9 @@ pub struct PeerArgs {
     /// The store.
     #[arg(long)]
     pub store: PathBuf,
-    /// Patch z,y,x.
-    #[arg(long, value_parser = parse_usize_triplet, default_value = "128,128,128")]
-    pub patch: [usize; 3],
+    /// Patch z,y,x (or ZxYxX, or one number for a cube).
+    #[arg(long, default_value = "128,128,128")]
+    pub patch: patchflow_grid::Patch,
     /// Items per batch.
     #[arg(long, default_value_t = 2)]
     pub batch: usize,

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use patchflow_client::StreamConfig;
 use patchflow_ingest::{IngestOptions, ingest};
-use patchflow_sampler::{BatchRequest, OutputDType, Policy};
+use patchflow_sampler::{BatchRequest, OutputDType, Patch, Policy};
 use serde::Serialize;
 
 use crate::daemon::{Daemon, DaemonSpec};
@@ -128,7 +128,7 @@ impl SuiteConfig {
     }
 
     /// The patch sizes measured, smallest first.
-    pub fn sizes(&self) -> Result<Vec<[usize; 3]>, BenchError> {
+    pub fn sizes(&self) -> Result<Vec<Patch>, BenchError> {
         let mut sizes: Vec<[usize; 3]> = self.edges.iter().map(|&e| [e; 3]).collect();
         if let Some((final_patch, pools)) = self.pgps {
             let stages =
@@ -140,7 +140,16 @@ impl SuiteConfig {
                 })?;
             sizes.extend(stages);
         }
-        sizes.sort_by_key(|p| (p.iter().product::<usize>(), *p));
+        let mut sizes = sizes
+            .into_iter()
+            .map(|p| {
+                Patch::new(p).map_err(|e| BenchError::Config {
+                    field: "--edges/--pgps-final",
+                    reason: e.to_string(),
+                })
+            })
+            .collect::<Result<Vec<Patch>, BenchError>>()?;
+        sizes.sort_by_key(|p| (p.voxels(), *p));
         sizes.dedup();
         Ok(sizes)
     }
@@ -286,10 +295,10 @@ pub fn run_suite(cfg: &SuiteConfig, stop: &AtomicBool) -> Result<SuiteReport, Be
     // In process.
     for (s, &patch) in sizes.iter().enumerate() {
         let req = request(patch, cfg, s as u64);
-        bar.set_message(format!("in-process {}", fmt_patch(patch)));
+        bar.set_message(format!("in-process {patch}"));
         local.run(&req, 1 << 40, Until::Elapsed(warmup), stop)?;
         let (counts, me, hits) = local.run(&req, 0, Until::Elapsed(seconds), stop)?;
-        let c = ctx(Transport::InProcess, CacheState::Warm, patch, 1);
+        let c = ctx(Transport::InProcess, CacheState::Warm, patch.axes(), 1);
         measurements.push(Measurement::new(&c, &counts, me, None, Some(hits)));
         bar.inc(1);
         if cfg.cold {
@@ -297,7 +306,7 @@ pub fn run_suite(cfg: &SuiteConfig, stop: &AtomicBool) -> Result<SuiteReport, Be
             let cold_req = request(patch, cfg, 1000 + s as u64);
             let (counts, me, hits) =
                 local.run(&cold_req, 0, Until::Batches(cfg.cold_batches), stop)?;
-            let c = ctx(Transport::InProcess, CacheState::Cold, patch, 1);
+            let c = ctx(Transport::InProcess, CacheState::Cold, patch.axes(), 1);
             measurements.push(Measurement::new(&c, &counts, me, None, Some(hits)));
             bar.inc(1);
         }
@@ -334,16 +343,12 @@ pub fn run_suite(cfg: &SuiteConfig, stop: &AtomicBool) -> Result<SuiteReport, Be
                     .map(|&clients| (Transport::Grpc, clients))
                     .chain([(Transport::GrpcShared, 1)]);
                 for (transport, clients) in runs {
-                    bar.set_message(format!(
-                        "{} ×{clients} {}",
-                        transport.name(),
-                        fmt_patch(patch)
-                    ));
-                    let config = stream_config(&name, patch, cfg, s as u64);
+                    bar.set_message(format!("{} ×{clients} {}", transport.name(), patch));
+                    let config = stream_config(&name, patch.axes(), cfg, s as u64);
                     let m = remote_measurement(
                         &mut daemon,
                         &config,
-                        ctx(transport, CacheState::Warm, patch, clients),
+                        ctx(transport, CacheState::Warm, patch.axes(), clients),
                         warmup,
                         Until::Elapsed(seconds),
                         stop,
@@ -357,18 +362,18 @@ pub fn run_suite(cfg: &SuiteConfig, stop: &AtomicBool) -> Result<SuiteReport, Be
             daemon.stop()?;
             if cfg.cold {
                 for (s, &patch) in sizes.iter().enumerate() {
-                    bar.set_message(format!("gRPC cold {}", fmt_patch(patch)));
+                    bar.set_message(format!("gRPC cold {patch}"));
                     // A fresh daemon maps nothing yet, so the pages can be dropped.
                     local.make_cold()?;
                     let mut daemon = Daemon::start(&spec).await?;
                     // Opening the store read its headers with readahead around them; drop
                     // what the daemon did not map.
                     local.make_cold()?;
-                    let config = stream_config(&name, patch, cfg, 1000 + s as u64);
+                    let config = stream_config(&name, patch.axes(), cfg, 1000 + s as u64);
                     let m = remote_measurement(
                         &mut daemon,
                         &config,
-                        ctx(Transport::Grpc, CacheState::Cold, patch, 1),
+                        ctx(Transport::Grpc, CacheState::Cold, patch.axes(), 1),
                         Duration::ZERO,
                         Until::Batches(cfg.cold_batches),
                         stop,
@@ -391,7 +396,7 @@ pub fn run_suite(cfg: &SuiteConfig, stop: &AtomicBool) -> Result<SuiteReport, Be
         .filter_map(|&patch| {
             let find = |t| {
                 measurements.iter().find(|m| {
-                    m.patch == patch
+                    m.patch == patch.axes()
                         && m.transport == t
                         && m.state == CacheState::Warm
                         && m.clients == 1
@@ -400,7 +405,7 @@ pub fn run_suite(cfg: &SuiteConfig, stop: &AtomicBool) -> Result<SuiteReport, Be
             let (local, grpc) = (find(Transport::InProcess)?, find(Transport::Grpc)?);
             let local_rate = local.patches_per_s.max(1e-12);
             Some(LoopbackRatio {
-                patch,
+                patch: patch.axes(),
                 ratio: grpc.patches_per_s / local_rate,
                 shared_ratio: find(Transport::GrpcShared).map(|m| m.patches_per_s / local_rate),
             })
@@ -469,7 +474,7 @@ fn ingest_fresh(
 
 /// The sampler request of one measurement (seeds differ per size so that runs do not replay
 /// each other's crops).
-fn request(patch: [usize; 3], cfg: &SuiteConfig, seed: u64) -> BatchRequest {
+fn request(patch: Patch, cfg: &SuiteConfig, seed: u64) -> BatchRequest {
     BatchRequest {
         patch,
         batch: cfg.batch,

@@ -26,11 +26,13 @@ mod plan;
 mod request;
 mod rng;
 mod sampler;
+mod visit;
 
 pub use convert::OutputDType;
 pub use dataset::{Dataset, IGNORE_U8, IGNORE_U16};
 pub use error::SamplerError;
 pub use patchflow_augment::{AugmentParams, AugmentSpec};
+pub use patchflow_grid::Patch;
 pub use plan::BACKGROUND_TRIES;
-pub use request::{Batch, BatchRequest, ItemMeta, Limits, MAX_PATCH_AXIS, Policy};
+pub use request::{Batch, BatchRequest, ItemMeta, Limits, Policy};
 pub use sampler::Sampler;

@@ -4,10 +4,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use patchflow_grid::{AXIS_NAMES, GridError};
 use patchflow_proto::v1 as pb;
-use patchflow_sampler::{
-    AugmentSpec, Batch, BatchRequest, ItemMeta, MAX_PATCH_AXIS, OutputDType, Policy,
-};
+use patchflow_sampler::{AugmentSpec, Batch, BatchRequest, ItemMeta, OutputDType, Patch, Policy};
 use patchflow_store::MAX_CASE_ID_LEN;
 use patchflow_volume::DType;
 use prost::Message;
@@ -47,6 +46,29 @@ fn invalid_configuration(reason: String) -> Status {
     Status::invalid_argument(format!("invalid configuration: {reason}"))
 }
 
+/// Why the wire patch `axes` is refused: the first offending axis, by its index.
+fn patch_reason(axes: [i64; 3], err: &GridError) -> String {
+    let index = |name: &str| AXIS_NAMES.iter().position(|&a| a == name).unwrap_or(0);
+    match err {
+        GridError::AxisTooLarge { axis, size, max } => format!(
+            "axis {} ([z, y, x]) is {size}, the largest accepted is {max}",
+            index(axis)
+        ),
+        GridError::ZeroAxis { axis } => {
+            format!("axis {} ([z, y, x]) is 0, must be at least 1", index(axis))
+        }
+        // A negative edge: the first one.
+        GridError::BadTriplet { .. } => {
+            let (axis, value) = axes
+                .iter()
+                .enumerate()
+                .find(|&(_, &v)| v < 0)
+                .map_or((0, 0), |(a, &v)| (a, v));
+            format!("axis {axis} ([z, y, x]) is {value}, must be at least 1")
+        }
+    }
+}
+
 /// Checks `config` against the registry and the limits and turns it into a sampler request.
 pub(crate) fn stream_config(
     config: &pb::SampleConfig,
@@ -77,22 +99,12 @@ pub(crate) fn stream_config(
             ),
         ));
     }
-    let mut patch = [0usize; 3];
-    for (axis, (&v, out)) in config.patch_size.iter().zip(&mut patch).enumerate() {
-        if v < 1 {
-            return Err(invalid(
-                "patch_size",
-                format!("axis {axis} ([z, y, x]) is {v}, must be at least 1"),
-            ));
-        }
-        if v > MAX_PATCH_AXIS as i64 {
-            return Err(invalid(
-                "patch_size",
-                format!("axis {axis} ([z, y, x]) is {v}, the largest accepted is {MAX_PATCH_AXIS}"),
-            ));
-        }
-        *out = v as usize;
-    }
+    let axes = [
+        config.patch_size[0],
+        config.patch_size[1],
+        config.patch_size[2],
+    ];
+    let patch = Patch::from_i64(axes).map_err(|e| invalid("patch_size", patch_reason(axes, &e)))?;
     let batch = usize::try_from(config.batch_size).unwrap_or(usize::MAX);
 
     let policy = match &config.policy {
@@ -285,7 +297,7 @@ pub(crate) fn encode_batch(
     let image = buffers.share(batch.image);
     let label = buffers.share(batch.label);
     let header = batch_header(
-        batch.patch,
+        batch.patch.axes(),
         batch.dtype,
         batch.label_dtype,
         batch.items,
@@ -433,7 +445,7 @@ mod tests {
     fn batch(image: usize, label: usize) -> Batch {
         Batch {
             index: 7,
-            patch: [1, 2, 3],
+            patch: Patch::new([1, 2, 3]).unwrap(),
             dtype: OutputDType::F32,
             label_dtype: DType::U8,
             image: (0..image).map(|i| i as u8).collect(),

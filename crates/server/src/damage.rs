@@ -342,7 +342,7 @@ pub(crate) fn sample_batch(
     buffers: &BufferPool,
 ) -> Result<Batch, Status> {
     let dataset = entry.dataset();
-    let voxels: usize = request.base.patch.iter().product();
+    let voxels = request.base.patch.voxels() as usize;
     let image_len = voxels
         .saturating_mul(request.base.dtype.size())
         .saturating_mul(dataset.num_channels())
@@ -399,7 +399,7 @@ pub(crate) fn sample_shared(
     )?;
     Ok(SharedOutcome::Written(SharedBatch {
         index,
-        patch: request.base.patch,
+        patch: request.base.patch.axes(),
         dtype: request.base.dtype,
         label_dtype: dataset.label_dtype(),
         items,
@@ -437,7 +437,7 @@ mod tests {
 
     fn request(cases: Option<Vec<usize>>) -> BatchRequest {
         BatchRequest {
-            patch: [4, 4, 4],
+            patch: patchflow_sampler::Patch::cube(4).unwrap(),
             batch: 2,
             policy: Policy::Uniform,
             crops_per_case: 1,

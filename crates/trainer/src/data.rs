@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, bounded};
 use patchflow_augment::AugmentSpec;
-use patchflow_sampler::{BatchRequest, Dataset, OutputDType, Policy, Sampler};
+use patchflow_sampler::{BatchRequest, Dataset, OutputDType, Patch, Policy, Sampler};
 use patchflow_store::{ArrayId, CaseReader, ChunkCache};
 use patchflow_volume::{DType, Geometry};
 use tch::{Device, Kind, Tensor};
@@ -338,7 +338,8 @@ impl BatchSource for InProcessSource {
             TrainerError::Prefetch("fetch called before start on the in-process source".into())
         })?;
         let req = BatchRequest {
-            patch: step.patch,
+            patch: Patch::new(step.patch)
+                .map_err(|e| TrainerError::config("patch", e.to_string()))?,
             batch: step.batch,
             policy: Policy::ForegroundOversample {
                 fraction: setup.oversample,
@@ -356,7 +357,7 @@ impl BatchSource for InProcessSource {
         };
         Ok(HostBatch {
             index: b.index,
-            patch: b.patch,
+            patch: b.patch.axes(),
             batch: b.items.len(),
             channels: self.info.num_channels,
             dtype: b.dtype,
