@@ -38,6 +38,7 @@ mod config;
 mod convert;
 mod damage;
 mod error;
+mod job;
 mod metrics;
 mod pool;
 mod registry;
@@ -67,7 +68,7 @@ pub use config::{
     DEFAULT_PORT, Limits, MIN_MESSAGE_BYTES, ServerConfig, default_shared_memory_dir,
 };
 pub use convert::DEFAULT_FOREGROUND_FRACTION;
-pub use error::{ServerError, sampler_status, store_status};
+pub use error::ServerError;
 pub use metrics::MetricsSnapshot;
 pub use patchflow_proto::token::{MAX_TOKEN_BYTES, Secret, TokenError};
 

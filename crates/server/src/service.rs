@@ -9,6 +9,7 @@ use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::check_name;
+use crate::error::StreamError;
 use crate::stream::{self, ResponseStream, StreamContext};
 
 /// The service implementation.
@@ -61,14 +62,11 @@ impl pb::patchflow_server::Patchflow for PatchflowService {
         request: Request<pb::DescribeDatasetRequest>,
     ) -> Result<Response<pb::DatasetDescription>, Status> {
         let name = &request.get_ref().dataset;
-        check_name("dataset", name)
-            .map_err(|reason| Status::invalid_argument(format!("invalid request: {reason}")))?;
-        let entry = self.ctx.registry.get(name).ok_or_else(|| {
-            Status::not_found(format!(
-                "unknown dataset {name:?} (served: {})",
-                self.ctx.registry.names()
-            ))
+        check_name("dataset", name).map_err(|reason| StreamError::InvalidName {
+            scope: "request",
+            reason,
         })?;
+        let entry = self.ctx.registry.find(name)?;
         Ok(Response::new(entry.describe()))
     }
 
@@ -83,10 +81,9 @@ impl pb::patchflow_server::Patchflow for PatchflowService {
                 .metrics
                 .streams_refused
                 .fetch_add(1, Ordering::Relaxed);
-            Status::resource_exhausted(format!(
-                "too many concurrent sample streams (limit {})",
-                self.ctx.limits.max_streams
-            ))
+            StreamError::TooManyStreams {
+                limit: self.ctx.limits.max_streams,
+            }
         })?;
         let peer = request
             .remote_addr()
