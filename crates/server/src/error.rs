@@ -291,6 +291,9 @@ impl StreamError {
             StreamError::InvalidField { .. }
             | StreamError::InvalidName { .. }
             | StreamError::UnreadableRequest(_) => Code::InvalidArgument,
+            StreamError::PatchSize { source, .. } if source.is_beyond_limit() => {
+                Code::ResourceExhausted
+            }
             StreamError::PatchSize { .. } => Code::InvalidArgument,
             StreamError::UnknownDataset { .. } | StreamError::UnknownCase { .. } => Code::NotFound,
             StreamError::MessageLimit { .. }
@@ -356,8 +359,8 @@ fn patch_message(axes: [i64; 3], err: &GridError) -> String {
     let index = |name: &str| AXIS_NAMES.iter().position(|&a| a == name).unwrap_or(0);
     match err {
         GridError::AxisTooLarge { axis, size, max } => format!(
-            "invalid configuration: patch_size: axis {} ([z, y, x]) is {size}, the largest \
-             accepted is {max}",
+            "limit exceeded: patch_size: axis {} ([z, y, x]) is {size}, the largest accepted is \
+             {max} (ServerLimits.max_patch_axis)",
             index(axis)
         ),
         GridError::ZeroAxis { axis } => format!(

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use patchflow_grid::MAX_PATCH_AXIS;
 use patchflow_proto::v1 as pb;
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status, Streaming};
@@ -53,6 +54,7 @@ impl pb::patchflow_server::Patchflow for PatchflowService {
                 } else {
                     0
                 },
+                max_patch_axis: u32::try_from(MAX_PATCH_AXIS).unwrap_or(u32::MAX),
             }),
         }))
     }
