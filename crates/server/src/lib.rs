@@ -194,64 +194,15 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let tcp_server = transport(&config, tls.clone())?;
     let unix_server = transport(&config, None)?;
     let workers = config.worker_threads();
-    let cache = ChunkCache::new(config.cache_mb.saturating_mul(1 << 20));
-    let stores = config.stores.clone();
-    let registry_cache = Arc::clone(&cache);
-    let registry = tokio::task::spawn_blocking(move || Registry::open(&stores, &registry_cache))
-        .await
-        .map_err(|e| ServerError::Task {
-            task: "opening stores".into(),
-            reason: e.to_string(),
-        })??;
-    let metrics = Arc::new(Metrics::new(cache, workers));
-    for (name, _) in registry.iter() {
-        metrics.track_dataset(name);
-    }
-    let pool = WorkerPool::new(workers, Arc::clone(&metrics))?;
-    let shared_memory = config
-        .shared_memory
-        .as_deref()
-        .map(|dir| shm::SharedDir::open(dir, config.shared_memory_mb.saturating_mul(1 << 20)))
-        .transpose()?;
-    if let Some(dir) = &shared_memory {
-        tracing::info!(folder = %dir.path().display(), "shared memory offered to clients on this host");
-    }
     let shutdown = CancellationToken::new();
-    let ctx = Arc::new(StreamContext {
-        registry: Arc::new(registry),
-        pool: Arc::new(pool),
-        limits: config.limits.clone(),
-        metrics: Arc::clone(&metrics),
-        shutdown: shutdown.clone(),
-        // Room for the batches a few streams have in flight; beyond that, buffers are freed.
-        buffers: buffers::BufferPool::new(
-            4 * workers.max(1),
-            usize::try_from(config.limits.max_batch_bytes)
-                .unwrap_or(usize::MAX)
-                .min(1 << 30),
-        ),
-        shared_memory,
-    });
+    let ctx = open_context(&config, workers, &shutdown).await?;
+    let metrics = Arc::clone(&ctx.metrics);
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<PatchflowServer<PatchflowService>>()
         .await;
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(patchflow_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(patchflow_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
-    let service = PatchflowServer::new(PatchflowService::new(ctx))
-        .max_encoding_message_size(config.limits.max_message_bytes)
-        .max_decoding_message_size(MAX_REQUEST_BYTES);
-    let routes = Routes::new(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(service);
+    let routes = add_services(Routes::new(health_service), &config, ctx)?;
     // The token check wraps every service of both listeners.
     let authenticator = Authenticator::new(config.token.clone(), Arc::clone(&metrics));
     let router = |server: Server| {
@@ -278,18 +229,9 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         })?;
         local_addr = Some(bound);
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-        let name = format!("tcp {bound}");
-        let signal = shutdown.clone().cancelled_owned();
-        let router = router(tcp_server);
-        let token = shutdown.clone();
-        let task_name = name.clone();
-        tasks.push((
-            name,
-            tokio::spawn(async move {
-                let result = router.serve_with_incoming_shutdown(incoming, signal).await;
-                finish_listener(task_name, result, &token)
-            }),
-        ));
+        let serving = router(tcp_server)
+            .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
+        tasks.push(spawn_listener(format!("tcp {bound}"), serving, &shutdown));
         tracing::info!(
             address = %bound,
             workers,
@@ -300,48 +242,22 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     }
     let mut unix_path = None;
     if let Some(path) = &config.unix {
-        let listener = bind_unix(path)?;
+        let incoming = UnixListenerStream::new(bind_unix(path)?);
         unix_path = Some(path.clone());
-        let incoming = UnixListenerStream::new(listener);
-        let router = router(unix_server);
-        let name = format!("unix {}", path.display());
-        let signal = shutdown.clone().cancelled_owned();
-        let token = shutdown.clone();
-        let task_name = name.clone();
-        tasks.push((
-            name,
-            tokio::spawn(async move {
-                let result = router.serve_with_incoming_shutdown(incoming, signal).await;
-                finish_listener(task_name, result, &token)
-            }),
+        let serving = router(unix_server)
+            .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
+        tasks.push(spawn_listener(
+            format!("unix {}", path.display()),
+            serving,
+            &shutdown,
         ));
         tracing::info!(path = %path.display(), workers, "listening on Unix socket");
     }
     let mut metrics_addr = None;
     if let Some(addr) = config.metrics {
-        let listener = metrics::bind_metrics(addr)
-            .await
-            .map_err(|source| ServerError::Io {
-                what: "binding metrics address",
-                path: addr.to_string(),
-                source,
-            })?;
-        let bound = listener.local_addr().map_err(|source| ServerError::Io {
-            what: "reading bound address of",
-            path: addr.to_string(),
-            source,
-        })?;
+        let (bound, task) = spawn_metrics(addr, Arc::clone(&metrics), &shutdown).await?;
         metrics_addr = Some(bound);
-        let token = shutdown.clone();
-        let metrics = Arc::clone(&metrics);
-        tasks.push((
-            format!("metrics {bound}"),
-            tokio::spawn(async move {
-                metrics::serve_metrics(listener, metrics, token).await;
-                Ok(())
-            }),
-        ));
-        tracing::info!(address = %bound, "metrics on http://{bound}/metrics");
+        tasks.push(task);
     }
 
     Ok(RunningServer {
@@ -355,6 +271,115 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         health,
         grace: config.shutdown_grace,
     })
+}
+
+/// What every stream shares: the opened stores, the counters, the worker pool, the buffer pool
+/// and the shared-memory folder.
+async fn open_context(
+    config: &ServerConfig,
+    workers: usize,
+    shutdown: &CancellationToken,
+) -> Result<Arc<StreamContext>, ServerError> {
+    let cache = ChunkCache::new(config.cache_mb.saturating_mul(1 << 20));
+    let stores = config.stores.clone();
+    let registry_cache = Arc::clone(&cache);
+    let registry = tokio::task::spawn_blocking(move || Registry::open(&stores, &registry_cache))
+        .await
+        .map_err(|e| ServerError::Task {
+            task: "opening stores".into(),
+            reason: e.to_string(),
+        })??;
+    let metrics = Arc::new(Metrics::new(cache, workers));
+    for (name, _) in registry.iter() {
+        metrics.track_dataset(name);
+    }
+    let pool = WorkerPool::new(workers, Arc::clone(&metrics))?;
+    let shared_memory = config
+        .shared_memory
+        .as_deref()
+        .map(|dir| shm::SharedDir::open(dir, config.shared_memory_mb.saturating_mul(1 << 20)))
+        .transpose()?;
+    if let Some(dir) = &shared_memory {
+        tracing::info!(folder = %dir.path().display(), "shared memory offered to clients on this host");
+    }
+    Ok(Arc::new(StreamContext {
+        registry: Arc::new(registry),
+        pool: Arc::new(pool),
+        limits: config.limits.clone(),
+        metrics,
+        shutdown: shutdown.clone(),
+        // Room for the batches a few streams have in flight; beyond that, buffers are freed.
+        buffers: buffers::BufferPool::new(
+            4 * workers.max(1),
+            usize::try_from(config.limits.max_batch_bytes)
+                .unwrap_or(usize::MAX)
+                .min(1 << 30),
+        ),
+        shared_memory,
+    }))
+}
+
+/// `routes` (health checking) with gRPC reflection (v1 and v1alpha) and the Patchflow service
+/// added.
+fn add_services(
+    routes: Routes,
+    config: &ServerConfig,
+    ctx: Arc<StreamContext>,
+) -> Result<Routes, ServerError> {
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(patchflow_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(patchflow_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let service = PatchflowServer::new(PatchflowService::new(ctx))
+        .max_encoding_message_size(config.limits.max_message_bytes)
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    Ok(routes
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(service))
+}
+
+/// Spawns the task serving one listener; a listener that fails stops the whole server.
+fn spawn_listener(
+    name: String,
+    serving: impl Future<Output = Result<(), tonic::transport::Error>> + Send + 'static,
+    shutdown: &CancellationToken,
+) -> (String, JoinHandle<Result<(), ServerError>>) {
+    let token = shutdown.clone();
+    let listener = name.clone();
+    let task = tokio::spawn(async move { finish_listener(listener, serving.await, &token) });
+    (name, task)
+}
+
+/// Binds the metrics endpoint and spawns the task serving it.
+async fn spawn_metrics(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    shutdown: &CancellationToken,
+) -> Result<(SocketAddr, (String, JoinHandle<Result<(), ServerError>>)), ServerError> {
+    let listener = metrics::bind_metrics(addr)
+        .await
+        .map_err(|source| ServerError::Io {
+            what: "binding metrics address",
+            path: addr.to_string(),
+            source,
+        })?;
+    let bound = listener.local_addr().map_err(|source| ServerError::Io {
+        what: "reading bound address of",
+        path: addr.to_string(),
+        source,
+    })?;
+    let token = shutdown.clone();
+    let task = tokio::spawn(async move {
+        metrics::serve_metrics(listener, metrics, token).await;
+        Ok(())
+    });
+    tracing::info!(address = %bound, "metrics on http://{bound}/metrics");
+    Ok((bound, (format!("metrics {bound}"), task)))
 }
 
 /// Runs a daemon until `signal` completes (or a listener fails), then shuts it down gracefully.
