@@ -53,6 +53,7 @@
 //! assert!(out_label.iter().all(|&l| l == 1 || l == 255));
 //! ```
 
+mod draw;
 mod error;
 mod fastmath;
 mod geometry;
@@ -63,10 +64,11 @@ mod simd;
 mod spatial;
 mod spec;
 
+pub use draw::draw;
 pub use error::AugmentError;
 pub use geometry::source_box;
 pub use params::{
-    AugmentParams, ContrastParams, ElasticParams, GammaParams, NoiseParams, PerChannel, draw,
+    AugmentParams, ContrastParams, ElasticParams, GammaParams, NoiseParams, PerChannel,
 };
 pub use spec::{
     AugmentSpec, BlurSpec, BrightnessSpec, ContrastSpec, ElasticSpec, GammaSpec, LowResSpec,
