@@ -16,6 +16,6 @@ mod watch;
 pub use discover::{CaseSource, DatasetSource, InputKind, discover, sanitize_id};
 pub use error::IngestError;
 pub use inspect::{StoreReport, inspect, render_text, verify};
-pub use pipeline::{CaseOutcome, IngestOptions, IngestReport, SourceRecord, ingest};
+pub use pipeline::{CaseOutcome, IngestOptions, IngestReport, SourceRecord, ZSTD_LEVELS, ingest};
 pub use plan::{CtPlan, DatasetPlan, PlanSettings};
 pub use watch::watch;

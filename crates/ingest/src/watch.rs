@@ -39,6 +39,7 @@ pub fn watch(
     stop: &AtomicBool,
     mut on_round: impl FnMut(&IngestReport),
 ) -> Result<(), IngestError> {
+    opts.check()?;
     let first = discover(input)?;
     let mut session = Session::open(out, &first)?;
     // Files seen at the previous poll, and the state each case was last handled in.
