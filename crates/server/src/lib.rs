@@ -215,18 +215,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let mut tasks = Vec::new();
     let mut local_addr = None;
     if let Some(addr) = config.listen {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| ServerError::Io {
-                what: "binding TCP address",
-                path: addr.to_string(),
-                source,
-            })?;
-        let bound = listener.local_addr().map_err(|source| ServerError::Io {
-            what: "reading bound address of",
-            path: addr.to_string(),
-            source,
-        })?;
+        let (listener, bound) = bind_tcp(addr, "binding TCP address").await?;
         local_addr = Some(bound);
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let serving = router(tcp_server)
@@ -361,18 +350,7 @@ async fn spawn_metrics(
     metrics: Arc<Metrics>,
     shutdown: &CancellationToken,
 ) -> Result<(SocketAddr, (String, JoinHandle<Result<(), ServerError>>)), ServerError> {
-    let listener = metrics::bind_metrics(addr)
-        .await
-        .map_err(|source| ServerError::Io {
-            what: "binding metrics address",
-            path: addr.to_string(),
-            source,
-        })?;
-    let bound = listener.local_addr().map_err(|source| ServerError::Io {
-        what: "reading bound address of",
-        path: addr.to_string(),
-        source,
-    })?;
+    let (listener, bound) = bind_tcp(addr, "binding metrics address").await?;
     let token = shutdown.clone();
     let task = tokio::spawn(async move {
         metrics::serve_metrics(listener, metrics, token).await;
@@ -480,6 +458,24 @@ fn finish_listener(
         shutdown.cancel();
         ServerError::Transport { listener, source }
     })
+}
+
+/// Binds a TCP listener at `addr` (`what` says which, for errors); returns it with the address
+/// it got (the actual port when `addr` asked for port 0).
+async fn bind_tcp(
+    addr: SocketAddr,
+    what: &'static str,
+) -> Result<(TcpListener, SocketAddr), ServerError> {
+    let io = |what, source| ServerError::Io {
+        what,
+        path: addr.to_string(),
+        source,
+    };
+    let listener = TcpListener::bind(addr).await.map_err(|e| io(what, e))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| io("reading bound address of", e))?;
+    Ok((listener, bound))
 }
 
 /// Binds a Unix socket at `path`, replacing a stale socket file left by a previous run.

@@ -297,12 +297,7 @@ async fn credits_before_the_first_configuration_are_replaced_by_its_own() {
         ..Default::default()
     };
     let configure = pb::SampleRequest {
-        config: Some(pb::SampleConfig {
-            dataset: fx.name.clone(),
-            patch_size: vec![4, 4, 4],
-            batch_size: 1,
-            ..Default::default()
-        }),
+        config: Some(fx.sample_config([4, 4, 4], 1)),
         credits: 1,
         ..Default::default()
     };
