@@ -1,5 +1,8 @@
 //! nnU-Net's training augmentation as fast, deterministic CPU transforms on 3D patches.
 //!
+//! It owns the augmentation transforms, their parameters and their seeded draw. It must not read
+//! stores or place crops: callers hand it the source region and the patch.
+//!
 //! nnU-Net v2's own data loader spends most of its CPU time in augmentation: about three patches
 //! of 128³ per second per core with its default transforms, so a GPU needs a dozen worker
 //! processes or more. patchflow applies the same transforms inside the sampler, per item, an

@@ -1,6 +1,10 @@
 //! The ingest pipeline: discovers cases, plans the dataset, preprocesses in parallel and writes
 //! the store.
 //!
+//! It owns which files form a case, the dataset plan and the runs that write a store. It must not
+//! define the file format (the store's) or image processing (the volume crate's), and serves
+//! nothing.
+//!
 //! `patchflow ingest` is a thin wrapper over [`ingest`] and [`watch`]; `patchflow inspect` over
 //! [`inspect()`]. The volume crate knows images, the store crate knows the file format; this crate
 //! knows datasets: which files form a case, the plan shared by all cases, what is already done,

@@ -1,5 +1,9 @@
 //! The patchflow daemon: serves chunk stores to training clients over gRPC.
 //!
+//! It owns the network layer: streams and their flow control, limits, access control, and the one
+//! mapping of errors to gRPC statuses. It must not cut patches itself (the sampler does) and must
+//! not link libtorch.
+//!
 //! Trainers should not decode volumes: a storage node holds the chunk stores, cuts and
 //! normalises patches on its own cores and streams ready batches to as many GPU machines as it
 //! can feed. This crate is the thin network layer that makes that possible on top of
@@ -19,6 +23,8 @@
 //!   longer drawn by any stream until the daemon restarts;
 //! * shared memory for clients on the daemon's host: the sampler writes a batch straight into a
 //!   slot file the client maps, so no voxel crosses the socket (`shm`);
+//! * a sampling job that panics ends its own stream with INTERNAL; the daemon and every other
+//!   stream carry on;
 //! * graceful shutdown.
 //!
 //! ```no_run
