@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use patchflow_sampler::{AugmentSpec, BatchRequest, Dataset, OutputDType, Policy, Sampler};
+use patchflow_sampler::{AugmentSpec, BatchRequest, Dataset, OutputDType, Patch, Policy, Sampler};
 use patchflow_store::ChunkCache;
 
 mod common;
@@ -45,7 +45,7 @@ fn timed(f: impl FnOnce()) -> Duration {
 
 fn request(edge: usize, augment: Option<AugmentSpec>) -> BatchRequest {
     BatchRequest {
-        patch: [edge; 3],
+        patch: Patch::cube(edge).expect("patch"),
         batch: BATCH,
         policy: Policy::ForegroundOversample { fraction: 0.33 },
         crops_per_case: 1,
@@ -65,7 +65,7 @@ fn sampling(c: &mut Criterion) {
         .expect("pool");
     // Warm the chunk cache with the whole volume.
     let mut warm = request(256, None);
-    warm.patch = SHAPE;
+    warm.patch = Patch::new(SHAPE).expect("patch");
     warm.batch = 1;
     warm.policy = Policy::Uniform;
     pool.install(|| sampler.sample(&warm, 0).expect("warm-up"));

@@ -12,7 +12,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use patchflow_sampler::{BatchRequest, Dataset, OutputDType, Policy, Sampler};
+use patchflow_sampler::{BatchRequest, Dataset, OutputDType, Patch, Policy, Sampler};
 use patchflow_store::{ArrayId, ChunkCache};
 
 mod common;
@@ -35,16 +35,12 @@ fn copy_box<T: Copy>(src: &[T], origin: [usize; 3], patch: [usize; 3], dst: &mut
     }
 }
 
-fn sampling(c: &mut Criterion) {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    // The daemon serves a folder named like an identifier (dataset names are identifiers).
-    let store = tmp.path().join("bench");
-    std::fs::create_dir_all(&store).expect("store folder");
-    let (image, label) = common::write_store(&store);
-
+/// The in-process samplers: one over a chunk cache warmed with the whole case, one with no
+/// cache (every touched chunk is checksummed and decompressed); and the one-thread pool.
+fn samplers(store: &std::path::Path) -> (Sampler, Sampler, rayon::ThreadPool) {
     // Large enough to hold the whole case decompressed: every chunk is warm after one pass.
     let cache = ChunkCache::new(1 << 30);
-    let dataset = Arc::new(Dataset::open("bench", store.as_path(), cache).expect("open"));
+    let dataset = Arc::new(Dataset::open("bench", store, cache).expect("open"));
     let sampler = Sampler::new(dataset);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(1)
@@ -53,7 +49,7 @@ fn sampling(c: &mut Criterion) {
 
     // Warm the cache: a uniform batch of the largest patch at many origins touches every chunk.
     let warm = BatchRequest {
-        patch: SHAPE,
+        patch: Patch::new(SHAPE).expect("patch"),
         batch: 1,
         policy: Policy::Uniform,
         crops_per_case: 1,
@@ -64,12 +60,21 @@ fn sampling(c: &mut Criterion) {
     };
     pool.install(|| sampler.sample(&warm, 0).expect("warm-up"));
 
-    // The same store with no chunk cache: every touched chunk is checksummed and decompressed.
     let cold = Sampler::new(Arc::new(
-        Dataset::open("bench", store.as_path(), ChunkCache::new(0)).expect("open"),
+        Dataset::open("bench", store, ChunkCache::new(0)).expect("open"),
     ));
+    (sampler, cold, pool)
+}
 
-    // The daemon over loopback gRPC: one sampling worker, the same store, a warm cache.
+/// The daemon over loopback gRPC: one sampling worker, the store, a cache warmed the same way;
+/// and a client of it.
+fn daemon(
+    store: &std::path::Path,
+) -> (
+    tokio::runtime::Runtime,
+    patchflow_server::RunningServer,
+    patchflow_client::Client,
+) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -77,7 +82,7 @@ fn sampling(c: &mut Criterion) {
         .expect("runtime");
     let server = runtime
         .block_on(patchflow_server::start(patchflow_server::ServerConfig {
-            stores: vec![store.as_path().to_path_buf()],
+            stores: vec![store.to_path_buf()],
             listen: Some("127.0.0.1:0".parse().expect("address")),
             workers: 1,
             cache_mb: 1024,
@@ -91,15 +96,25 @@ fn sampling(c: &mut Criterion) {
             patchflow_client::ClientOptions::default(),
         ))
         .expect("client");
-    let dataset_name = "bench".to_string();
     {
-        // Warm the daemon's cache the same way.
         let mut cfg =
-            patchflow_client::StreamConfig::new(dataset_name.clone(), SHAPE.map(|v| v as i64), 1);
+            patchflow_client::StreamConfig::new("bench".to_string(), SHAPE.map(|v| v as i64), 1);
         cfg.policy = patchflow_client::Policy::Uniform;
         let mut stream = runtime.block_on(client.stream(cfg)).expect("stream");
         runtime.block_on(stream.next()).expect("warm-up batch");
     }
+    (runtime, server, client)
+}
+
+fn sampling(c: &mut Criterion) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // The daemon serves a folder named like an identifier (dataset names are identifiers).
+    let store = tmp.path().join("bench");
+    std::fs::create_dir_all(&store).expect("store folder");
+    let (image, label) = common::write_store(&store);
+    let (sampler, cold, pool) = samplers(&store);
+    let (runtime, server, client) = daemon(&store);
+    let dataset_name = "bench".to_string();
 
     let image_f32: Vec<f32> = image.iter().map(|&v| f32::from(v)).collect();
     let mut group = c.benchmark_group("sampler");
@@ -109,7 +124,7 @@ fn sampling(c: &mut Criterion) {
         let voxels = edge * edge * edge;
         group.throughput(Throughput::Elements(BATCH as u64));
         let req = BatchRequest {
-            patch,
+            patch: Patch::new(patch).expect("patch"),
             batch: BATCH,
             policy: Policy::ForegroundOversample { fraction: 0.33 },
             crops_per_case: 1,

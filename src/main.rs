@@ -1,16 +1,24 @@
-//! The `patchflow` command: parses arguments, starts logging and hands over to the library crates.
+//! The `patchflow` command: parses the command line once into the libraries' configurations
+//! (`flags`), starts logging and hands each subcommand to the library that does the work
+//! (`commands`, `bench`).
+//!
+//! It owns no value rule and no pipeline of its own, and must not link libtorch: the trainer is
+//! the separate `patchflow-train` binary, which the demo runs as a child process.
 
 mod bench;
-mod cli;
+mod commands;
+mod flags;
+mod signals;
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let args = cli::Cli::parse();
+    let args = flags::Cli::parse();
     init_tracing(args.verbose, args.quiet);
-    match cli::run(args) {
+    match commands::run(args) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -19,7 +27,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// Logs go to stderr; `RUST_LOG` overrides the level chosen by `-v` / `-q`.
+/// Logs go to stderr, coloured only when stderr is a terminal (a log file or a pipe gets plain
+/// text); `RUST_LOG` overrides the level chosen by `-v` / `-q`.
 fn init_tracing(verbose: u8, quiet: bool) {
     let default = match (quiet, verbose) {
         (true, _) => "warn",
@@ -32,6 +41,7 @@ fn init_tracing(verbose: u8, quiet: bool) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .init();
 }

@@ -1,5 +1,5 @@
 //! Ingest end to end on generated data: bad inputs next to good ones, a kill in the middle of a
-//! write, re-runs, and the watch daemon.
+//! write, re-runs, and the watch daemon; and the logs of the binary when they go to a file.
 
 mod common;
 
@@ -336,4 +336,24 @@ fn a_flipped_byte_in_a_chunk_is_a_checksum_error_naming_case_and_chunk() {
         "{line}"
     );
     assert!(!stderr.contains("damaged: phantom_000"), "{stderr}");
+}
+
+/// Logs that go to a pipe or a file are plain text: no ANSI colour codes.
+#[test]
+fn logs_written_to_a_pipe_carry_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("raw");
+    // Without --quiet, so that the info lines are written; stderr is a pipe here.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_patchflow"))
+        .args(["phantom", s(&raw), "--cases", "1", "--shape", "8x16x16"])
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("INFO") && stderr.contains("wrote phantom dataset"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains('\u{1b}'), "escape codes in {stderr:?}");
 }

@@ -355,7 +355,7 @@ async fn colin27_conformed_to_256_uses_the_mask_like_nnunet() {
     let ds = Arc::new(Dataset::open("brain", &store, ChunkCache::new(64 << 20)).unwrap());
     let sampler = Sampler::new(Arc::clone(&ds));
     let req = BatchRequest {
-        patch: reference.shape,
+        patch: patchflow_grid::Patch::new(reference.shape).unwrap(),
         batch: 1,
         policy: Policy::Uniform,
         crops_per_case: 1,

@@ -1,5 +1,8 @@
 //! nnU-Net's training augmentation as fast, deterministic CPU transforms on 3D patches.
 //!
+//! It owns the augmentation transforms, their parameters and their seeded draw. It must not read
+//! stores or place crops: callers hand it the source region and the patch.
+//!
 //! nnU-Net v2's own data loader spends most of its CPU time in augmentation: about three patches
 //! of 128³ per second per core with its default transforms, so a GPU needs a dozen worker
 //! processes or more. patchflow applies the same transforms inside the sampler, per item, an
@@ -53,6 +56,7 @@
 //! assert!(out_label.iter().all(|&l| l == 1 || l == 255));
 //! ```
 
+mod draw;
 mod error;
 mod fastmath;
 mod geometry;
@@ -63,10 +67,11 @@ mod simd;
 mod spatial;
 mod spec;
 
+pub use draw::draw;
 pub use error::AugmentError;
 pub use geometry::source_box;
 pub use params::{
-    AugmentParams, ContrastParams, ElasticParams, GammaParams, NoiseParams, PerChannel, draw,
+    AugmentParams, ContrastParams, ElasticParams, GammaParams, NoiseParams, PerChannel,
 };
 pub use spec::{
     AugmentSpec, BlurSpec, BrightnessSpec, ContrastSpec, ElasticSpec, GammaSpec, LowResSpec,

@@ -1,5 +1,8 @@
 //! `patchflow bench`: measures what a storage node can feed before anyone trusts it with GPUs.
 //!
+//! It owns the measurements and their reports. Nothing that serves or trains depends on it, and
+//! it drives a daemon only as a child process, from the outside.
+//!
 //! Users run this on their own storage before they point a cluster of trainers at a daemon,
 //! and compare it with the loaders they use today. It measures, on a generated CT-like dataset
 //! of any size (or an existing store):

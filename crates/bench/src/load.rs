@@ -14,6 +14,7 @@ use crate::daemon::{Daemon, DaemonSpec};
 use crate::generate::bar;
 use crate::machine::Machine;
 use crate::measure::{Transport, percentile};
+use crate::procstat::ProcSample;
 use crate::{BenchError, REPORT_VERSION};
 
 /// Settings of [`run_load`].
@@ -141,39 +142,42 @@ struct Tally {
     latencies: Vec<f64>,
 }
 
+impl Tally {
+    /// Adds `other`'s counts; keeps the first 8 error samples.
+    fn absorb(&mut self, other: Tally) {
+        self.batches += other.batches;
+        self.patches += other.patches;
+        self.bytes += other.bytes;
+        self.changes += other.changes;
+        self.errors += other.errors;
+        self.latencies.extend(other.latencies);
+        for s in other.samples {
+            if self.samples.len() < 8 {
+                self.samples.push(s);
+            }
+        }
+    }
+}
+
+/// What a load run observed of the daemon and its streams.
+struct Observed {
+    machine: Machine,
+    /// Whether the streams asked for shared memory.
+    shared: bool,
+    total: Tally,
+    wall_s: f64,
+    /// The daemon before any stream, when the streams started, and at the end.
+    idle: ProcSample,
+    first: ProcSample,
+    last: ProcSample,
+    peak_anon: u64,
+    peak_shared: u64,
+}
+
 /// Runs the load and returns its report.
 pub fn run_load(cfg: &LoadConfig, stop: &AtomicBool) -> Result<LoadReport, BenchError> {
-    if cfg.streams == 0 || cfg.sizes.is_empty() || cfg.switch_every == 0 || cfg.batch == 0 {
-        return Err(BenchError::Config {
-            field: "--streams/--sizes/--switch-every/--batch",
-            reason: "each must be at least 1".into(),
-        });
-    }
-    let shared = match cfg.transport {
-        Transport::GrpcShared => true,
-        Transport::Grpc => false,
-        Transport::InProcess => {
-            return Err(BenchError::Config {
-                field: "--transport",
-                reason: "the load runs against a daemon: grpc or grpc-shm".into(),
-            });
-        }
-    };
-    let mut daemon_args = cfg.daemon_args.clone();
-    if shared {
-        daemon_args.extend(["--shm-mb".to_string(), cfg.shm_mb.to_string()]);
-    }
+    let (spec, shared) = daemon_spec(cfg)?;
     let machine = Machine::describe(&cfg.store);
-    let spec = DaemonSpec {
-        exe: cfg.exe.clone(),
-        stores: vec![cfg.store.clone()],
-        workers: cfg.workers,
-        cache_mb: cfg.cache_mb,
-        max_streams: Some(cfg.streams.max(16) * 2),
-        log: cfg.log.clone(),
-        shared_memory: shared,
-        extra_args: daemon_args,
-    };
     let name = cfg
         .store
         .file_name()
@@ -206,8 +210,8 @@ pub fn run_load(cfg: &LoadConfig, stop: &AtomicBool) -> Result<LoadReport, Bench
                 .await
             }));
         }
-        let d0 = daemon.sample()?;
-        let mut peak_anon = d0.anon_rss_bytes;
+        let first = daemon.sample()?;
+        let mut peak_anon = first.anon_rss_bytes;
         let mut peak_shared = daemon.shared_memory_bytes();
         while Instant::now() < deadline {
             if stop.load(Ordering::Relaxed) {
@@ -221,75 +225,119 @@ pub fn run_load(cfg: &LoadConfig, stop: &AtomicBool) -> Result<LoadReport, Bench
         }
         let mut total = Tally::default();
         for t in tasks {
-            let tally = t.await.map_err(|e| BenchError::Task(e.to_string()))?;
-            total.batches += tally.batches;
-            total.patches += tally.patches;
-            total.bytes += tally.bytes;
-            total.changes += tally.changes;
-            total.errors += tally.errors;
-            total.latencies.extend(tally.latencies);
-            for s in tally.samples {
-                if total.samples.len() < 8 {
-                    total.samples.push(s);
-                }
-            }
+            total.absorb(t.await.map_err(|e| BenchError::Task(e.to_string()))?);
         }
-        let wall = start.elapsed().as_secs_f64();
-        let d1 = daemon.sample()?;
-        peak_anon = peak_anon.max(d1.anon_rss_bytes);
+        let wall_s = start.elapsed().as_secs_f64();
+        let last = daemon.sample()?;
+        peak_anon = peak_anon.max(last.anon_rss_bytes);
         peak_shared = peak_shared.max(daemon.shared_memory_bytes());
         daemon.stop()?;
         bar.finish_and_clear();
         if stop.load(Ordering::Relaxed) {
             return Err(BenchError::Interrupted);
         }
-        let largest = cfg
-            .sizes
-            .iter()
-            .map(|p| p.iter().map(|&n| n as u64).product::<u64>())
-            .max()
-            .unwrap_or(0);
-        // f32 image (one channel here) + label of up to 2 bytes, per item.
-        let batch_bytes = largest * 6 * cfg.batch as u64;
-        let bound = idle.anon_rss_bytes
-            + cfg.cache_mb * (1 << 20)
-            + cfg.streams as u64 * BATCHES_HELD_PER_STREAM * batch_bytes;
-        let shared_cap = if shared { cfg.shm_mb << 20 } else { 0 };
-        total.latencies.sort_by(f64::total_cmp);
-        let w = wall.max(1e-9);
-        Ok(LoadReport {
-            version: REPORT_VERSION,
-            command: cfg.command.clone(),
-            machine,
-            streams: cfg.streams,
-            sizes: cfg.sizes.clone(),
-            switch_every: cfg.switch_every,
-            batch: cfg.batch,
-            workers: cfg.workers,
-            cache_mb: cfg.cache_mb,
-            wall_s: wall,
-            batches: total.batches,
-            patches: total.patches,
-            size_changes: total.changes,
-            batches_per_s: total.batches as f64 / w,
-            patches_per_s: total.patches as f64 / w,
-            mb_per_s: total.bytes as f64 / w / 1e6,
-            latency_p50_ms: percentile(&total.latencies, 0.5) * 1e3,
-            latency_p99_ms: percentile(&total.latencies, 0.99) * 1e3,
-            latency_max_ms: total.latencies.last().copied().unwrap_or(0.0) * 1e3,
-            errors: total.errors,
-            error_samples: total.samples,
-            daemon_cpu_s: d1.since(&d0).cpu_s,
-            daemon_idle_rss_bytes: idle.rss_bytes,
-            daemon_peak_rss_bytes: d1.peak_rss_bytes,
-            daemon_peak_anon_bytes: peak_anon,
-            daemon_memory_bound_bytes: bound,
-            transport: cfg.transport.name().to_string(),
-            daemon_peak_shared_bytes: peak_shared,
-            shared_memory_cap_bytes: shared_cap,
-            within_bound: peak_anon <= bound && peak_shared <= shared_cap,
-        })
+        Ok(report(
+            cfg,
+            Observed {
+                machine,
+                shared,
+                total,
+                wall_s,
+                idle,
+                first,
+                last,
+                peak_anon,
+                peak_shared,
+            },
+        ))
     })
+}
+
+/// The daemon a load runs against, and whether its streams use shared memory.
+fn daemon_spec(cfg: &LoadConfig) -> Result<(DaemonSpec, bool), BenchError> {
+    if cfg.streams == 0 || cfg.sizes.is_empty() || cfg.switch_every == 0 || cfg.batch == 0 {
+        return Err(BenchError::Config {
+            field: "--streams/--sizes/--switch-every/--batch",
+            reason: "each must be at least 1".into(),
+        });
+    }
+    let shared = match cfg.transport {
+        Transport::GrpcShared => true,
+        Transport::Grpc => false,
+        Transport::InProcess => {
+            return Err(BenchError::Config {
+                field: "--transport",
+                reason: "the load runs against a daemon: grpc or grpc-shm".into(),
+            });
+        }
+    };
+    let mut daemon_args = cfg.daemon_args.clone();
+    if shared {
+        daemon_args.extend(["--shm-mb".to_string(), cfg.shm_mb.to_string()]);
+    }
+    let spec = DaemonSpec {
+        exe: cfg.exe.clone(),
+        stores: vec![cfg.store.clone()],
+        workers: cfg.workers,
+        cache_mb: cfg.cache_mb,
+        max_streams: Some(cfg.streams.max(16) * 2),
+        log: cfg.log.clone(),
+        shared_memory: shared,
+        extra_args: daemon_args,
+    };
+    Ok((spec, shared))
+}
+
+/// The report of a load run: rates, latencies, and the daemon's peak memory against the bound
+/// its settings imply.
+fn report(cfg: &LoadConfig, mut o: Observed) -> LoadReport {
+    let largest = cfg
+        .sizes
+        .iter()
+        .map(|p| p.iter().map(|&n| n as u64).product::<u64>())
+        .max()
+        .unwrap_or(0);
+    // f32 image (one channel here) + label of up to 2 bytes, per item.
+    let batch_bytes = largest * 6 * cfg.batch as u64;
+    let bound = o.idle.anon_rss_bytes
+        + cfg.cache_mb * (1 << 20)
+        + cfg.streams as u64 * BATCHES_HELD_PER_STREAM * batch_bytes;
+    let shared_cap = if o.shared { cfg.shm_mb << 20 } else { 0 };
+    let total = &mut o.total;
+    total.latencies.sort_by(f64::total_cmp);
+    let w = o.wall_s.max(1e-9);
+    LoadReport {
+        version: REPORT_VERSION,
+        command: cfg.command.clone(),
+        machine: o.machine,
+        streams: cfg.streams,
+        sizes: cfg.sizes.clone(),
+        switch_every: cfg.switch_every,
+        batch: cfg.batch,
+        workers: cfg.workers,
+        cache_mb: cfg.cache_mb,
+        wall_s: o.wall_s,
+        batches: total.batches,
+        patches: total.patches,
+        size_changes: total.changes,
+        batches_per_s: total.batches as f64 / w,
+        patches_per_s: total.patches as f64 / w,
+        mb_per_s: total.bytes as f64 / w / 1e6,
+        latency_p50_ms: percentile(&total.latencies, 0.5) * 1e3,
+        latency_p99_ms: percentile(&total.latencies, 0.99) * 1e3,
+        latency_max_ms: total.latencies.last().copied().unwrap_or(0.0) * 1e3,
+        errors: total.errors,
+        error_samples: std::mem::take(&mut total.samples),
+        daemon_cpu_s: o.last.since(&o.first).cpu_s,
+        daemon_idle_rss_bytes: o.idle.rss_bytes,
+        daemon_peak_rss_bytes: o.last.peak_rss_bytes,
+        daemon_peak_anon_bytes: o.peak_anon,
+        daemon_memory_bound_bytes: bound,
+        transport: cfg.transport.name().to_string(),
+        daemon_peak_shared_bytes: o.peak_shared,
+        shared_memory_cap_bytes: shared_cap,
+        within_bound: o.peak_anon <= bound && o.peak_shared <= shared_cap,
+    }
 }
 
 /// One trainer: streams until `deadline`, changing size every `every` batches; on an error it

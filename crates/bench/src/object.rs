@@ -137,8 +137,16 @@ pub struct ObjectReport {
     pub daemons: Vec<DaemonsMeasurement>,
 }
 
-fn request(patch: [usize; 3], cfg: &ObjectBenchConfig, seed: u64) -> BatchRequest {
-    BatchRequest {
+fn request(
+    patch: [usize; 3],
+    cfg: &ObjectBenchConfig,
+    seed: u64,
+) -> Result<BatchRequest, BenchError> {
+    let patch = patchflow_grid::Patch::new(patch).map_err(|e| BenchError::Config {
+        field: "--edges",
+        reason: e.to_string(),
+    })?;
+    Ok(BatchRequest {
         patch,
         batch: cfg.batch,
         policy: Policy::ForegroundOversample {
@@ -149,7 +157,7 @@ fn request(patch: [usize; 3], cfg: &ObjectBenchConfig, seed: u64) -> BatchReques
         seed,
         cases: None,
         augment: None,
-    }
+    })
 }
 
 /// Copies the store at `store` (manifest and case files) into `dir`; returns the manifest.
@@ -352,7 +360,7 @@ pub fn run_object_store(
     for (s, &patch) in sizes.iter().enumerate() {
         local.make_cold()?;
         let (counts, _, _) = local.run(
-            &request(patch, cfg, 100 + s as u64),
+            &request(patch, cfg, 100 + s as u64)?,
             0,
             Until::Batches(cfg.cold_batches),
             stop,
@@ -366,7 +374,7 @@ pub fn run_object_store(
             counts.wall_s,
             None,
         ));
-        let req = request(patch, cfg, s as u64);
+        let req = request(patch, cfg, s as u64)?;
         local.run(&req, 1 << 40, warmup, stop)?;
         let (counts, _, _) = local.run(&req, 0, seconds, stop)?;
         measurements.push(row(
@@ -394,7 +402,7 @@ pub fn run_object_store(
             let remote = InProcess::open(&name, &cfg.store, cfg.cache_mb, cfg.workers)?;
             let before = bucket_stats(&location.bucket);
             let (counts, _, _) = remote.run(
-                &request(patch, cfg, 100 + s as u64),
+                &request(patch, cfg, 100 + s as u64)?,
                 0,
                 Until::Batches(cfg.cold_batches),
                 stop,
@@ -409,7 +417,7 @@ pub fn run_object_store(
                 counts.wall_s,
                 Some(got),
             ));
-            let req = request(patch, cfg, s as u64);
+            let req = request(patch, cfg, s as u64)?;
             remote.run(&req, 1 << 40, warmup, stop)?;
             let before = bucket_stats(&location.bucket);
             let (counts, _, _) = remote.run(&req, 0, seconds, stop)?;

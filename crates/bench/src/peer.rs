@@ -6,7 +6,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use patchflow_client::StreamConfig;
-use patchflow_sampler::{AugmentSpec, BatchRequest, OutputDType, Policy};
+use patchflow_sampler::{AugmentSpec, BatchRequest, OutputDType, Patch, Policy};
 use serde::Serialize;
 
 use crate::daemon::{Daemon, DaemonSpec};
@@ -20,7 +20,7 @@ pub struct PeerConfig {
     /// The store.
     pub store: PathBuf,
     /// Patch size `[z, y, x]`.
-    pub patch: [usize; 3],
+    pub patch: Patch,
     /// Items per batch.
     pub batch: usize,
     /// Foreground-oversampled share.
@@ -130,7 +130,7 @@ pub fn run_peer(cfg: &PeerConfig, stop: &AtomicBool) -> Result<PeerReport, Bench
                 let mut daemon = Daemon::start(&spec).await?;
                 let mut config = StreamConfig::new(
                     name.as_str(),
-                    cfg.patch.map(|n| i64::try_from(n).unwrap_or(i64::MAX)),
+                    cfg.patch.to_i64(),
                     u32::try_from(cfg.batch).unwrap_or(u32::MAX),
                 );
                 config.policy = patchflow_client::Policy::ForegroundOversample {
@@ -177,7 +177,7 @@ pub fn run_peer(cfg: &PeerConfig, stop: &AtomicBool) -> Result<PeerReport, Bench
         tool: "patchflow",
         transport: cfg.transport,
         augment: if cfg.augment { "nnunet" } else { "none" },
-        patch: cfg.patch,
+        patch: cfg.patch.axes(),
         batch: cfg.batch,
         foreground: cfg.foreground,
         workers: cfg.workers,

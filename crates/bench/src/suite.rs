@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
+use indicatif::ProgressBar;
 use patchflow_client::StreamConfig;
 use patchflow_grid::Patch;
 use patchflow_ingest::{IngestOptions, ingest};
@@ -272,143 +273,25 @@ pub fn run_suite(cfg: &SuiteConfig, stop: &AtomicBool) -> Result<SuiteReport, Be
     let per_size = 1
         + usize::from(cfg.cold)
         + remote.map_or(0, |_| cfg.clients.len() + 1 + usize::from(cfg.cold));
-    let bar = bar(cfg.progress, (sizes.len() * per_size) as u64, "measuring");
-    let mut measurements = Vec::new();
-    let seconds = Duration::from_secs_f64(cfg.seconds);
-    let warmup = Duration::from_secs_f64((cfg.seconds / 2.0).clamp(0.5, 5.0));
-    let ctx = |transport, state, patch, clients| Context {
-        transport,
-        state,
-        patch,
-        batch: cfg.batch,
-        clients,
-        workers: local.workers(),
-        stored_bytes_per_voxel: per_voxel,
+    let mut run = SuiteRun {
+        cfg,
+        bar: bar(cfg.progress, (sizes.len() * per_size) as u64, "measuring"),
+        sizes,
+        local,
+        name,
+        per_voxel,
+        seconds: Duration::from_secs_f64(cfg.seconds),
+        warmup: Duration::from_secs_f64((cfg.seconds / 2.0).clamp(0.5, 5.0)),
+        stop,
+        measurements: Vec::new(),
     };
+    run.in_process()?;
+    let daemon_peak = remote
+        .map(|exe| run.through_daemon(exe, &store))
+        .transpose()?;
+    run.bar.finish_and_clear();
 
-    // In process.
-    for (s, &patch) in sizes.iter().enumerate() {
-        bar.set_message(format!("in-process {patch}"));
-        let patch = patch.axes();
-        let req = request(patch, cfg, s as u64);
-        local.run(&req, 1 << 40, Until::Elapsed(warmup), stop)?;
-        let (counts, me, hits) = local.run(&req, 0, Until::Elapsed(seconds), stop)?;
-        let c = ctx(Transport::InProcess, CacheState::Warm, patch, 1);
-        measurements.push(Measurement::new(&c, &counts, me, None, Some(hits)));
-        bar.inc(1);
-        if cfg.cold {
-            local.make_cold()?;
-            let cold_req = request(patch, cfg, 1000 + s as u64);
-            let (counts, me, hits) =
-                local.run(&cold_req, 0, Until::Batches(cfg.cold_batches), stop)?;
-            let c = ctx(Transport::InProcess, CacheState::Cold, patch, 1);
-            measurements.push(Measurement::new(&c, &counts, me, None, Some(hits)));
-            bar.inc(1);
-        }
-    }
-
-    // Through the daemon.
-    let mut daemon_peak = None;
-    if let Some(exe) = remote {
-        let spec = DaemonSpec {
-            exe: exe.clone(),
-            stores: vec![store.clone()],
-            workers: local.workers(),
-            cache_mb: cfg.cache_mb,
-            max_streams: None,
-            extra_args: cfg.daemon_args.clone(),
-            log: cfg.work_dir.join("daemon.log"),
-            shared_memory: true,
-        };
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .thread_name("bench-client")
-            .build()
-            .map_err(|e| BenchError::Task(format!("cannot start the async runtime: {e}")))?;
-        let mut peak = 0u64;
-        runtime.block_on(async {
-            let mut daemon = Daemon::start(&spec).await?;
-            for (s, &patch) in sizes.iter().enumerate() {
-                // Voxels in the messages with each client count, then the same stream with its
-                // voxels through shared memory, as a trainer on the daemon's host gets it.
-                let runs = cfg
-                    .clients
-                    .iter()
-                    .map(|&clients| (Transport::Grpc, clients))
-                    .chain([(Transport::GrpcShared, 1)]);
-                for (transport, clients) in runs {
-                    bar.set_message(format!("{} ×{clients} {patch}", transport.name()));
-                    let patch = patch.axes();
-                    let config = stream_config(&name, patch, cfg, s as u64);
-                    let m = remote_measurement(
-                        &mut daemon,
-                        &config,
-                        ctx(transport, CacheState::Warm, patch, clients),
-                        warmup,
-                        Until::Elapsed(seconds),
-                        stop,
-                    )
-                    .await?;
-                    peak = peak.max(m.daemon_peak_rss_bytes.unwrap_or(0));
-                    measurements.push(m);
-                    bar.inc(1);
-                }
-            }
-            daemon.stop()?;
-            if cfg.cold {
-                for (s, &patch) in sizes.iter().enumerate() {
-                    bar.set_message(format!("gRPC cold {patch}"));
-                    let patch = patch.axes();
-                    // A fresh daemon maps nothing yet, so the pages can be dropped.
-                    local.make_cold()?;
-                    let mut daemon = Daemon::start(&spec).await?;
-                    // Opening the store read its headers with readahead around them; drop
-                    // what the daemon did not map.
-                    local.make_cold()?;
-                    let config = stream_config(&name, patch, cfg, 1000 + s as u64);
-                    let m = remote_measurement(
-                        &mut daemon,
-                        &config,
-                        ctx(Transport::Grpc, CacheState::Cold, patch, 1),
-                        Duration::ZERO,
-                        Until::Batches(cfg.cold_batches),
-                        stop,
-                    )
-                    .await?;
-                    peak = peak.max(m.daemon_peak_rss_bytes.unwrap_or(0));
-                    measurements.push(m);
-                    daemon.stop()?;
-                    bar.inc(1);
-                }
-            }
-            Ok::<_, BenchError>(())
-        })?;
-        daemon_peak = Some(peak);
-    }
-    bar.finish_and_clear();
-
-    let loopback = sizes
-        .iter()
-        .filter_map(|&patch| {
-            let patch = patch.axes();
-            let find = |t| {
-                measurements.iter().find(|m| {
-                    m.patch == patch
-                        && m.transport == t
-                        && m.state == CacheState::Warm
-                        && m.clients == 1
-                })
-            };
-            let (local, grpc) = (find(Transport::InProcess)?, find(Transport::Grpc)?);
-            let local_rate = local.patches_per_s.max(1e-12);
-            Some(LoopbackRatio {
-                patch,
-                ratio: grpc.patches_per_s / local_rate,
-                shared_ratio: find(Transport::GrpcShared).map(|m| m.patches_per_s / local_rate),
-            })
-        })
-        .collect();
+    let loopback = loopback_ratios(&run.sizes, &run.measurements);
     Ok(SuiteReport {
         version: REPORT_VERSION,
         command: cfg.command.clone(),
@@ -419,12 +302,195 @@ pub fn run_suite(cfg: &SuiteConfig, stop: &AtomicBool) -> Result<SuiteReport, Be
         ingest: ingest_figures,
         batch: cfg.batch,
         foreground: cfg.foreground,
-        workers: local.workers(),
+        workers: run.local.workers(),
         cache_mb: cfg.cache_mb,
-        measurements,
+        measurements: run.measurements,
         loopback,
         daemon_peak_rss_bytes: daemon_peak,
     })
+}
+
+/// What the measurements of one suite run share.
+struct SuiteRun<'a> {
+    cfg: &'a SuiteConfig,
+    sizes: Vec<Patch>,
+    local: InProcess,
+    /// The dataset's name (the store folder's).
+    name: String,
+    per_voxel: usize,
+    bar: ProgressBar,
+    seconds: Duration,
+    warmup: Duration,
+    stop: &'a AtomicBool,
+    measurements: Vec<Measurement>,
+}
+
+impl SuiteRun<'_> {
+    /// The context of one measurement.
+    fn context(
+        &self,
+        transport: Transport,
+        state: CacheState,
+        patch: Patch,
+        clients: usize,
+    ) -> Context {
+        Context {
+            transport,
+            state,
+            patch: patch.axes(),
+            batch: self.cfg.batch,
+            clients,
+            workers: self.local.workers(),
+            stored_bytes_per_voxel: self.per_voxel,
+        }
+    }
+
+    /// Every size in process, warm and (unless turned off) cold.
+    fn in_process(&mut self) -> Result<(), BenchError> {
+        let (cfg, stop) = (self.cfg, self.stop);
+        for (s, &patch) in self.sizes.iter().enumerate() {
+            let req = request(patch, cfg, s as u64);
+            self.bar.set_message(format!("in-process {patch}"));
+            self.local
+                .run(&req, 1 << 40, Until::Elapsed(self.warmup), stop)?;
+            let (counts, me, hits) = self
+                .local
+                .run(&req, 0, Until::Elapsed(self.seconds), stop)?;
+            let c = self.context(Transport::InProcess, CacheState::Warm, patch, 1);
+            self.measurements
+                .push(Measurement::new(&c, &counts, me, None, Some(hits)));
+            self.bar.inc(1);
+            if cfg.cold {
+                self.local.make_cold()?;
+                let cold_req = request(patch, cfg, 1000 + s as u64);
+                let (counts, me, hits) =
+                    self.local
+                        .run(&cold_req, 0, Until::Batches(cfg.cold_batches), stop)?;
+                let c = self.context(Transport::InProcess, CacheState::Cold, patch, 1);
+                self.measurements
+                    .push(Measurement::new(&c, &counts, me, None, Some(hits)));
+                self.bar.inc(1);
+            }
+        }
+        Ok(())
+    }
+
+    /// Every size through a `patchflow serve` child (`exe`) serving `store`: warm with each
+    /// client count and through shared memory, then cold. Returns the daemon's peak memory.
+    fn through_daemon(&mut self, exe: &Path, store: &Path) -> Result<u64, BenchError> {
+        let spec = DaemonSpec {
+            exe: exe.to_path_buf(),
+            stores: vec![store.to_path_buf()],
+            workers: self.local.workers(),
+            cache_mb: self.cfg.cache_mb,
+            max_streams: None,
+            extra_args: self.cfg.daemon_args.clone(),
+            log: self.cfg.work_dir.join("daemon.log"),
+            shared_memory: true,
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .thread_name("bench-client")
+            .build()
+            .map_err(|e| BenchError::Task(format!("cannot start the async runtime: {e}")))?;
+        runtime.block_on(async {
+            let warm = self.daemon_warm(&spec).await?;
+            let cold = if self.cfg.cold {
+                self.daemon_cold(&spec).await?
+            } else {
+                0
+            };
+            Ok(warm.max(cold))
+        })
+    }
+
+    /// Warm runs on one daemon: voxels in the messages with each client count, then the same
+    /// stream with its voxels through shared memory, as a trainer on the daemon's host gets it.
+    async fn daemon_warm(&mut self, spec: &DaemonSpec) -> Result<u64, BenchError> {
+        let mut peak = 0u64;
+        let mut daemon = Daemon::start(spec).await?;
+        for (s, patch) in self.sizes.clone().into_iter().enumerate() {
+            let runs = self
+                .cfg
+                .clients
+                .iter()
+                .map(|&clients| (Transport::Grpc, clients))
+                .chain([(Transport::GrpcShared, 1)]);
+            for (transport, clients) in runs {
+                self.bar
+                    .set_message(format!("{} ×{clients} {}", transport.name(), patch));
+                let config = stream_config(&self.name, patch.axes(), self.cfg, s as u64);
+                let m = remote_measurement(
+                    &mut daemon,
+                    &config,
+                    self.context(transport, CacheState::Warm, patch, clients),
+                    self.warmup,
+                    Until::Elapsed(self.seconds),
+                    self.stop,
+                )
+                .await?;
+                peak = peak.max(m.daemon_peak_rss_bytes.unwrap_or(0));
+                self.measurements.push(m);
+                self.bar.inc(1);
+            }
+        }
+        daemon.stop()?;
+        Ok(peak)
+    }
+
+    /// Cold runs, each on a fresh daemon with the store's pages dropped.
+    async fn daemon_cold(&mut self, spec: &DaemonSpec) -> Result<u64, BenchError> {
+        let mut peak = 0u64;
+        for (s, patch) in self.sizes.clone().into_iter().enumerate() {
+            self.bar.set_message(format!("gRPC cold {patch}"));
+            // A fresh daemon maps nothing yet, so the pages can be dropped.
+            self.local.make_cold()?;
+            let mut daemon = Daemon::start(spec).await?;
+            // Opening the store read its headers with readahead around them; drop what the
+            // daemon did not map.
+            self.local.make_cold()?;
+            let config = stream_config(&self.name, patch.axes(), self.cfg, 1000 + s as u64);
+            let m = remote_measurement(
+                &mut daemon,
+                &config,
+                self.context(Transport::Grpc, CacheState::Cold, patch, 1),
+                Duration::ZERO,
+                Until::Batches(self.cfg.cold_batches),
+                self.stop,
+            )
+            .await?;
+            peak = peak.max(m.daemon_peak_rss_bytes.unwrap_or(0));
+            self.measurements.push(m);
+            daemon.stop()?;
+            self.bar.inc(1);
+        }
+        Ok(peak)
+    }
+}
+
+/// Loopback over in-process, per patch size (warm, one client).
+fn loopback_ratios(sizes: &[Patch], measurements: &[Measurement]) -> Vec<LoopbackRatio> {
+    sizes
+        .iter()
+        .filter_map(|&patch| {
+            let find = |t| {
+                measurements.iter().find(|m| {
+                    m.patch == patch.axes()
+                        && m.transport == t
+                        && m.state == CacheState::Warm
+                        && m.clients == 1
+                })
+            };
+            let (local, grpc) = (find(Transport::InProcess)?, find(Transport::Grpc)?);
+            let local_rate = local.patches_per_s.max(1e-12);
+            Some(LoopbackRatio {
+                patch: patch.axes(),
+                ratio: grpc.patches_per_s / local_rate,
+                shared_ratio: find(Transport::GrpcShared).map(|m| m.patches_per_s / local_rate),
+            })
+        })
+        .collect()
 }
 
 /// Ingests `raw` into a new store at `store` (an earlier one is removed) and times it.
@@ -472,7 +538,7 @@ fn ingest_fresh(
 
 /// The sampler request of one measurement (seeds differ per size so that runs do not replay
 /// each other's crops).
-fn request(patch: [usize; 3], cfg: &SuiteConfig, seed: u64) -> BatchRequest {
+fn request(patch: Patch, cfg: &SuiteConfig, seed: u64) -> BatchRequest {
     BatchRequest {
         patch,
         batch: cfg.batch,

@@ -32,13 +32,3 @@ pub use schedule::{
     CURRICULUM_FOREGROUND_OVERSAMPLE, MAX_POOLS, Mode, NNUNET_FOREGROUND_OVERSAMPLE, Schedule,
     Stage, Step, parse_pools, pgps_minimum, pgps_patch_sizes, pgps_stage_count,
 };
-
-/// [`patchflow_grid::parse_triplet`] with `usize` parts, for callers whose flag type is a plain
-/// `[usize; 3]` (the `patchflow` command line): a generic re-export would leave their parser
-/// closures' type unknown. New code parses a [`patchflow_grid::Patch`] instead.
-///
-/// # Errors
-/// [`patchflow_grid::GridError::BadTriplet`] as the grid parser.
-pub fn parse_triplet(s: &str) -> Result<[usize; 3], patchflow_grid::GridError> {
-    patchflow_grid::parse_triplet(s)
-}

@@ -117,9 +117,46 @@ fn discover_nnunet(root: &Path) -> Result<DatasetSource, IngestError> {
             ),
         });
     }
-    let text = std::fs::read_to_string(&json_path).map_err(|e| IngestError::io(&json_path, e))?;
+    let json = read_dataset_json(&json_path)?;
+    let mut problems = Vec::new();
+    let channels_by_case = image_files(&images_dir, &json.ending, &mut problems)?;
+    let mut cases = Vec::new();
+    for (case, files) in channels_by_case {
+        match nnunet_case(&case, &files, &json, &images_dir, &labels_dir) {
+            Ok(c) => cases.push(c),
+            Err(e) => problems.push((case, e)),
+        }
+    }
+
+    let name = root
+        .file_name()
+        .and_then(|n| n.to_str())
+        .map(sanitize_id)
+        .unwrap_or_else(|| "dataset".into());
+    Ok(DatasetSource {
+        name,
+        kind: InputKind::NnUnet,
+        label_names: json.label_names,
+        cases,
+        problems,
+    })
+}
+
+/// What ingest takes from an nnU-Net `dataset.json`.
+struct DatasetJson {
+    /// Channel names, in channel order.
+    channel_names: Vec<String>,
+    /// Class value → name.
+    label_names: BTreeMap<u16, String>,
+    /// The image files' ending (`.nii.gz` by default).
+    ending: String,
+}
+
+/// Reads and checks `dataset.json`.
+fn read_dataset_json(json_path: &Path) -> Result<DatasetJson, IngestError> {
+    let text = std::fs::read_to_string(json_path).map_err(|e| IngestError::io(json_path, e))?;
     let bad = |reason: String| IngestError::DatasetJson {
-        path: json_path.clone(),
+        path: json_path.to_path_buf(),
         reason,
     };
     let json: serde_json::Value =
@@ -169,10 +206,22 @@ fn discover_nnunet(root: &Path) -> Result<DatasetSource, IngestError> {
         .and_then(|v| v.as_str())
         .unwrap_or(".nii.gz")
         .to_string();
+    Ok(DatasetJson {
+        channel_names,
+        label_names,
+        ending,
+    })
+}
 
+/// The image files of `images_dir` ending in `ending`, by case and channel; a file whose name
+/// has no channel number goes to `problems`.
+fn image_files(
+    images_dir: &Path,
+    ending: &str,
+    problems: &mut Vec<(String, IngestError)>,
+) -> Result<BTreeMap<String, BTreeMap<usize, PathBuf>>, IngestError> {
     let mut channels_by_case: BTreeMap<String, BTreeMap<usize, PathBuf>> = BTreeMap::new();
-    let mut problems = Vec::new();
-    for entry in read_dir_sorted(&images_dir)? {
+    for entry in read_dir_sorted(images_dir)? {
         let Some(name) = entry
             .file_name()
             .and_then(|n| n.to_str())
@@ -180,7 +229,7 @@ fn discover_nnunet(root: &Path) -> Result<DatasetSource, IngestError> {
         else {
             continue;
         };
-        if is_transient(&name) || !name.ends_with(&ending) {
+        if is_transient(&name) || !name.ends_with(ending) {
             continue;
         }
         let stem = &name[..name.len() - ending.len()];
@@ -205,72 +254,62 @@ fn discover_nnunet(root: &Path) -> Result<DatasetSource, IngestError> {
             .or_default()
             .insert(ch, entry.clone());
     }
+    Ok(channels_by_case)
+}
 
-    let mut cases = Vec::new();
-    for (case, files) in channels_by_case {
-        let label = labels_dir.join(format!("{case}{ending}"));
-        let result = (|| {
-            if patchflow_store::validate_case_id(&case).is_err() {
-                return Err(IngestError::Case {
-                    case: case.clone(),
-                    reason: "case name is not an identifier ([A-Za-z0-9_.-], at most 128 \
-                             characters, not starting with '.')"
-                        .into(),
-                });
-            }
-            let mut images = Vec::with_capacity(num_channels);
-            for ch in 0..num_channels {
-                match files.get(&ch) {
-                    Some(p) => images.push(p.clone()),
-                    None => {
-                        return Err(IngestError::MissingFile {
-                            case: case.clone(),
-                            what: format!("image channel {ch}"),
-                            path: images_dir.join(format!("{case}_{ch:04}{ending}")),
-                        });
-                    }
-                }
-            }
-            if let Some(extra) = files.keys().find(|&&c| c >= num_channels) {
-                return Err(IngestError::Case {
-                    case: case.clone(),
-                    reason: format!(
-                        "image channel {extra} is present but dataset.json names only \
-                         {num_channels} channel(s)"
-                    ),
-                });
-            }
-            if !label.is_file() {
+/// The source of `case` from its image `files` by channel: every channel of `json`, no other,
+/// and a label in `labels_dir`.
+fn nnunet_case(
+    case: &str,
+    files: &BTreeMap<usize, PathBuf>,
+    json: &DatasetJson,
+    images_dir: &Path,
+    labels_dir: &Path,
+) -> Result<CaseSource, IngestError> {
+    let (ending, num_channels) = (&json.ending, json.channel_names.len());
+    let label = labels_dir.join(format!("{case}{ending}"));
+    if patchflow_store::validate_case_id(case).is_err() {
+        return Err(IngestError::Case {
+            case: case.to_owned(),
+            reason: "case name is not an identifier ([A-Za-z0-9_.-], at most 128 \
+                     characters, not starting with '.')"
+                .into(),
+        });
+    }
+    let mut images = Vec::with_capacity(num_channels);
+    for ch in 0..num_channels {
+        match files.get(&ch) {
+            Some(p) => images.push(p.clone()),
+            None => {
                 return Err(IngestError::MissingFile {
-                    case: case.clone(),
-                    what: "label".into(),
-                    path: label.clone(),
+                    case: case.to_owned(),
+                    what: format!("image channel {ch}"),
+                    path: images_dir.join(format!("{case}_{ch:04}{ending}")),
                 });
             }
-            Ok(CaseSource {
-                id: case.clone(),
-                images,
-                label: label.clone(),
-                channel_names: channel_names.clone(),
-            })
-        })();
-        match result {
-            Ok(c) => cases.push(c),
-            Err(e) => problems.push((case, e)),
         }
     }
-
-    let name = root
-        .file_name()
-        .and_then(|n| n.to_str())
-        .map(sanitize_id)
-        .unwrap_or_else(|| "dataset".into());
-    Ok(DatasetSource {
-        name,
-        kind: InputKind::NnUnet,
-        label_names,
-        cases,
-        problems,
+    if let Some(extra) = files.keys().find(|&&c| c >= num_channels) {
+        return Err(IngestError::Case {
+            case: case.to_owned(),
+            reason: format!(
+                "image channel {extra} is present but dataset.json names only \
+                 {num_channels} channel(s)"
+            ),
+        });
+    }
+    if !label.is_file() {
+        return Err(IngestError::MissingFile {
+            case: case.to_owned(),
+            what: "label".into(),
+            path: label,
+        });
+    }
+    Ok(CaseSource {
+        id: case.to_owned(),
+        images,
+        label,
+        channel_names: json.channel_names.clone(),
     })
 }
 

@@ -5,6 +5,14 @@ use std::path::PathBuf;
 /// Everything that can stop ingest of a dataset or of one case.
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
+    /// An ingest setting breaks its rule.
+    #[error("invalid ingest setting {field}: {reason}")]
+    Setting {
+        /// The field of [`crate::IngestOptions`] or [`crate::PlanSettings`].
+        field: &'static str,
+        /// The value and the rule it breaks.
+        reason: String,
+    },
     /// The input is neither an nnU-Net raw dataset folder nor a TSV file of pairs.
     #[error("{path}: {reason}")]
     Input {

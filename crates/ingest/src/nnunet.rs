@@ -56,6 +56,16 @@ impl NnunetStorePlan {
         serde_json::from_value(plan.clone()).ok()
     }
 
+    /// What a training schedule takes from nnU-Net's plan: the patch `[z, y, x]` (in nnU-Net's
+    /// transposed frame, as the arrays are stored), the stride-2 poolings per axis and the batch
+    /// size; `None` when the plan is not 3D.
+    pub fn schedule_inputs(&self) -> Option<([usize; 3], [u32; 3], usize)> {
+        let n = &self.nnunet;
+        let patch = <[usize; 3]>::try_from(n.patch_size.as_slice()).ok()?;
+        let pools = <[u32; 3]>::try_from(n.num_pool_per_axis.as_slice()).ok()?;
+        Some((patch, pools, n.batch_size))
+    }
+
     /// A stable digest: a case stored under another plan is stale.
     fn digest(&self) -> String {
         let mut p = self.clone();

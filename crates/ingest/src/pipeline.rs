@@ -51,6 +51,38 @@ impl Default for IngestOptions {
     }
 }
 
+/// zstd levels ingest compresses chunks with. The store accepts zstd's whole range; ingest
+/// keeps to the levels that compress (zstd's negative levels trade most of the ratio for speed).
+pub const ZSTD_LEVELS: std::ops::RangeInclusive<i32> = 1..=22;
+
+impl IngestOptions {
+    /// Checks the values: at least one job, a zstd level within [`ZSTD_LEVELS`]. [`ingest`] and
+    /// [`crate::watch`] check first; a command line can check while it parses.
+    ///
+    /// # Errors
+    /// [`IngestError::Setting`] naming the field and its rule.
+    pub fn check(&self) -> Result<(), IngestError> {
+        if self.jobs == 0 {
+            return Err(IngestError::Setting {
+                field: "jobs",
+                reason: "must be at least 1".into(),
+            });
+        }
+        let level = self.settings.zstd_level;
+        if !ZSTD_LEVELS.contains(&level) {
+            return Err(IngestError::Setting {
+                field: "zstd_level",
+                reason: format!(
+                    "{level} is outside {}..={}",
+                    ZSTD_LEVELS.start(),
+                    ZSTD_LEVELS.end()
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
 /// What happened to one case.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CaseOutcome {
@@ -150,6 +182,7 @@ pub fn ingest(
     opts: &IngestOptions,
     stop: &AtomicBool,
 ) -> Result<IngestReport, IngestError> {
+    opts.check()?;
     if patchflow_nnunet::is_preprocessed_folder(input) {
         return crate::nnunet::ingest_preprocessed(input, out, opts, stop);
     }
@@ -717,4 +750,30 @@ pub(crate) fn progress_bar(visible: bool, len: u64, prefix: &'static str) -> Pro
     bar.set_style(style);
     bar.set_prefix(prefix);
     bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_are_held_to_their_rules() {
+        IngestOptions::default().check().unwrap();
+        let mut opts = IngestOptions {
+            jobs: 0,
+            ..Default::default()
+        };
+        let e = opts.check().unwrap_err().to_string();
+        assert!(e.contains("jobs") && e.contains("at least 1"), "{e}");
+        opts.jobs = 1;
+        for level in [0, 23, -5] {
+            opts.settings.zstd_level = level;
+            let e = opts.check().unwrap_err().to_string();
+            assert!(e.contains("zstd_level") && e.contains("1..=22"), "{e}");
+        }
+        for level in [1, 22] {
+            opts.settings.zstd_level = level;
+            opts.check().unwrap();
+        }
+    }
 }

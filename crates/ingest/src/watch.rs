@@ -39,6 +39,7 @@ pub fn watch(
     stop: &AtomicBool,
     mut on_round: impl FnMut(&IngestReport),
 ) -> Result<(), IngestError> {
+    opts.check()?;
     if patchflow_nnunet::is_preprocessed_folder(input) {
         return Err(IngestError::Input {
             path: input.to_path_buf(),

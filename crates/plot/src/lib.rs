@@ -1,5 +1,8 @@
 //! PNG line charts for patchflow's reports.
 //!
+//! It owns chart drawing only. It must not read patchflow's data or reports: callers hand it
+//! named series.
+//!
 //! Both the training report (loss, Dice, patch size per epoch) and `patchflow bench` (patches
 //! per second by patch size) end in a picture that a user opens next to the numbers. This crate
 //! draws such pictures — a stack of panels, each a set of named line series — without a

@@ -2,6 +2,9 @@
 //! tonic client and server stubs, shared by the daemon and every Rust client so that both sides
 //! always agree on the protocol.
 //!
+//! It owns the wire contract and the bearer token's rule. It must not hold any behaviour of the
+//! daemon or of a client beyond the generated code and the token's checks.
+//!
 //! Byte fields are [`bytes::Bytes`], so batch buffers move between the sampler, the transport
 //! and the caller without being copied.
 

@@ -1,12 +1,17 @@
 //! The bearer token of the contract: every RPC of a daemon started with a token carries
 //! `authorization: Bearer <token>`. The daemon and its clients read and check tokens by the same
-//! rule, so they live with the contract.
+//! rule, and both binaries take it from the same places, so they live with the contract.
 
+use std::ffi::OsString;
 use std::path::Path;
 use std::sync::Arc;
 
 /// Longest token accepted, in bytes.
 pub const MAX_TOKEN_BYTES: usize = 4096;
+
+/// The environment variable a command line takes the token from when no token file is given
+/// (kept off the command line, where other users of the host could read it).
+pub const TOKEN_ENV: &str = "PATCHFLOW_TOKEN";
 
 /// A bearer token. Its value is never printed: `Debug` shows `Secret(<redacted>)`, and it has no
 /// `Display` and no `PartialEq` (a daemon compares tokens in constant time).
@@ -53,6 +58,38 @@ impl Secret {
             .unwrap_or(&text)
             .to_owned();
         Secret::checked(token, &origin)
+    }
+
+    /// The token of a command line (`patchflow serve`, `patchflow-train`): read from `file`
+    /// (`--token-file`) or taken from the [`TOKEN_ENV`] environment variable, not both; `None`
+    /// when neither is given.
+    pub fn from_file_or_env(file: Option<&Path>) -> Result<Option<Secret>, TokenError> {
+        Secret::from_file_or_value(file, std::env::var_os(TOKEN_ENV))
+    }
+
+    /// [`Secret::from_file_or_env`] with the environment's value given.
+    fn from_file_or_value(
+        file: Option<&Path>,
+        env: Option<OsString>,
+    ) -> Result<Option<Secret>, TokenError> {
+        let from_env = format!("the {TOKEN_ENV} environment variable");
+        match (file, env) {
+            (Some(path), Some(_)) => Err(TokenError {
+                origin: format!("token file {} and {from_env}", path.display()),
+                reason: format!(
+                    "give the token either in a file (--token-file) or in {TOKEN_ENV}, not both"
+                ),
+            }),
+            (Some(path), None) => Secret::from_file(path).map(Some),
+            (None, Some(value)) => {
+                let value = value.into_string().map_err(|_| TokenError {
+                    origin: from_env.clone(),
+                    reason: "not UTF-8 text".into(),
+                })?;
+                Secret::checked(value, &from_env).map(Some)
+            }
+            (None, None) => Ok(None),
+        }
     }
 
     /// The token itself, for the transport (a header, a constant-time comparison). Never log it.
@@ -137,5 +174,33 @@ mod tests {
                 .contains("at most 4096")
         );
         assert!(Secret::new("t\u{e9}").is_err());
+    }
+
+    #[test]
+    fn a_command_line_token_comes_from_a_file_or_the_environment_not_both() {
+        let dir = std::env::temp_dir().join(format!("patchflow-token-cl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("token");
+        std::fs::write(&path, "from-file\n").unwrap();
+        let env = |v: &str| Some(OsString::from(v));
+        assert!(Secret::from_file_or_value(None, None).unwrap().is_none());
+        let s = Secret::from_file_or_value(Some(&path), None)
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.expose(), "from-file");
+        let s = Secret::from_file_or_value(None, env("from-env"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.expose(), "from-env");
+        let both = Secret::from_file_or_value(Some(&path), env("from-env")).unwrap_err();
+        assert!(both.reason.contains("not both"), "{both}");
+        assert!(both.to_string().contains(TOKEN_ENV), "{both}");
+        assert!(!both.to_string().contains("from-"), "never quoted: {both}");
+        // An empty or unusable variable is an error naming it, not an absent token.
+        let empty = Secret::from_file_or_value(None, env("")).unwrap_err();
+        assert!(empty.origin.contains(TOKEN_ENV) && empty.reason.contains("empty"));
+        let spaced = Secret::from_file_or_value(None, env("a b")).unwrap_err();
+        assert!(!spaced.to_string().contains("a b"), "{spaced}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -9,9 +9,10 @@ use patchflow_volume::DType;
 
 use crate::SamplerError;
 use crate::convert::{ImageRuns, LabelRuns, OutputDType, write_f32};
+use crate::dataset::{CaseRef, Dataset};
 use crate::outside::{MarkerLabel, OutsideMask};
 use crate::request::{BatchRequest, ItemMeta};
-use crate::sampler::{Sampler, visit_into};
+use crate::visit::visit_into;
 
 /// One item of an augmented batch: its placement and its slices of the batch buffers.
 pub(crate) struct ItemTask<'a> {
@@ -63,9 +64,11 @@ fn grow<T: Copy + Default>(v: &mut Vec<T>, n: usize) -> &mut [T] {
     &mut v[..n]
 }
 
-/// Reads the source region of `task`, augments it and writes the item into the batch buffers.
+/// Reads the source region of `task` from `view` (a case of `ds`), augments it and writes the
+/// item into the batch buffers.
 pub(crate) fn fill_item(
-    sampler: &Sampler,
+    ds: &Dataset,
+    view: CaseRef<'_>,
     req: &BatchRequest,
     task: ItemTask<'_>,
     scratch: &mut ItemScratch,
@@ -81,11 +84,10 @@ pub(crate) fn fill_item(
             format!("item of case {} has no drawn augmentation", meta.case_id),
         )
     })?;
-    let ds = sampler.dataset();
-    let view = sampler.case(meta.case)?;
     let reader = view.reader;
     let channels = ds.num_channels();
-    let (offset, size) = patchflow_augment::source_box(params, req.patch);
+    let patch = req.patch.axes();
+    let (offset, size) = patchflow_augment::source_box(params, patch);
     let mut origin = [0i64; 3];
     for a in 0..3 {
         origin[a] = meta.origin[a]
@@ -107,36 +109,7 @@ pub(crate) fn fill_item(
         augment,
     } = scratch;
     let src_img = grow(src_img, channels * n_src);
-    for c in 0..channels {
-        let Some(&(stored, norm)) = view.info.channels.get(c) else {
-            return Err(case_err(format!("no image channel {c}")));
-        };
-        let array = ArrayId::Image(c);
-        let out: &mut [u8] = bytemuck::cast_slice_mut(&mut src_img[c * n_src..(c + 1) * n_src]);
-        macro_rules! read {
-            ($t:ty) => {
-                visit_into(
-                    reader,
-                    array,
-                    origin,
-                    size,
-                    out,
-                    &ImageRuns::<$t>::new(norm, OutputDType::F32),
-                )
-            };
-        }
-        let result = match stored {
-            DType::U8 => read!(u8),
-            DType::I8 => read!(i8),
-            DType::U16 => read!(u16),
-            DType::I16 => read!(i16),
-            DType::U32 => read!(u32),
-            DType::I32 => read!(i32),
-            DType::F32 => read!(f32),
-            DType::F64 => read!(f64),
-        };
-        result?.map_err(|reason| case_err(format!("reading {array}: {reason}")))?;
-    }
+    read_source_image(view, channels, (origin, size), src_img, &case_err)?;
     let outside = view.info.outside.as_ref();
 
     let runs = LabelRuns {
@@ -167,15 +140,13 @@ pub(crate) fn fill_item(
             }
             match bytemuck::try_cast_slice_mut::<u8, u16>(task.label) {
                 Ok(out_lab) => augment_into(
-                    params, src_img, lab, size, req.patch, image_out, out_lab, ignore, outside,
-                    augment,
+                    params, src_img, lab, size, patch, image_out, out_lab, ignore, outside, augment,
                 ),
                 Err(_) => {
                     let n_out = task.label.len() / 2;
                     let tmp = grow(out_lab16, n_out);
                     let r = augment_into(
-                        params, src_img, lab, size, req.patch, image_out, tmp, ignore, outside,
-                        augment,
+                        params, src_img, lab, size, patch, image_out, tmp, ignore, outside, augment,
                     );
                     for (d, v) in task.label.chunks_exact_mut(2).zip(tmp.iter()) {
                         d.copy_from_slice(&v.to_le_bytes());
@@ -193,12 +164,54 @@ pub(crate) fn fill_item(
             }
             let ignore = u8::try_from(ignore).unwrap_or(u8::MAX);
             augment_into(
-                params, src_img, lab, size, req.patch, image_out, task.label, ignore, outside,
-                augment,
+                params, src_img, lab, size, patch, image_out, task.label, ignore, outside, augment,
             )
         }
     };
     augmented.map_err(|e| case_err(format!("augmentation: {e}")))
+}
+
+/// Reads every image channel of the source box `(origin, size)` of `view`, normalised to `f32`,
+/// into `out` (channel after channel, `size` voxels each).
+fn read_source_image(
+    view: CaseRef<'_>,
+    channels: usize,
+    (origin, size): ([i64; 3], [usize; 3]),
+    out: &mut [f32],
+    case_err: &dyn Fn(String) -> SamplerError,
+) -> Result<(), SamplerError> {
+    let n_src = out.len() / channels.max(1);
+    for c in 0..channels {
+        let Some(&(stored, norm)) = view.info.channels.get(c) else {
+            return Err(case_err(format!("no image channel {c}")));
+        };
+        let array = ArrayId::Image(c);
+        let out: &mut [u8] = bytemuck::cast_slice_mut(&mut out[c * n_src..(c + 1) * n_src]);
+        macro_rules! read {
+            ($t:ty) => {
+                visit_into(
+                    view.reader,
+                    array,
+                    origin,
+                    size,
+                    out,
+                    &ImageRuns::<$t>::new(norm, OutputDType::F32),
+                )
+            };
+        }
+        let result = match stored {
+            DType::U8 => read!(u8),
+            DType::I8 => read!(i8),
+            DType::U16 => read!(u16),
+            DType::I16 => read!(i16),
+            DType::U32 => read!(u32),
+            DType::I32 => read!(i32),
+            DType::F32 => read!(f32),
+            DType::F64 => read!(f64),
+        };
+        result?.map_err(|reason| case_err(format!("reading {array}: {reason}")))?;
+    }
+    Ok(())
 }
 
 /// Where the augmented image goes: straight into the batch buffer when it is aligned `f32`,

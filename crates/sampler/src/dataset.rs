@@ -99,156 +99,15 @@ impl Dataset {
         store_dir: &Path,
         cache: Arc<ChunkCache>,
     ) -> Result<Dataset, SamplerError> {
-        let manifest = Manifest::load(store_dir)?.ok_or_else(|| {
-            SamplerError::NotFound(format!(
-                "no {MANIFEST_FILE} in store folder {}",
-                store_dir.display()
-            ))
-        })?;
-        if manifest.cases.is_empty() {
-            return Err(SamplerError::Dataset {
-                path: store_dir.join(MANIFEST_FILE),
-                reason: "the manifest lists no cases".into(),
-            });
-        }
-        let mut entries: Vec<_> = manifest.cases.iter().collect();
-        entries.sort_by(|a, b| a.id.cmp(&b.id));
-        for pair in entries.windows(2) {
-            if pair[0].id == pair[1].id {
-                return Err(SamplerError::Dataset {
-                    path: store_dir.join(MANIFEST_FILE),
-                    reason: format!("case {:?} is listed twice", pair[0].id),
-                });
-            }
-        }
-
-        let mut cases = Vec::with_capacity(entries.len());
-        for entry in &entries {
-            let path = case_path(store_dir, &entry.file)?;
-            let reader = CaseReader::open(&path, Arc::clone(&cache))?;
-            if reader.meta().id != entry.id {
-                return Err(SamplerError::Dataset {
-                    path,
-                    reason: format!(
-                        "the manifest lists case {:?} but the file holds case {:?}",
-                        entry.id,
-                        reader.meta().id
-                    ),
-                });
-            }
-            cases.push(Arc::new(reader));
-        }
-
-        // Channels: every case must have the same count; names should agree.
-        let first = cases[0].meta();
-        let num_channels = first.channels.len();
-        for reader in &cases {
-            let meta = reader.meta();
-            if meta.channels.len() != num_channels {
-                return Err(SamplerError::Dataset {
-                    path: reader.path().to_path_buf(),
-                    reason: format!(
-                        "case {} has {} image channel(s), case {} has {}",
-                        meta.id,
-                        meta.channels.len(),
-                        first.id,
-                        num_channels
-                    ),
-                });
-            }
-            for (c, (a, b)) in meta.channels.iter().zip(&first.channels).enumerate() {
-                if a.name != b.name {
-                    tracing::warn!(
-                        case = %meta.id, channel = c, name = %a.name, expected = %b.name,
-                        "channel names differ between cases"
-                    );
-                }
-            }
-            if !matches!(meta.label_dtype, DType::U8 | DType::U16) {
-                return Err(SamplerError::Dataset {
-                    path: reader.path().to_path_buf(),
-                    reason: format!(
-                        "case {}: labels are stored as {}, expected u8 or u16",
-                        meta.id, meta.label_dtype
-                    ),
-                });
-            }
-        }
-
-        // Classes in use (excluding each case's own ignore label) decide the served label type;
-        // outside-mask markers must survive until they are cleared, so they count too.
-        let mut used: BTreeSet<u16> = BTreeSet::new();
-        let mut label_names = BTreeMap::new();
-        for reader in &cases {
-            let meta = reader.meta();
-            for (&class, &count) in &meta.class_voxels {
-                if count > 0 && Some(class) != meta.ignore_label {
-                    used.insert(class);
-                }
-            }
-            if let Some(marker) = meta.outside_mask_label {
-                check_marker(reader)?;
-                used.insert(marker);
-            }
-            for (class, label) in &meta.label_names {
-                label_names.entry(*class).or_insert_with(|| label.clone());
-            }
-        }
-        if used.contains(&IGNORE_U16) {
-            return Err(SamplerError::Dataset {
-                path: store_dir.to_path_buf(),
-                reason: format!(
-                    "class {IGNORE_U16} is used, but it is reserved as the ignore label of u16 labels"
-                ),
-            });
-        }
-        let (label_dtype, ignore_label) = if used.iter().any(|&c| c >= IGNORE_U8) {
-            (DType::U16, IGNORE_U16)
-        } else {
-            (DType::U8, IGNORE_U8)
-        };
-
+        let cases = open_cases(store_dir, &cache)?;
+        let num_channels = check_channels(&cases)?;
+        let (label_dtype, ignore_label, label_names) = served_labels(store_dir, &cases)?;
         let mut info = Vec::with_capacity(cases.len());
         let mut classes = BTreeSet::new();
         for reader in &cases {
-            let meta = reader.meta();
-            let fg_classes: Vec<u16> = {
-                let mut v: Vec<u16> = reader
-                    .classes_with_locations()
-                    .into_iter()
-                    .filter(|&c| {
-                        c != 0
-                            && Some(c) != meta.ignore_label
-                            && !reader.class_locations(c).is_empty()
-                    })
-                    .collect();
-                v.sort_unstable();
-                v.dedup();
-                v
-            };
-            classes.extend(fg_classes.iter().copied());
-            let label_remap = match meta.ignore_label {
-                Some(own) if own != ignore_label => Some((own, ignore_label)),
-                _ => None,
-            };
-            let channels = (0..num_channels)
-                .map(|c| {
-                    let dtype = reader.dtype(ArrayId::Image(c))?;
-                    let norm = meta
-                        .channels
-                        .get(c)
-                        .map_or(Normalization::IDENTITY, |m| m.norm);
-                    Ok((dtype, norm))
-                })
-                .collect::<Result<Vec<_>, SamplerError>>()?;
-            info.push(CaseInfo {
-                fg_classes,
-                has_background: meta.class_voxels.get(&0).is_some_and(|&n| n > 0),
-                channels,
-                label_dtype: meta.label_dtype,
-                label_remap,
-                outside: OutsideMask::of(meta),
-            });
+            let case = case_info(reader, num_channels, ignore_label)?;
+            classes.extend(case.fg_classes.iter().copied());
+            info.push(case);
         }
         let any_outside_mask = info.iter().any(|i| i.outside.is_some());
 
@@ -357,6 +216,177 @@ impl Dataset {
             info: self.info.get(case)?,
         })
     }
+}
+
+/// The cases the manifest of `store_dir` lists, opened (sharing `cache`) and ordered by id.
+fn open_cases(
+    store_dir: &Path,
+    cache: &Arc<ChunkCache>,
+) -> Result<Vec<Arc<CaseReader>>, SamplerError> {
+    let manifest = Manifest::load(store_dir)?.ok_or_else(|| {
+        SamplerError::NotFound(format!(
+            "no {MANIFEST_FILE} in store folder {}",
+            store_dir.display()
+        ))
+    })?;
+    if manifest.cases.is_empty() {
+        return Err(SamplerError::Dataset {
+            path: store_dir.join(MANIFEST_FILE),
+            reason: "the manifest lists no cases".into(),
+        });
+    }
+    let mut entries: Vec<_> = manifest.cases.iter().collect();
+    entries.sort_by(|a, b| a.id.cmp(&b.id));
+    for pair in entries.windows(2) {
+        if pair[0].id == pair[1].id {
+            return Err(SamplerError::Dataset {
+                path: store_dir.join(MANIFEST_FILE),
+                reason: format!("case {:?} is listed twice", pair[0].id),
+            });
+        }
+    }
+
+    let mut cases = Vec::with_capacity(entries.len());
+    for entry in &entries {
+        let path = case_path(store_dir, &entry.file)?;
+        let reader = CaseReader::open(&path, Arc::clone(cache))?;
+        if reader.meta().id != entry.id {
+            return Err(SamplerError::Dataset {
+                path,
+                reason: format!(
+                    "the manifest lists case {:?} but the file holds case {:?}",
+                    entry.id,
+                    reader.meta().id
+                ),
+            });
+        }
+        cases.push(Arc::new(reader));
+    }
+    Ok(cases)
+}
+
+/// The number of image channels, which every case must share (names should agree), after
+/// checking that every case stores `u8` or `u16` labels.
+fn check_channels(cases: &[Arc<CaseReader>]) -> Result<usize, SamplerError> {
+    let first = cases[0].meta();
+    let num_channels = first.channels.len();
+    for reader in cases {
+        let meta = reader.meta();
+        if meta.channels.len() != num_channels {
+            return Err(SamplerError::Dataset {
+                path: reader.path().to_path_buf(),
+                reason: format!(
+                    "case {} has {} image channel(s), case {} has {}",
+                    meta.id,
+                    meta.channels.len(),
+                    first.id,
+                    num_channels
+                ),
+            });
+        }
+        for (c, (a, b)) in meta.channels.iter().zip(&first.channels).enumerate() {
+            if a.name != b.name {
+                tracing::warn!(
+                    case = %meta.id, channel = c, name = %a.name, expected = %b.name,
+                    "channel names differ between cases"
+                );
+            }
+        }
+        if !matches!(meta.label_dtype, DType::U8 | DType::U16) {
+            return Err(SamplerError::Dataset {
+                path: reader.path().to_path_buf(),
+                reason: format!(
+                    "case {}: labels are stored as {}, expected u8 or u16",
+                    meta.id, meta.label_dtype
+                ),
+            });
+        }
+    }
+    Ok(num_channels)
+}
+
+/// The served label type and ignore label, decided by the classes in use (excluding each
+/// case's own ignore label; outside-mask markers must survive until they are cleared, so they
+/// count too), and the label names of every case.
+fn served_labels(
+    store_dir: &Path,
+    cases: &[Arc<CaseReader>],
+) -> Result<(DType, u16, BTreeMap<u16, String>), SamplerError> {
+    let mut used: BTreeSet<u16> = BTreeSet::new();
+    let mut label_names = BTreeMap::new();
+    for reader in cases {
+        let meta = reader.meta();
+        for (&class, &count) in &meta.class_voxels {
+            if count > 0 && Some(class) != meta.ignore_label {
+                used.insert(class);
+            }
+        }
+        if let Some(marker) = meta.outside_mask_label {
+            check_marker(reader)?;
+            used.insert(marker);
+        }
+        for (class, label) in &meta.label_names {
+            label_names.entry(*class).or_insert_with(|| label.clone());
+        }
+    }
+    if used.contains(&IGNORE_U16) {
+        return Err(SamplerError::Dataset {
+            path: store_dir.to_path_buf(),
+            reason: format!(
+                "class {IGNORE_U16} is used, but it is reserved as the ignore label of u16 labels"
+            ),
+        });
+    }
+    let (label_dtype, ignore_label) = if used.iter().any(|&c| c >= IGNORE_U8) {
+        (DType::U16, IGNORE_U16)
+    } else {
+        (DType::U8, IGNORE_U8)
+    };
+    Ok((label_dtype, ignore_label, label_names))
+}
+
+/// What the sampler precomputes about the case of `reader` in a dataset of `num_channels`
+/// channels serving `ignore_label`.
+fn case_info(
+    reader: &CaseReader,
+    num_channels: usize,
+    ignore_label: u16,
+) -> Result<CaseInfo, SamplerError> {
+    let meta = reader.meta();
+    let fg_classes: Vec<u16> = {
+        let mut v: Vec<u16> = reader
+            .classes_with_locations()
+            .into_iter()
+            .filter(|&c| {
+                c != 0 && Some(c) != meta.ignore_label && !reader.class_locations(c).is_empty()
+            })
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    };
+    let label_remap = match meta.ignore_label {
+        Some(own) if own != ignore_label => Some((own, ignore_label)),
+        _ => None,
+    };
+    let channels = (0..num_channels)
+        .map(|c| {
+            let dtype = reader.dtype(ArrayId::Image(c))?;
+            let norm = meta
+                .channels
+                .get(c)
+                .map_or(Normalization::IDENTITY, |m| m.norm);
+            Ok((dtype, norm))
+        })
+        .collect::<Result<Vec<_>, SamplerError>>()?;
+    Ok(CaseInfo {
+        fg_classes,
+        has_background: meta.class_voxels.get(&0).is_some_and(|&n| n > 0),
+        channels,
+        label_dtype: meta.label_dtype,
+        label_remap,
+        outside: OutsideMask::of(meta),
+    })
 }
 
 /// A case of a dataset as placement sees it.

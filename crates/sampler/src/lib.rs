@@ -1,5 +1,9 @@
 //! Class-balanced patch placement, padding and batch assembly, deterministic from a seed.
 //!
+//! It owns patch placement, padding, conversion and batch assembly from a store. It must not
+//! re-validate the patch size (a [`Patch`] arrives validated), talk to the network or choose
+//! status codes.
+//!
 //! A trainer of a 3D segmentation network does not want whole volumes: it wants batches of
 //! patches, most of them random, some centred on rare foreground classes, padded where they hang
 //! over the volume, normalised and in the element type the network eats. This crate turns a chunk
@@ -16,8 +20,8 @@
 //!   item from a source region read once, see [`patchflow_augment`];
 //! * items are filled in parallel on the caller's rayon pool;
 //! * batch `index` of a stream depends only on the dataset, the request and `index`: the random
-//!   streams are defined in this crate (SplitMix64-keyed xoshiro256++) and never change, so any
-//!   thread count, machine or restart reproduces the same batches.
+//!   streams are keyed here from `patchflow_grid::rng` (SplitMix64-keyed xoshiro256++) and never
+//!   change, so any thread count, machine or restart reproduces the same batches.
 
 mod augmented;
 pub mod convert;
@@ -29,11 +33,13 @@ mod plan;
 mod request;
 mod rng;
 mod sampler;
+mod visit;
 
 pub use convert::OutputDType;
 pub use dataset::{Dataset, IGNORE_U8, IGNORE_U16};
 pub use error::SamplerError;
 pub use patchflow_augment::{AugmentParams, AugmentSpec};
+pub use patchflow_grid::Patch;
 pub use plan::BACKGROUND_TRIES;
-pub use request::{Batch, BatchRequest, ItemMeta, Limits, MAX_PATCH_AXIS, Policy};
+pub use request::{Batch, BatchRequest, ItemMeta, Limits, Policy};
 pub use sampler::Sampler;

@@ -3,12 +3,10 @@
 use std::collections::BTreeMap;
 
 use patchflow_augment::{AugmentParams, AugmentSpec};
+use patchflow_grid::Patch;
 use patchflow_volume::DType;
 
 use crate::convert::OutputDType;
-
-/// Largest patch edge accepted on any axis, whatever the limits say.
-pub const MAX_PATCH_AXIS: usize = 4096;
 
 /// How crops are placed.
 #[derive(Clone, Debug, PartialEq)]
@@ -35,8 +33,9 @@ pub enum Policy {
 /// One request of a stream; it applies from the next batch on.
 #[derive(Clone, Debug, PartialEq)]
 pub struct BatchRequest {
-    /// Patch size `[z, y, x]`, each in `1..=4096`.
-    pub patch: [usize; 3],
+    /// Patch size `[z, y, x]`, validated where it was made (each edge in
+    /// `1..=`[`patchflow_grid::MAX_PATCH_AXIS`]).
+    pub patch: Patch,
     /// Items per batch, at least 1.
     pub batch: usize,
     /// Placement policy.
@@ -59,7 +58,7 @@ pub struct BatchRequest {
 /// Resource limits a server applies to requests (see [`crate::Sampler::validate`]).
 #[derive(Clone, Debug)]
 pub struct Limits {
-    /// Largest `patch[0] * patch[1] * patch[2]`.
+    /// Largest [`Patch::voxels`].
     pub max_patch_voxels: u64,
     /// Largest image + label bytes of one batch.
     pub max_batch_bytes: u64,
@@ -106,7 +105,7 @@ pub struct Batch {
     /// Index of the batch within its stream.
     pub index: u64,
     /// Patch size `[z, y, x]`.
-    pub patch: [usize; 3],
+    pub patch: Patch,
     /// Element type of `image`.
     pub dtype: OutputDType,
     /// Element type of `label` (`U8` or `U16`).

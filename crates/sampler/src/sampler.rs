@@ -3,18 +3,19 @@
 
 use std::sync::Arc;
 
-use patchflow_store::{ArrayId, BoxRun, CaseReader, StoreError};
+use patchflow_store::ArrayId;
 use patchflow_volume::DType;
 use rayon::prelude::*;
 
 use crate::SamplerError;
 use crate::augmented::{ItemTask, ScratchPool};
-use crate::convert::{ImageRuns, LabelRuns, RunConvert};
+use crate::convert::{ImageRuns, LabelRuns};
 use crate::dataset::{CaseRef, Dataset};
 use crate::placement::{cases_per_batch, is_forced, slot_of_item};
 use crate::plan::{CaseView, place_item, present_weights};
-use crate::request::{Batch, BatchRequest, ItemMeta, Limits, MAX_PATCH_AXIS, Policy};
+use crate::request::{Batch, BatchRequest, ItemMeta, Limits, Policy};
 use crate::rng::StreamKind;
+use crate::visit::visit_into;
 
 /// Assembles batches from a [`Dataset`].
 ///
@@ -73,7 +74,7 @@ impl Sampler {
                 limit: limits.max_batch as u64,
             });
         }
-        let voxels = patch_voxels(req.patch);
+        let voxels = req.patch.voxels();
         if voxels > limits.max_patch_voxels {
             return Err(SamplerError::LimitExceeded {
                 what: "patch voxels",
@@ -91,7 +92,7 @@ impl Sampler {
         }
         if let Some(spec) = &req.augment {
             // Each worker holds one item's source region; it must fit the batch byte budget.
-            let region = patch_voxels(spec.max_source_shape(req.patch));
+            let region = box_voxels(spec.max_source_shape(req.patch.axes()));
             let per_voxel =
                 self.dataset.num_channels() as u64 * 4 + self.dataset.label_dtype().size() as u64;
             let bytes = region.saturating_mul(per_voxel);
@@ -108,7 +109,7 @@ impl Sampler {
 
     /// Bytes of image plus label of one batch of `req` (saturating at `u64::MAX`).
     pub fn batch_bytes(&self, req: &BatchRequest) -> u64 {
-        let voxels = u128::from(patch_voxels(req.patch));
+        let voxels = u128::from(req.patch.voxels());
         let per_item = voxels
             * (self.dataset.num_channels() as u128 * req.dtype.size() as u128
                 + self.dataset.label_dtype().size() as u128);
@@ -156,7 +157,7 @@ impl Sampler {
     /// Sizes in bytes of the image and label buffers of a batch of `req`.
     pub fn buffer_sizes(&self, req: &BatchRequest) -> Result<(usize, usize), SamplerError> {
         let ds = &*self.dataset;
-        let voxels = usize::try_from(patch_voxels(req.patch)).map_err(|_| too_large(self, req))?;
+        let voxels = usize::try_from(req.patch.voxels()).map_err(|_| too_large(self, req))?;
         let image = voxels
             .checked_mul(req.dtype.size())
             .and_then(|b| b.checked_mul(ds.num_channels()))
@@ -208,7 +209,7 @@ impl Sampler {
     ) -> Result<Vec<ItemMeta>, SamplerError> {
         let items = self.plan(req, index)?;
         let ds = &*self.dataset;
-        let voxels = usize::try_from(patch_voxels(req.patch)).map_err(|_| too_large(self, req))?;
+        let voxels = usize::try_from(req.patch.voxels()).map_err(|_| too_large(self, req))?;
         let channels = ds.num_channels();
         let image_channel_bytes = voxels * req.dtype.size();
         let label_item_bytes = voxels * ds.label_dtype().size();
@@ -297,10 +298,10 @@ impl Sampler {
                 let view = self.case(case)?;
                 let mut rng = crate::rng::stream(req.seed, index, StreamKind::Item, item as u64);
                 let forced = is_forced(item, req.batch, fraction);
-                let p = place_item(&view, req.patch, &req.policy, forced, &mut rng)?;
+                let p = place_item(&view, req.patch.axes(), &req.policy, forced, &mut rng)?;
                 let augment = req.augment.as_ref().map(|spec| {
                     let key = crate::rng::key(req.seed, index, StreamKind::Augment, item as u64);
-                    patchflow_augment::draw(spec, key, req.patch, ds.num_channels())
+                    patchflow_augment::draw(spec, key, req.patch.axes(), ds.num_channels())
                 });
                 Ok(ItemMeta {
                     case,
@@ -356,8 +357,9 @@ impl Sampler {
 
     /// Fills one augmented item with a pooled scratch.
     fn fill_augmented(&self, req: &BatchRequest, task: ItemTask<'_>) -> Result<(), SamplerError> {
+        let view = self.case(task.meta.case)?;
         let mut scratch = self.pool.take();
-        let result = crate::augmented::fill_item(self, req, task, &mut scratch);
+        let result = crate::augmented::fill_item(&self.dataset, view, req, task, &mut scratch);
         self.pool.give(scratch);
         result
     }
@@ -375,7 +377,7 @@ impl Sampler {
         })?;
         let view = self.case(meta.case)?;
         let reader = view.reader;
-        let (origin, patch, out) = (meta.origin, req.patch, task.out);
+        let (origin, patch, out) = (meta.origin, req.patch.axes(), task.out);
         let result = match task.array {
             ArrayId::Image(c) => {
                 let Some(&(stored, norm)) = view.info.channels.get(c) else {
@@ -422,16 +424,9 @@ impl Sampler {
         })
     }
 
-    /// Structural checks that need no limits: sizes, counts, the policy's numbers, case indices.
+    /// Structural checks that need no limits: counts, the policy's numbers, case indices (the
+    /// patch was validated when it was made).
     fn check_shape(&self, req: &BatchRequest) -> Result<(), SamplerError> {
-        for (axis, &p) in ["z", "y", "x"].iter().zip(&req.patch) {
-            if p == 0 || p > MAX_PATCH_AXIS {
-                return Err(SamplerError::invalid(
-                    "patch",
-                    format!("patch {axis} = {p}; each axis must be in 1..={MAX_PATCH_AXIS}"),
-                ));
-            }
-        }
         if req.batch == 0 {
             return Err(SamplerError::invalid("batch", "batch must be at least 1"));
         }
@@ -540,9 +535,10 @@ impl Sampler {
     }
 }
 
-/// `patch[0] * patch[1] * patch[2]`, saturating.
-pub(crate) fn patch_voxels(patch: [usize; 3]) -> u64 {
-    patch
+/// `shape[0] * shape[1] * shape[2]`, saturating (for augmentation source regions, which may
+/// exceed a patch).
+fn box_voxels(shape: [usize; 3]) -> u64 {
+    shape
         .iter()
         .fold(1u64, |acc, &p| acc.saturating_mul(p as u64))
 }
@@ -554,64 +550,6 @@ fn too_large(sampler: &Sampler, req: &BatchRequest) -> SamplerError {
         value: sampler.batch_bytes(req),
         limit: isize::MAX as u64,
     }
-}
-
-/// Visits the box at `origin` of `array` and converts every run into `out` with `conv`.
-///
-/// The outer error is the store's; the inner one says how the runs broke the `visit_box`
-/// contract (a run outside the box, a source of the wrong length, voxels not covered).
-pub(crate) fn visit_into<C: RunConvert>(
-    reader: &CaseReader,
-    array: ArrayId,
-    origin: [i64; 3],
-    patch: [usize; 3],
-    out: &mut [u8],
-    conv: &C,
-) -> Result<Result<(), String>, StoreError> {
-    let (isz, osz) = (conv.in_size(), conv.out_size());
-    let total = out.len();
-    let mut covered = 0usize;
-    let mut failure: Option<String> = None;
-    let mut visit = |run: BoxRun<'_>| {
-        let range = run
-            .dst
-            .checked_add(run.len)
-            .and_then(|end| Some(run.dst.checked_mul(osz)?..end.checked_mul(osz)?));
-        let Some(dst) = range.and_then(|r| out.get_mut(r)) else {
-            failure.get_or_insert_with(|| {
-                format!(
-                    "run of {} elements at {} lies outside the box",
-                    run.len, run.dst
-                )
-            });
-            return;
-        };
-        covered += dst.len();
-        match run.src {
-            None => conv.pad(dst),
-            Some(src) if src.len() == run.len * isz => conv.convert(src, dst),
-            Some(src) => {
-                failure.get_or_insert_with(|| {
-                    format!(
-                        "run of {} elements brought {} bytes, expected {}",
-                        run.len,
-                        src.len(),
-                        run.len * isz
-                    )
-                });
-            }
-        }
-    };
-    reader.visit_box(array, origin, patch, &mut visit)?;
-    if let Some(reason) = failure {
-        return Ok(Err(reason));
-    }
-    if covered != total {
-        return Ok(Err(format!(
-            "the store covered {covered} of {total} bytes of the box"
-        )));
-    }
-    Ok(Ok(()))
 }
 
 /// `buf` resized to `len` bytes, keeping its allocation when it is large enough. With `clear`

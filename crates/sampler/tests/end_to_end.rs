@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use half::{bf16, f16};
 use patchflow_sampler::{
-    Batch, BatchRequest, Dataset, ItemMeta, Limits, OutputDType, Policy, Sampler, SamplerError,
+    Batch, BatchRequest, Dataset, ItemMeta, Limits, OutputDType, Patch, Policy, Sampler,
+    SamplerError,
 };
 use patchflow_store::ChunkCache;
 use patchflow_testkit::synthetic::{MemCase, make_case, write_store};
@@ -38,7 +39,7 @@ fn fixture() -> Fixture {
 
 fn request(patch: [usize; 3], batch: usize, policy: Policy) -> BatchRequest {
     BatchRequest {
-        patch,
+        patch: Patch::new(patch).expect("valid patch"),
         batch,
         policy,
         crops_per_case: 1,
@@ -101,7 +102,7 @@ fn served_labels(batch: &Batch) -> Vec<u16> {
 /// Checks every item of `batch` against the naive crop, bit for bit.
 fn check_batch(fx: &Fixture, batch: &Batch) {
     let ds = fx.sampler.dataset();
-    let patch = batch.patch;
+    let patch = batch.patch.axes();
     let voxels: usize = patch.iter().product();
     let channels = ds.num_channels();
     let labels = served_labels(batch);
@@ -171,7 +172,7 @@ fn served_patches_equal_naive_crops() {
                 for index in 0..4 {
                     let batch = fx.sampler.sample(&req, index).expect("sample");
                     assert_eq!(batch.index, index);
-                    assert_eq!(batch.patch, patch);
+                    assert_eq!(batch.patch.axes(), patch);
                     assert_eq!(batch.items.len(), 3);
                     check_batch(&fx, &batch);
                 }
@@ -189,7 +190,7 @@ fn patch_larger_than_volume_is_centred() {
             let shape = fx.sampler.dataset().cases()[item.case].meta().shape;
             for (a, &extent) in shape.iter().enumerate() {
                 let before = -item.origin[a];
-                let after = item.origin[a] + req.patch[a] as i64 - extent as i64;
+                let after = item.origin[a] + req.patch.axes()[a] as i64 - extent as i64;
                 assert!(before >= 0 && after >= 0, "{item:?}");
                 assert!((before - after).abs() <= 1, "{item:?} axis {a}");
             }
@@ -447,8 +448,9 @@ fn validation_names_fields_and_limits() {
         f(&mut r);
         r
     };
-    assert_eq!(field_of(&with(&|r| r.patch = [8, 0, 8])), "patch");
-    assert_eq!(field_of(&with(&|r| r.patch = [8, 8, 5000])), "patch");
+    // A request cannot carry a zero or too large patch edge: the patch type refuses them.
+    assert!(Patch::new([8, 0, 8]).is_err());
+    assert!(Patch::new([8, 8, 5000]).is_err());
     assert_eq!(field_of(&with(&|r| r.batch = 0)), "batch");
     assert_eq!(field_of(&with(&|r| r.crops_per_case = 0)), "crops_per_case");
     for fraction in [-0.1, 1.5, f64::NAN] {
@@ -486,13 +488,16 @@ fn validation_names_fields_and_limits() {
     assert_eq!(field_of(&with(&|r| r.cases = Some(vec![0, 3]))), "cases");
 
     assert_eq!(limit_of(&with(&|r| r.batch = 17)), "batch");
-    assert_eq!(limit_of(&with(&|r| r.patch = [65, 64, 64])), "patch voxels");
+    assert_eq!(
+        limit_of(&with(&|r| r.patch = Patch::new([65, 64, 64]).unwrap())),
+        "patch voxels"
+    );
     // 2 items × 64³ × (2 channels × 4 bytes + 1 label byte) = 4.7 MiB; 5 items (11.8 MB) exceed 10 MiB.
     fx.sampler
-        .validate(&with(&|r| r.patch = [64, 64, 64]), &limits)
+        .validate(&with(&|r| r.patch = Patch::cube(64).unwrap()), &limits)
         .expect("4.7 MiB batch");
     let big = with(&|r| {
-        r.patch = [64, 64, 64];
+        r.patch = Patch::cube(64).unwrap();
         r.batch = 5;
     });
     assert_eq!(limit_of(&big), "batch bytes");
@@ -619,7 +624,7 @@ fn case_classes(case: &MemCase) -> BTreeSet<u16> {
 /// Checks shapes, finiteness and label values (the case's classes and the ignore label only).
 fn check_augmented(fx: &Fixture, batch: &Batch) {
     let ds = fx.sampler.dataset();
-    let voxels: usize = batch.patch.iter().product();
+    let voxels = batch.patch.voxels() as usize;
     let n = batch.items.len();
     assert_eq!(
         batch.image.len(),

@@ -238,7 +238,7 @@ fn case_of<'a>(fx: &'a Fixture, item: &ItemMeta) -> &'a MemCase {
 /// Every item of a plain batch equals the reference crop: marker cleared, z-score channels 0.
 fn check_plain(fx: &Fixture, batch: &Batch) -> usize {
     let ds = fx.sampler.dataset();
-    let patch = batch.patch;
+    let patch = batch.patch.axes();
     let voxels: usize = patch.iter().product();
     let channels = ds.num_channels();
     let (image, labels) = (served_image(batch), served_labels(batch));
@@ -272,7 +272,7 @@ fn check_plain(fx: &Fixture, batch: &Batch) -> usize {
 
 fn request(patch: [usize; 3], batch: usize, policy: Policy, dtype: OutputDType) -> BatchRequest {
     BatchRequest {
-        patch,
+        patch: patchflow_grid::Patch::new(patch).unwrap(),
         batch,
         policy,
         crops_per_case: 1,

@@ -17,6 +17,7 @@ use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic::{Request, Status};
 
 use crate::ServerError;
+use crate::error::StreamError;
 use crate::metrics::Metrics;
 pub use patchflow_proto::token::Secret;
 
@@ -78,7 +79,7 @@ impl Interceptor for Authenticator {
                     .remote_addr()
                     .map_or_else(|| "local".to_owned(), |a| a.to_string());
                 tracing::debug!(%peer, reason, "request refused");
-                Err(Status::unauthenticated(reason))
+                Err(StreamError::Unauthenticated(reason).into())
             }
         }
     }

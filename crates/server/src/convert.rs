@@ -1,22 +1,22 @@
 //! Translation between the wire messages and the sampler's types: configurations in, batches
 //! (split into parts) out. Every rejection names the field and the reason.
+//!
+//! It owns the wire forms only; it must not sample, track streams or decide status codes (those
+//! are [`crate::error::StreamError`]'s).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use patchflow_proto::v1 as pb;
-use patchflow_sampler::{
-    AugmentSpec, Batch, BatchRequest, ItemMeta, MAX_PATCH_AXIS, OutputDType, Policy,
-};
+use patchflow_sampler::{AugmentSpec, Batch, BatchRequest, ItemMeta, OutputDType, Patch, Policy};
 use patchflow_store::MAX_CASE_ID_LEN;
 use patchflow_volume::DType;
 use prost::Message;
-use tonic::Status;
 
 use crate::auth::check_name;
 use crate::buffers::BufferPool;
 use crate::damage::ServedRequest;
-use crate::error::sampler_status;
+use crate::error::StreamError;
 use crate::registry::{Entry, Registry, label_dtype};
 use crate::shm::Slot;
 use crate::{Limits, config::MIN_MESSAGE_BYTES};
@@ -35,16 +35,35 @@ pub(crate) struct StreamConfig {
     pub start_index: Option<u64>,
     /// Distance between consecutive indices.
     pub stride: u64,
+    /// How the batches of this configuration go on the wire.
+    pub wire: WireFormat,
+}
+
+/// What every batch of one configuration shares on the wire.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct WireFormat {
+    /// Image channels of the dataset.
+    pub channels: usize,
+    /// The dataset's ignore label.
+    pub ignore_label: u16,
     /// Echoed in every batch.
     pub config_id: u64,
+    /// Largest message; larger batches are split into parts.
+    pub max_message_bytes: usize,
 }
 
-fn invalid(field: &str, reason: impl std::fmt::Display) -> Status {
-    Status::invalid_argument(format!("invalid configuration: {field}: {reason}"))
+fn invalid(field: &'static str, reason: impl Into<String>) -> StreamError {
+    StreamError::InvalidField {
+        field,
+        reason: reason.into(),
+    }
 }
 
-fn invalid_configuration(reason: String) -> Status {
-    Status::invalid_argument(format!("invalid configuration: {reason}"))
+fn invalid_name(reason: String) -> StreamError {
+    StreamError::InvalidName {
+        scope: "configuration",
+        reason,
+    }
 }
 
 /// Checks `config` against the registry and the limits and turns it into a sampler request.
@@ -52,50 +71,94 @@ pub(crate) fn stream_config(
     config: &pb::SampleConfig,
     registry: &Registry,
     limits: &Limits,
-) -> Result<StreamConfig, Status> {
+) -> Result<StreamConfig, StreamError> {
     // Names are identifiers: checked before anything is looked up.
-    check_name("dataset", &config.dataset).map_err(invalid_configuration)?;
+    check_name("dataset", &config.dataset).map_err(invalid_name)?;
     for (i, id) in config.cases.iter().enumerate() {
-        check_name(&format!("cases[{i}]"), id).map_err(invalid_configuration)?;
+        check_name(&format!("cases[{i}]"), id).map_err(invalid_name)?;
     }
-    let entry = registry.get(&config.dataset).ok_or_else(|| {
-        Status::not_found(format!(
-            "unknown dataset {:?} (served: {})",
-            config.dataset,
-            registry.names()
-        ))
-    })?;
+    let entry = registry.find(&config.dataset)?;
     let augment = augment_spec(config.augmentation.as_ref())?;
+    let patch = wire_patch(&config.patch_size)?;
+    let policy = policy(config.policy.as_ref())?;
+    let dtype = match pb::ImageDtype::try_from(config.dtype) {
+        Ok(pb::ImageDtype::Unspecified | pb::ImageDtype::F32) => OutputDType::F32,
+        Ok(pb::ImageDtype::F16) => OutputDType::F16,
+        Ok(pb::ImageDtype::Bf16) => OutputDType::BF16,
+        Err(_) => {
+            return Err(invalid(
+                "dtype",
+                format!("unknown image dtype {}", config.dtype),
+            ));
+        }
+    };
+    let dataset = entry.dataset();
+    let cases = if config.cases.is_empty() {
+        None
+    } else {
+        let mut indices = Vec::with_capacity(config.cases.len());
+        for id in &config.cases {
+            let index = dataset
+                .case_index(id)
+                .ok_or_else(|| StreamError::UnknownCase {
+                    dataset: config.dataset.clone(),
+                    case: id.clone(),
+                })?;
+            indices.push(index);
+        }
+        Some(indices)
+    };
 
-    if config.patch_size.len() != 3 {
+    let request = BatchRequest {
+        patch,
+        batch: usize::try_from(config.batch_size).unwrap_or(usize::MAX),
+        policy,
+        crops_per_case: usize::try_from(config.crops_per_case.max(1)).unwrap_or(usize::MAX),
+        dtype,
+        seed: config.seed,
+        cases,
+        augment,
+    };
+    // Cases set aside (damaged data) are left out; a request for nothing else is refused here.
+    let request = ServedRequest::new(request, &entry.set_aside)?;
+    entry.sampler.validate(
+        &*request.current(&entry.set_aside)?,
+        &limits.sampler_limits(),
+    )?;
+    check_message_room(request.base(), dataset.num_channels(), limits)?;
+    Ok(StreamConfig {
+        entry: Arc::clone(entry),
+        request: Arc::new(request),
+        start_index: config.start_index,
+        stride: config.index_stride.max(1),
+        wire: WireFormat {
+            channels: dataset.num_channels(),
+            ignore_label: dataset.ignore_label(),
+            config_id: config.config_id,
+            max_message_bytes: limits.max_message_bytes,
+        },
+    })
+}
+
+/// The wire's patch size as the one validated patch type: three edges, each in
+/// `1..=`[`patchflow_grid::MAX_PATCH_AXIS`].
+fn wire_patch(values: &[i64]) -> Result<Patch, StreamError> {
+    let &[z, y, x] = values else {
         return Err(invalid(
             "patch_size",
             format!(
-                "needs 3 values [z, y, x], got {} ({:?})",
-                config.patch_size.len(),
-                config.patch_size
+                "needs 3 values [z, y, x], got {} ({values:?})",
+                values.len()
             ),
         ));
-    }
-    let mut patch = [0usize; 3];
-    for (axis, (&v, out)) in config.patch_size.iter().zip(&mut patch).enumerate() {
-        if v < 1 {
-            return Err(invalid(
-                "patch_size",
-                format!("axis {axis} ([z, y, x]) is {v}, must be at least 1"),
-            ));
-        }
-        if v > MAX_PATCH_AXIS as i64 {
-            return Err(invalid(
-                "patch_size",
-                format!("axis {axis} ([z, y, x]) is {v}, the largest accepted is {MAX_PATCH_AXIS}"),
-            ));
-        }
-        *out = v as usize;
-    }
-    let batch = usize::try_from(config.batch_size).unwrap_or(usize::MAX);
+    };
+    let axes = [z, y, x];
+    Patch::from_i64(axes).map_err(|source| StreamError::PatchSize { axes, source })
+}
 
-    let policy = match &config.policy {
+/// The sampler's placement policy for the wire's (unset: nnU-Net's oversampling).
+fn policy(wire: Option<&pb::sample_config::Policy>) -> Result<Policy, StreamError> {
+    Ok(match wire {
         None => Policy::ForegroundOversample {
             fraction: DEFAULT_FOREGROUND_FRACTION,
         },
@@ -116,76 +179,31 @@ pub(crate) fn stream_config(
             }
             Policy::ClassWeights { weights }
         }
-    };
+    })
+}
 
-    let dtype = match pb::ImageDtype::try_from(config.dtype) {
-        Ok(pb::ImageDtype::Unspecified | pb::ImageDtype::F32) => OutputDType::F32,
-        Ok(pb::ImageDtype::F16) => OutputDType::F16,
-        Ok(pb::ImageDtype::Bf16) => OutputDType::BF16,
-        Err(_) => {
-            return Err(invalid(
-                "dtype",
-                format!("unknown image dtype {}", config.dtype),
-            ));
-        }
-    };
-
-    let dataset = entry.dataset();
-    let cases = if config.cases.is_empty() {
-        None
-    } else {
-        let mut indices = Vec::with_capacity(config.cases.len());
-        for id in &config.cases {
-            let index = dataset.case_index(id).ok_or_else(|| {
-                Status::not_found(format!("dataset {:?} has no case {id:?}", config.dataset))
-            })?;
-            indices.push(index);
-        }
-        Some(indices)
-    };
-
-    let request = BatchRequest {
-        patch,
-        batch,
-        policy,
-        crops_per_case: usize::try_from(config.crops_per_case.max(1)).unwrap_or(usize::MAX),
-        dtype,
-        seed: config.seed,
-        cases,
-        augment,
-    };
-    // Cases set aside (damaged data) are left out; a request for nothing else is refused here.
-    let request = ServedRequest::new(request, &entry.set_aside)?;
-    entry
-        .sampler
-        .validate(
-            &*request.current(&entry.set_aside)?,
-            &limits.sampler_limits(),
-        )
-        .map_err(|e| sampler_status(&e))?;
-    let base = request.base();
-    // The batch header (one item description per item) travels in one message with payload.
-    let item_bound = if base.augment.is_some() {
-        ITEM_HEADER_BOUND + AUGMENT_JSON_BOUND * dataset.num_channels().max(1)
+/// Refuses a request whose batch header (one item description per item, in one message with
+/// payload) could not fit the message limit.
+fn check_message_room(
+    request: &BatchRequest,
+    channels: usize,
+    limits: &Limits,
+) -> Result<(), StreamError> {
+    let item_bound = if request.augment.is_some() {
+        ITEM_HEADER_BOUND + AUGMENT_JSON_BOUND * channels.max(1)
     } else {
         ITEM_HEADER_BOUND
     };
-    let header_bound = base.batch.saturating_mul(item_bound) + 2 * PART_OVERHEAD;
-    if header_bound.saturating_mul(2) > limits.max_message_bytes {
-        return Err(Status::resource_exhausted(format!(
-            "limit exceeded: a batch of {} items needs messages of up to {} bytes, the limit is {}",
-            base.batch,
-            header_bound.saturating_mul(2),
-            limits.max_message_bytes
-        )));
+    let header_bound = request.batch.saturating_mul(item_bound) + 2 * PART_OVERHEAD;
+    let needed = header_bound.saturating_mul(2);
+    if needed > limits.max_message_bytes {
+        return Err(StreamError::MessageLimit {
+            batch: request.batch,
+            needed,
+            limit: limits.max_message_bytes,
+        });
     }
-    Ok(StreamConfig {
-        entry: Arc::clone(entry),
-        request: Arc::new(request),
-        start_index: config.start_index,
-        stride: config.index_stride.max(1),
-        config_id: config.config_id,
-    })
+    Ok(())
 }
 
 /// A batch ready for the wire: its messages and its payload size.
@@ -216,7 +234,7 @@ const AUGMENT_JSON_BOUND: usize = 2048;
 pub const AUGMENT_PRESETS: [&str; 1] = [AugmentSpec::NNUNET_PRESET];
 
 /// The sampler's augmentation for a wire `Augmentation`: `None` when unset or empty.
-fn augment_spec(wire: Option<&pb::Augmentation>) -> Result<Option<AugmentSpec>, Status> {
+fn augment_spec(wire: Option<&pb::Augmentation>) -> Result<Option<AugmentSpec>, StreamError> {
     let Some(a) = wire else { return Ok(None) };
     if a.preset.is_empty() && a.spec_json.is_empty() && a.no_mirror_axes.is_empty() {
         return Ok(None);
@@ -272,14 +290,11 @@ const ITEM_HEADER_BOUND: usize = MAX_CASE_ID_LEN + 64;
 /// field tags and lengths).
 const PART_OVERHEAD: usize = 64;
 
-/// Splits `batch` into messages of at most `max_message_bytes` each (buffers are shared, not
-/// copied).
+/// Splits `batch` into messages of at most `wire.max_message_bytes` each (buffers are shared,
+/// not copied).
 pub(crate) fn encode_batch(
     batch: Batch,
-    channels: usize,
-    ignore_label: u16,
-    config_id: u64,
-    max_message_bytes: usize,
+    wire: &WireFormat,
     buffers: &Arc<BufferPool>,
 ) -> EncodedBatch {
     let image = buffers.share(batch.image);
@@ -289,12 +304,12 @@ pub(crate) fn encode_batch(
         batch.dtype,
         batch.label_dtype,
         batch.items,
-        channels,
-        ignore_label,
         (image.len(), label.len()),
+        wire,
     );
     // The header travels in part 0 only, but sizing every part with it keeps the split simple.
-    let room = max_message_bytes
+    let room = wire
+        .max_message_bytes
         .max(MIN_MESSAGE_BYTES)
         .saturating_sub(header.encoded_len() + PART_OVERHEAD)
         .max(1);
@@ -312,7 +327,7 @@ pub(crate) fn encode_batch(
         );
         out.push(pb::SampleResponse {
             index: batch.index,
-            config_id,
+            config_id: wire.config_id,
             part: part as u32,
             parts: parts as u32,
             header: header.take(),
@@ -330,22 +345,21 @@ pub(crate) fn encode_batch(
 }
 
 /// Everything about a batch but its voxels; `sizes` are the image and label buffer lengths.
-fn batch_header(
-    patch: [usize; 3],
+pub(crate) fn batch_header(
+    patch: Patch,
     dtype: OutputDType,
     labels: DType,
     items: Vec<ItemMeta>,
-    channels: usize,
-    ignore_label: u16,
     sizes: (usize, usize),
+    wire: &WireFormat,
 ) -> pb::BatchHeader {
     pb::BatchHeader {
-        patch_size: patch.iter().map(|&p| p as u64).collect(),
+        patch_size: patch.axes().iter().map(|&p| p as u64).collect(),
         batch_size: u32::try_from(items.len()).unwrap_or(u32::MAX),
-        channels: u32::try_from(channels).unwrap_or(u32::MAX),
+        channels: u32::try_from(wire.channels).unwrap_or(u32::MAX),
         dtype: wire_dtype(dtype) as i32,
         label_dtype: label_dtype(labels) as i32,
-        ignore_label: u32::from(ignore_label),
+        ignore_label: u32::from(wire.ignore_label),
         image_bytes: sizes.0 as u64,
         label_bytes: sizes.1 as u64,
         items: items
@@ -366,35 +380,26 @@ fn batch_header(
     }
 }
 
-/// A batch written into a shared-memory slot: one message naming the slot, no voxel bytes.
+/// Batch `index` written into a shared-memory slot: one message with its `header`, naming the
+/// slot, and no voxel bytes (the image comes first in the slot, the label right after it).
 pub(crate) fn encode_shared(
-    batch: SharedBatch,
-    channels: usize,
-    ignore_label: u16,
-    config_id: u64,
+    index: u64,
+    header: pb::BatchHeader,
+    slot: Slot,
+    wire: &WireFormat,
 ) -> EncodedBatch {
-    let (image_bytes, label_bytes) = batch.sizes;
-    let shared = batch.slot.reference().map(|r| pb::SharedBatch {
+    let shared = slot.reference().map(|r| pb::SharedBatch {
         slot: r.id,
         path: r.path,
         file_bytes: r.file_bytes,
-        label_offset: image_bytes as u64,
+        label_offset: header.image_bytes,
     });
-    let header = batch_header(
-        batch.patch,
-        batch.dtype,
-        batch.label_dtype,
-        batch.items,
-        channels,
-        ignore_label,
-        batch.sizes,
-    );
     EncodedBatch {
-        index: batch.index,
-        bytes: (image_bytes + label_bytes) as u64,
+        index,
+        bytes: header.image_bytes + header.label_bytes,
         parts: vec![pb::SampleResponse {
-            index: batch.index,
-            config_id,
+            index,
+            config_id: wire.config_id,
             part: 0,
             parts: 1,
             header: Some(header),
@@ -402,26 +407,8 @@ pub(crate) fn encode_shared(
             label: Default::default(),
             shared,
         }],
-        slot: Some(batch.slot),
+        slot: Some(slot),
     }
-}
-
-/// A batch the sampler wrote into a shared-memory slot.
-pub(crate) struct SharedBatch {
-    /// Batch index.
-    pub index: u64,
-    /// Patch size.
-    pub patch: [usize; 3],
-    /// Image element type.
-    pub dtype: OutputDType,
-    /// Label element type.
-    pub label_dtype: DType,
-    /// Placement of each item.
-    pub items: Vec<ItemMeta>,
-    /// Image and label bytes, at the start of the slot one after the other.
-    pub sizes: (usize, usize),
-    /// The slot.
-    pub slot: Slot,
 }
 
 #[cfg(test)]
@@ -433,7 +420,7 @@ mod tests {
     fn batch(image: usize, label: usize) -> Batch {
         Batch {
             index: 7,
-            patch: [1, 2, 3],
+            patch: Patch::new([1, 2, 3]).unwrap(),
             dtype: OutputDType::F32,
             label_dtype: DType::U8,
             image: (0..image).map(|i| i as u8).collect(),
@@ -446,6 +433,15 @@ mod tests {
                 class: Some(2),
                 augment: None,
             }],
+        }
+    }
+
+    fn wire(config_id: u64, max_message_bytes: usize) -> WireFormat {
+        WireFormat {
+            channels: 1,
+            ignore_label: 255,
+            config_id,
+            max_message_bytes,
         }
     }
 
@@ -466,7 +462,7 @@ mod tests {
     fn small_batches_are_one_message() {
         let b = batch(1000, 300);
         let (img, lab) = (b.image.clone(), b.label.clone());
-        let enc = encode_batch(b, 1, 255, 9, 1 << 20, &BufferPool::new(4, 1 << 30));
+        let enc = encode_batch(b, &wire(9, 1 << 20), &BufferPool::new(4, 1 << 30));
         assert_eq!(enc.parts.len(), 1);
         assert_eq!(enc.bytes, 1300);
         let header = enc.parts[0].header.as_ref().unwrap();
@@ -518,14 +514,7 @@ mod tests {
         ] {
             let b = batch(image, label);
             let (img, lab) = (b.image.clone(), b.label.clone());
-            let enc = encode_batch(
-                b,
-                1,
-                255,
-                0,
-                MIN_MESSAGE_BYTES,
-                &BufferPool::new(4, 1 << 30),
-            );
+            let enc = encode_batch(b, &wire(0, MIN_MESSAGE_BYTES), &BufferPool::new(4, 1 << 30));
             assert!(enc.parts.len() > 1, "{image}+{label}");
             for p in &enc.parts {
                 assert!(p.encoded_len() <= MIN_MESSAGE_BYTES, "{}", p.encoded_len());

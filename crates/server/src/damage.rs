@@ -10,6 +10,10 @@
 //!
 //! Narrowing changes which case a batch index draws, so after a case is set aside the batches
 //! of requests that could draw it differ from those of a daemon with an undamaged store.
+//!
+//! This module keeps only that bookkeeping (which cases are set aside, the requests narrowed
+//! to the others, which case a data error points at); the sampling job ([`crate::job`]) uses
+//! it. It must not sample, encode or know about streams.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -18,16 +22,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use patchflow_proto::v1 as pb;
-use patchflow_sampler::{Batch, BatchRequest, Dataset, SamplerError};
+use patchflow_sampler::{BatchRequest, Dataset, SamplerError};
 use patchflow_store::StoreError;
-use tonic::Status;
 
-use crate::buffers::BufferPool;
-use crate::convert::SharedBatch;
-use crate::error::sampler_status;
-use crate::metrics::Metrics;
-use crate::registry::Entry;
-use crate::shm::Slot;
+use crate::error::StreamError;
 
 /// Set-aside cases listed by name in one status message; the rest are counted.
 const LISTED_IN_STATUS: usize = 8;
@@ -116,7 +114,10 @@ impl SetAside {
 
     /// `requested` (a request's case restriction) without the set-aside cases, with the
     /// generation it reflects.
-    pub fn narrow(&self, requested: Option<&[usize]>) -> Result<(u64, Option<Vec<usize>>), Status> {
+    pub fn narrow(
+        &self,
+        requested: Option<&[usize]>,
+    ) -> Result<(u64, Option<Vec<usize>>), StreamError> {
         let cases = lock(&self.cases);
         // Additions happen under the lock, so this generation matches the map read here.
         let generation = self.generation();
@@ -137,16 +138,15 @@ pub(crate) fn narrow_cases(
     num_cases: usize,
     requested: Option<&[usize]>,
     aside: &BTreeMap<usize, SetAsideCase>,
-) -> Result<Option<Vec<usize>>, Status> {
+) -> Result<Option<Vec<usize>>, StreamError> {
     if aside.is_empty() {
         return Ok(requested.map(<[usize]>::to_vec));
     }
     if (0..num_cases).all(|c| aside.contains_key(&c)) {
-        return Err(Status::data_loss(format!(
-            "dataset {dataset:?}: every case is set aside because its stored data is damaged ({}); \
-             repair or re-ingest the case files and restart the daemon",
-            list_cases(aside.values())
-        )));
+        return Err(StreamError::EveryCaseSetAside {
+            dataset: dataset.to_owned(),
+            cases: list_cases(aside.values()),
+        });
     }
     match requested {
         None => Ok(Some(
@@ -166,11 +166,10 @@ pub(crate) fn narrow_cases(
             let mut named: Vec<usize> = list.to_vec();
             named.sort_unstable();
             named.dedup();
-            Err(Status::failed_precondition(format!(
-                "dataset {dataset:?}: every requested case is set aside because its stored data is \
-                 damaged ({}); request other cases, or repair the case files and restart the daemon",
-                list_cases(named.iter().filter_map(|c| aside.get(c)))
-            )))
+            Err(StreamError::RequestedCasesSetAside {
+                dataset: dataset.to_owned(),
+                cases: list_cases(named.iter().filter_map(|c| aside.get(c))),
+            })
         }
     }
 }
@@ -205,7 +204,7 @@ pub(crate) struct ServedRequest {
 
 impl ServedRequest {
     /// Narrows `base` by the cases set aside now; fails as [`narrow_cases`] does.
-    pub fn new(base: BatchRequest, aside: &SetAside) -> Result<ServedRequest, Status> {
+    pub fn new(base: BatchRequest, aside: &SetAside) -> Result<ServedRequest, StreamError> {
         let (generation, cases) = aside.narrow(base.cases.as_deref())?;
         let request = Arc::new(BatchRequest {
             cases,
@@ -224,7 +223,7 @@ impl ServedRequest {
 
     /// The request narrowed by the cases set aside now (the same `Arc` while nothing changes
     /// for it).
-    pub fn current(&self, aside: &SetAside) -> Result<Arc<BatchRequest>, Status> {
+    pub fn current(&self, aside: &SetAside) -> Result<Arc<BatchRequest>, StreamError> {
         let mut current = lock(&self.current);
         if current.0 == aside.generation() {
             return Ok(Arc::clone(&current.1));
@@ -261,7 +260,7 @@ fn damage_key(err: &SamplerError) -> Option<DamageKey<'_>> {
 }
 
 /// The case of `dataset` that `err` reports as damaged.
-fn damaged_case(dataset: &Dataset, err: &SamplerError) -> Option<SetAsideCase> {
+pub(crate) fn damaged_case(dataset: &Dataset, err: &SamplerError) -> Option<SetAsideCase> {
     let index = match damage_key(err)? {
         DamageKey::Case(id) => dataset.case_index(id)?,
         DamageKey::File(path) => dataset.cases().iter().position(|r| r.path() == path)?,
@@ -276,153 +275,28 @@ fn damaged_case(dataset: &Dataset, err: &SamplerError) -> Option<SetAsideCase> {
 }
 
 /// Whether `request` may draw case `index`.
-fn draws_from(request: &BatchRequest, index: usize) -> bool {
+pub(crate) fn draws_from(request: &BatchRequest, index: usize) -> bool {
     request
         .cases
         .as_ref()
         .is_none_or(|list| list.contains(&index))
 }
 
-/// Samples with `sample` from the cases of `request` still in service.
-///
-/// A data error on a case not yet set aside sets it aside, calls `newly_set_aside` and fails
-/// with the error's status (DATA_LOSS, naming the case): the stream that met the damage ends.
-/// A data error on a case that another stream set aside meanwhile (the request was narrowed
-/// before) draws the batch again from the remaining cases. Other errors fail as they are.
-fn sample_served<T>(
-    aside: &SetAside,
-    request: &ServedRequest,
-    mut sample: impl FnMut(&BatchRequest) -> Result<T, SamplerError>,
-    damaged: impl Fn(&SamplerError) -> Option<SetAsideCase>,
-    newly_set_aside: impl FnOnce(&SetAsideCase),
-) -> Result<T, Status> {
-    let mut current = request.current(aside)?;
-    loop {
-        let err = match sample(&current) {
-            Ok(value) => return Ok(value),
-            Err(err) => err,
-        };
-        let status = sampler_status(&err);
-        let Some(case) = damaged(&err) else {
-            return Err(status);
-        };
-        if aside.insert(case.clone()) {
-            newly_set_aside(&case);
-            return Err(Status::new(
-                status.code(),
-                format!(
-                    "{}; case {} is now set aside: later batches of every stream are drawn \
-                     from the other cases until the daemon restarts",
-                    status.message(),
-                    case.id
-                ),
-            ));
-        }
-        // Drawn again only from a pool that lost the case: each retry leaves out one more case,
-        // so this ends.
-        let next = request.current(aside)?;
-        if !draws_from(&current, case.index) || draws_from(&next, case.index) {
-            return Err(status);
-        }
-        tracing::debug!(
-            case = %case.id,
-            "case set aside by another stream meanwhile; drawing the batch from the other cases"
-        );
-        current = next;
-    }
-}
-
-/// Samples batch `index` of `request` from the cases of `entry` still in service (see
-/// [`sample_served`]), counting newly set-aside cases in `metrics`.
-pub(crate) fn sample_batch(
-    entry: &Entry,
-    request: &ServedRequest,
-    index: u64,
-    metrics: &Metrics,
-    buffers: &BufferPool,
-) -> Result<Batch, Status> {
-    let dataset = entry.dataset();
-    let voxels: usize = request.base.patch.iter().product();
-    let image_len = voxels
-        .saturating_mul(request.base.dtype.size())
-        .saturating_mul(dataset.num_channels())
-        .saturating_mul(request.base.batch);
-    let label_len = voxels
-        .saturating_mul(dataset.label_dtype().size())
-        .saturating_mul(request.base.batch);
-    sample_served(
-        &entry.set_aside,
-        request,
-        |req| {
-            let image = buffers.take(image_len);
-            let label = buffers.take(label_len);
-            entry.sampler.sample_into(req, index, image, label)
-        },
-        |err| damaged_case(dataset, err),
-        |_| metrics.case_set_aside(dataset.name()),
-    )
-}
-
-/// What became of a batch meant for a shared-memory slot.
-pub(crate) enum SharedOutcome {
-    /// Written into the slot.
-    Written(SharedBatch),
-    /// The slot could not be prepared (the shared-memory folder is full, say); nothing was
-    /// sampled and the slot is gone, so the batch is to travel inside the messages.
-    SlotUnusable(std::io::Error),
-}
-
-/// [`sample_batch`] written into a shared-memory slot (grown as needed) instead of a buffer.
-pub(crate) fn sample_shared(
-    entry: &Entry,
-    request: &ServedRequest,
-    index: u64,
-    metrics: &Metrics,
-    mut slot: Slot,
-) -> Result<SharedOutcome, Status> {
-    let dataset = entry.dataset();
-    let sampler = &entry.sampler;
-    // The sizes depend on patch, batch and dtypes only, not on the cases drawn.
-    let sizes = sampler
-        .buffer_sizes(&request.base)
-        .map_err(|e| sampler_status(&e))?;
-    let (image, label) = match slot.buffers(sizes.0, sizes.1) {
-        Ok(buffers) => buffers,
-        Err(e) => return Ok(SharedOutcome::SlotUnusable(e)),
-    };
-    let items = sample_served(
-        &entry.set_aside,
-        request,
-        |req| sampler.sample_to(req, index, &mut *image, &mut *label),
-        |err| damaged_case(dataset, err),
-        |_| metrics.case_set_aside(dataset.name()),
-    )?;
-    Ok(SharedOutcome::Written(SharedBatch {
-        index,
-        patch: request.base.patch,
-        dtype: request.base.dtype,
-        label_dtype: dataset.label_dtype(),
-        items,
-        sizes,
-        slot,
-    }))
-}
-
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Cases, requests and errors for the tests of this module and of the sampling job.
 #[cfg(test)]
-mod tests {
+pub(crate) mod fixtures {
     use super::*;
-    use patchflow_sampler::{OutputDType, Policy};
-    use proptest::prelude::*;
-    use std::cell::Cell;
-    use tonic::Code;
+    use patchflow_sampler::{OutputDType, Patch, Policy};
 
-    const IDS: [&str; 4] = ["case_a", "case_b", "case_c", "case_d"];
+    /// The case ids of the test dataset.
+    pub const IDS: [&str; 4] = ["case_a", "case_b", "case_c", "case_d"];
 
-    fn aside_case(index: usize) -> SetAsideCase {
+    /// Case `index` of the test dataset, set aside for a checksum mismatch.
+    pub fn aside_case(index: usize) -> SetAsideCase {
         SetAsideCase {
             index,
             id: IDS[index].to_owned(),
@@ -431,13 +305,10 @@ mod tests {
         }
     }
 
-    fn aside_map(indices: &[usize]) -> BTreeMap<usize, SetAsideCase> {
-        indices.iter().map(|&i| (i, aside_case(i))).collect()
-    }
-
-    fn request(cases: Option<Vec<usize>>) -> BatchRequest {
+    /// A request of 4³ patches over `cases`.
+    pub fn request(cases: Option<Vec<usize>>) -> BatchRequest {
         BatchRequest {
-            patch: [4, 4, 4],
+            patch: Patch::cube(4).unwrap(),
             batch: 2,
             policy: Policy::Uniform,
             crops_per_case: 1,
@@ -448,7 +319,8 @@ mod tests {
         }
     }
 
-    fn checksum(index: usize) -> SamplerError {
+    /// A checksum error in case `index`.
+    pub fn checksum(index: usize) -> SamplerError {
         SamplerError::Store(StoreError::Checksum {
             case: IDS[index].to_owned(),
             array: "image[0]".into(),
@@ -457,11 +329,23 @@ mod tests {
     }
 
     /// Maps checksum errors to the fixed case table of these tests.
-    fn damaged(err: &SamplerError) -> Option<SetAsideCase> {
+    pub fn damaged(err: &SamplerError) -> Option<SetAsideCase> {
         match damage_key(err)? {
             DamageKey::Case(id) => IDS.iter().position(|&i| i == id).map(aside_case),
             DamageKey::File(_) => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::*;
+    use super::*;
+    use proptest::prelude::*;
+    use tonic::{Code, Status};
+
+    fn aside_map(indices: &[usize]) -> BTreeMap<usize, SetAsideCase> {
+        indices.iter().map(|&i| (i, aside_case(i))).collect()
     }
 
     #[test]
@@ -498,7 +382,7 @@ mod tests {
     #[test]
     fn a_list_of_set_aside_cases_only_is_refused_naming_them() {
         let aside = aside_map(&[1, 3]);
-        let status = narrow_cases("ds", 4, Some(&[3, 1, 3]), &aside).unwrap_err();
+        let status = Status::from(narrow_cases("ds", 4, Some(&[3, 1, 3]), &aside).unwrap_err());
         assert_eq!(status.code(), Code::FailedPrecondition);
         let msg = status.message();
         assert!(msg.contains("dataset \"ds\""), "{msg}");
@@ -514,7 +398,7 @@ mod tests {
     fn a_dataset_with_every_case_set_aside_is_data_loss() {
         let aside = aside_map(&[0, 1, 2, 3]);
         for requested in [None, Some(&[2usize][..])] {
-            let status = narrow_cases("ds", 4, requested, &aside).unwrap_err();
+            let status = Status::from(narrow_cases("ds", 4, requested, &aside).unwrap_err());
             assert_eq!(status.code(), Code::DataLoss);
             for id in IDS {
                 assert!(status.message().contains(id), "{}", status.message());
@@ -621,119 +505,9 @@ mod tests {
         // A stream whose whole shard goes away fails at its next batch.
         assert!(aside.insert(aside_case(0)));
         assert!(aside.insert(aside_case(2)));
-        let status = shard.current(&aside).unwrap_err();
+        let status = Status::from(shard.current(&aside).unwrap_err());
         assert_eq!(status.code(), Code::FailedPrecondition);
         assert!(status.message().contains("case_a"), "{}", status.message());
-    }
-
-    /// A sampler whose reads of the cases in `damaged` fail with a checksum error.
-    fn fake_sampler(
-        damaged: &[usize],
-        calls: &Cell<usize>,
-    ) -> impl FnMut(&BatchRequest) -> Result<Vec<usize>, SamplerError> {
-        move |req: &BatchRequest| {
-            calls.set(calls.get() + 1);
-            let pool = req.cases.clone().unwrap_or_else(|| (0..4).collect());
-            match pool.iter().find(|c| damaged.contains(c)) {
-                Some(&c) => Err(checksum(c)),
-                None => Ok(pool),
-            }
-        }
-    }
-
-    #[test]
-    fn the_stream_that_meets_the_damage_fails_and_sets_the_case_aside() {
-        let aside = SetAside::new("ds", 4);
-        let served = ServedRequest::new(request(None), &aside).unwrap();
-        let calls = Cell::new(0);
-        let reported = Cell::new(0);
-        let status = sample_served(
-            &aside,
-            &served,
-            fake_sampler(&[1], &calls),
-            damaged,
-            |case| {
-                assert_eq!(case.id, "case_b");
-                reported.set(reported.get() + 1);
-            },
-        )
-        .unwrap_err();
-        assert_eq!(status.code(), Code::DataLoss);
-        assert!(status.message().contains("case case_b"), "{status:?}");
-        assert!(status.message().contains("set aside"), "{status:?}");
-        assert_eq!((calls.get(), reported.get()), (1, 1));
-        assert_eq!(aside.cases(), vec![aside_case(1)]);
-        // The next batch is drawn without it.
-        let pool = sample_served(&aside, &served, fake_sampler(&[1], &calls), damaged, |_| {
-            panic!("nothing new is set aside")
-        })
-        .unwrap();
-        assert_eq!(pool, [0, 2, 3]);
-    }
-
-    #[test]
-    fn a_batch_planned_before_another_stream_set_the_case_aside_is_drawn_again() {
-        let aside = SetAside::new("ds", 4);
-        let served = ServedRequest::new(request(None), &aside).unwrap();
-        let calls = Cell::new(0);
-        // The first read fails on case_b, which another stream sets aside meanwhile.
-        let mut inner = fake_sampler(&[1], &calls);
-        let sample = |req: &BatchRequest| {
-            let out = inner(req);
-            if out.is_err() {
-                assert!(aside.insert(aside_case(1)));
-            }
-            out
-        };
-        let pool = sample_served(&aside, &served, sample, damaged, |_| {
-            panic!("the other stream reported it")
-        })
-        .unwrap();
-        assert_eq!(pool, [0, 2, 3]);
-        assert_eq!(calls.get(), 2);
-    }
-
-    #[test]
-    fn other_errors_set_nothing_aside() {
-        let aside = SetAside::new("ds", 4);
-        let served = ServedRequest::new(request(None), &aside).unwrap();
-        let errors = [
-            (
-                SamplerError::Store(StoreError::Io {
-                    path: PathBuf::from("/stores/ds/case_b.pfc"),
-                    source: std::io::Error::from_raw_os_error(24),
-                }),
-                Code::Internal,
-            ),
-            (
-                SamplerError::Case {
-                    case: "case_b".into(),
-                    reason: "holds none of the weighted classes".into(),
-                },
-                Code::FailedPrecondition,
-            ),
-            (
-                SamplerError::InvalidRequest {
-                    field: "patch",
-                    reason: "too large".into(),
-                },
-                Code::InvalidArgument,
-            ),
-        ];
-        for (err, code) in errors {
-            let mut err = Some(err);
-            let status = sample_served(
-                &aside,
-                &served,
-                |_| -> Result<(), SamplerError> { Err(err.take().expect("sampled once")) },
-                damaged,
-                |_| panic!("not damage"),
-            )
-            .unwrap_err();
-            assert_eq!(status.code(), code, "{status:?}");
-        }
-        assert_eq!(aside.generation(), 0);
-        assert!(aside.cases().is_empty());
     }
 
     proptest! {

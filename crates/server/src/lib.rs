@@ -1,5 +1,9 @@
 //! The patchflow daemon: serves chunk stores to training clients over gRPC.
 //!
+//! It owns the network layer: streams and their flow control, limits, access control, and the one
+//! mapping of errors to gRPC statuses. It must not cut patches itself (the sampler does) and must
+//! not link libtorch.
+//!
 //! Trainers should not decode volumes: a storage node holds the chunk stores, cuts and
 //! normalises patches on its own cores and streams ready batches to as many GPU machines as it
 //! can feed. This crate is the thin network layer that makes that possible on top of
@@ -19,6 +23,8 @@
 //!   longer drawn by any stream until the daemon restarts;
 //! * shared memory for clients on the daemon's host: the sampler writes a batch straight into a
 //!   slot file the client maps, so no voxel crosses the socket (`shm`);
+//! * a sampling job that panics ends its own stream with INTERNAL; the daemon and every other
+//!   stream carry on;
 //! * graceful shutdown.
 //!
 //! ```no_run
@@ -38,6 +44,7 @@ mod config;
 mod convert;
 mod damage;
 mod error;
+mod job;
 mod metrics;
 mod pool;
 mod registry;
@@ -67,7 +74,7 @@ pub use config::{
     DEFAULT_PORT, Limits, MIN_MESSAGE_BYTES, ServerConfig, default_shared_memory_dir,
 };
 pub use convert::DEFAULT_FOREGROUND_FRACTION;
-pub use error::{ServerError, sampler_status, store_status};
+pub use error::ServerError;
 pub use metrics::MetricsSnapshot;
 pub use patchflow_proto::token::{MAX_TOKEN_BYTES, Secret, TokenError};
 
@@ -193,6 +200,81 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let tcp_server = transport(&config, tls.clone())?;
     let unix_server = transport(&config, None)?;
     let workers = config.worker_threads();
+    let shutdown = CancellationToken::new();
+    let ctx = open_context(&config, workers, &shutdown).await?;
+    let metrics = Arc::clone(&ctx.metrics);
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<PatchflowServer<PatchflowService>>()
+        .await;
+    let routes = add_services(Routes::new(health_service), &config, ctx)?;
+    // The token check wraps every service of both listeners.
+    let authenticator = Authenticator::new(config.token.clone(), Arc::clone(&metrics));
+    let router = |server: Server| {
+        server
+            .layer(InterceptorLayer::new(authenticator.clone()))
+            .add_routes(routes.clone())
+    };
+    warn_about_exposure(&config);
+
+    let mut tasks = Vec::new();
+    let mut local_addr = None;
+    if let Some(addr) = config.listen {
+        let (listener, bound) = bind_tcp(addr, "binding TCP address").await?;
+        local_addr = Some(bound);
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let serving = router(tcp_server)
+            .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
+        tasks.push(spawn_listener(format!("tcp {bound}"), serving, &shutdown));
+        tracing::info!(
+            address = %bound,
+            workers,
+            tls = tls.is_some(),
+            token = config.token.is_some(),
+            "listening on TCP"
+        );
+    }
+    let mut unix_path = None;
+    if let Some(path) = &config.unix {
+        let incoming = UnixListenerStream::new(bind_unix(path)?);
+        unix_path = Some(path.clone());
+        let serving = router(unix_server)
+            .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
+        tasks.push(spawn_listener(
+            format!("unix {}", path.display()),
+            serving,
+            &shutdown,
+        ));
+        tracing::info!(path = %path.display(), workers, "listening on Unix socket");
+    }
+    let mut metrics_addr = None;
+    if let Some(addr) = config.metrics {
+        let (bound, task) = spawn_metrics(addr, Arc::clone(&metrics), &shutdown).await?;
+        metrics_addr = Some(bound);
+        tasks.push(task);
+    }
+
+    Ok(RunningServer {
+        local_addr,
+        tls: tls.is_some(),
+        unix_path,
+        metrics_addr,
+        shutdown,
+        tasks,
+        metrics,
+        health,
+        grace: config.shutdown_grace,
+    })
+}
+
+/// What every stream shares: the opened stores, the counters, the worker pool, the buffer pool
+/// and the shared-memory folder.
+async fn open_context(
+    config: &ServerConfig,
+    workers: usize,
+    shutdown: &CancellationToken,
+) -> Result<Arc<StreamContext>, ServerError> {
     let cache_bytes = config.cache_mb.saturating_mul(1 << 20);
     let cache = match &config.disk_cache {
         Some(dir) => {
@@ -227,12 +309,11 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     if let Some(dir) = &shared_memory {
         tracing::info!(folder = %dir.path().display(), "shared memory offered to clients on this host");
     }
-    let shutdown = CancellationToken::new();
-    let ctx = Arc::new(StreamContext {
+    Ok(Arc::new(StreamContext {
         registry: Arc::new(registry),
         pool: Arc::new(pool),
         limits: config.limits.clone(),
-        metrics: Arc::clone(&metrics),
+        metrics,
         shutdown: shutdown.clone(),
         // Room for the batches a few streams have in flight; beyond that, buffers are freed.
         buffers: buffers::BufferPool::new(
@@ -242,12 +323,16 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
                 .min(1 << 30),
         ),
         shared_memory,
-    });
+    }))
+}
 
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<PatchflowServer<PatchflowService>>()
-        .await;
+/// `routes` (health checking) with gRPC reflection (v1 and v1alpha) and the Patchflow service
+/// added.
+fn add_services(
+    routes: Routes,
+    config: &ServerConfig,
+    ctx: Arc<StreamContext>,
+) -> Result<Routes, ServerError> {
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(patchflow_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -259,113 +344,38 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let service = PatchflowServer::new(PatchflowService::new(ctx))
         .max_encoding_message_size(config.limits.max_message_bytes)
         .max_decoding_message_size(MAX_REQUEST_BYTES);
-    let routes = Routes::new(health_service)
+    Ok(routes
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(service);
-    // The token check wraps every service of both listeners.
-    let authenticator = Authenticator::new(config.token.clone(), Arc::clone(&metrics));
-    let router = |server: Server| {
-        server
-            .layer(InterceptorLayer::new(authenticator.clone()))
-            .add_routes(routes.clone())
-    };
-    warn_about_exposure(&config);
+        .add_service(service))
+}
 
-    let mut tasks = Vec::new();
-    let mut local_addr = None;
-    if let Some(addr) = config.listen {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| ServerError::Io {
-                what: "binding TCP address",
-                path: addr.to_string(),
-                source,
-            })?;
-        let bound = listener.local_addr().map_err(|source| ServerError::Io {
-            what: "reading bound address of",
-            path: addr.to_string(),
-            source,
-        })?;
-        local_addr = Some(bound);
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-        let name = format!("tcp {bound}");
-        let signal = shutdown.clone().cancelled_owned();
-        let router = router(tcp_server);
-        let token = shutdown.clone();
-        let task_name = name.clone();
-        tasks.push((
-            name,
-            tokio::spawn(async move {
-                let result = router.serve_with_incoming_shutdown(incoming, signal).await;
-                finish_listener(task_name, result, &token)
-            }),
-        ));
-        tracing::info!(
-            address = %bound,
-            workers,
-            tls = tls.is_some(),
-            token = config.token.is_some(),
-            "listening on TCP"
-        );
-    }
-    let mut unix_path = None;
-    if let Some(path) = &config.unix {
-        let listener = bind_unix(path)?;
-        unix_path = Some(path.clone());
-        let incoming = UnixListenerStream::new(listener);
-        let router = router(unix_server);
-        let name = format!("unix {}", path.display());
-        let signal = shutdown.clone().cancelled_owned();
-        let token = shutdown.clone();
-        let task_name = name.clone();
-        tasks.push((
-            name,
-            tokio::spawn(async move {
-                let result = router.serve_with_incoming_shutdown(incoming, signal).await;
-                finish_listener(task_name, result, &token)
-            }),
-        ));
-        tracing::info!(path = %path.display(), workers, "listening on Unix socket");
-    }
-    let mut metrics_addr = None;
-    if let Some(addr) = config.metrics {
-        let listener = metrics::bind_metrics(addr)
-            .await
-            .map_err(|source| ServerError::Io {
-                what: "binding metrics address",
-                path: addr.to_string(),
-                source,
-            })?;
-        let bound = listener.local_addr().map_err(|source| ServerError::Io {
-            what: "reading bound address of",
-            path: addr.to_string(),
-            source,
-        })?;
-        metrics_addr = Some(bound);
-        let token = shutdown.clone();
-        let metrics = Arc::clone(&metrics);
-        tasks.push((
-            format!("metrics {bound}"),
-            tokio::spawn(async move {
-                metrics::serve_metrics(listener, metrics, token).await;
-                Ok(())
-            }),
-        ));
-        tracing::info!(address = %bound, "metrics on http://{bound}/metrics");
-    }
+/// Spawns the task serving one listener; a listener that fails stops the whole server.
+fn spawn_listener(
+    name: String,
+    serving: impl Future<Output = Result<(), tonic::transport::Error>> + Send + 'static,
+    shutdown: &CancellationToken,
+) -> (String, JoinHandle<Result<(), ServerError>>) {
+    let token = shutdown.clone();
+    let listener = name.clone();
+    let task = tokio::spawn(async move { finish_listener(listener, serving.await, &token) });
+    (name, task)
+}
 
-    Ok(RunningServer {
-        local_addr,
-        tls: tls.is_some(),
-        unix_path,
-        metrics_addr,
-        shutdown,
-        tasks,
-        metrics,
-        health,
-        grace: config.shutdown_grace,
-    })
+/// Binds the metrics endpoint and spawns the task serving it.
+async fn spawn_metrics(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    shutdown: &CancellationToken,
+) -> Result<(SocketAddr, (String, JoinHandle<Result<(), ServerError>>)), ServerError> {
+    let (listener, bound) = bind_tcp(addr, "binding metrics address").await?;
+    let token = shutdown.clone();
+    let task = tokio::spawn(async move {
+        metrics::serve_metrics(listener, metrics, token).await;
+        Ok(())
+    });
+    tracing::info!(address = %bound, "metrics on http://{bound}/metrics");
+    Ok((bound, (format!("metrics {bound}"), task)))
 }
 
 /// Runs a daemon until `signal` completes (or a listener fails), then shuts it down gracefully.
@@ -466,6 +476,24 @@ fn finish_listener(
         shutdown.cancel();
         ServerError::Transport { listener, source }
     })
+}
+
+/// Binds a TCP listener at `addr` (`what` says which, for errors); returns it with the address
+/// it got (the actual port when `addr` asked for port 0).
+async fn bind_tcp(
+    addr: SocketAddr,
+    what: &'static str,
+) -> Result<(TcpListener, SocketAddr), ServerError> {
+    let io = |what, source| ServerError::Io {
+        what,
+        path: addr.to_string(),
+        source,
+    };
+    let listener = TcpListener::bind(addr).await.map_err(|e| io(what, e))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| io("reading bound address of", e))?;
+    Ok((listener, bound))
 }
 
 /// Binds a Unix socket at `path`, replacing a stale socket file left by a previous run.

@@ -3,12 +3,11 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use patchflow_store::ChunkCache;
+use patchflow_store::{CacheStats, ChunkCache};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -227,138 +226,158 @@ impl Metrics {
         let snap = self.snapshot();
         let cache = self.cache.stats();
         let mut out = String::with_capacity(4096);
-        let mut metric = |name: &str, kind: &str, help: &str, value: String| {
+        let daemon = self.traffic_metrics(&snap);
+        for (name, kind, help, value) in daemon.into_iter().chain(self.pool_metrics(&snap, &cache))
+        {
             let _ = writeln!(out, "# HELP {name} {help}");
             let _ = writeln!(out, "# TYPE {name} {kind}");
             let _ = writeln!(out, "{name} {value}");
-        };
-        metric(
-            "patchflow_uptime_seconds",
-            "gauge",
-            "Seconds since the server started.",
-            fmt_f64(self.started.elapsed().as_secs_f64()),
-        );
-        metric(
-            "patchflow_batches_total",
-            "counter",
-            "Batches sent to clients.",
-            snap.batches.to_string(),
-        );
-        metric(
-            "patchflow_bytes_total",
-            "counter",
-            "Image and label bytes sent to clients.",
-            snap.bytes.to_string(),
-        );
-        metric(
-            "patchflow_live_streams",
-            "gauge",
-            "Sample streams open now.",
-            snap.live_streams.to_string(),
-        );
-        metric(
-            "patchflow_streams_opened_total",
-            "counter",
-            "Sample streams opened.",
-            snap.streams_opened.to_string(),
-        );
-        metric(
-            "patchflow_streams_refused_total",
-            "counter",
-            "Sample streams refused because the stream limit was reached.",
-            snap.streams_refused.to_string(),
-        );
-        metric(
-            "patchflow_stream_errors_total",
-            "counter",
-            "Sample streams ended with an error status.",
-            snap.stream_errors.to_string(),
-        );
-        metric(
-            "patchflow_auth_refused_total",
-            "counter",
-            "Requests refused for missing or wrong credentials.",
-            snap.auth_refused.to_string(),
-        );
-        metric(
-            "patchflow_cases_set_aside_total",
-            "counter",
-            "Cases set aside because their stored data is damaged (served again after a restart).",
-            snap.cases_set_aside.to_string(),
-        );
-        metric(
-            "patchflow_shared_memory_batches_total",
-            "counter",
-            "Batches delivered through shared-memory slots (clients on this host).",
-            snap.shared_memory_batches.to_string(),
-        );
-        metric(
-            "patchflow_shared_memory_fallbacks_total",
-            "counter",
-            "Batches of shared-memory streams sent inside the messages because no slot could be prepared.",
-            snap.shared_memory_fallbacks.to_string(),
-        );
-        metric(
-            "patchflow_workers",
-            "gauge",
-            "Sampling worker threads.",
-            self.workers.to_string(),
-        );
-        metric(
-            "patchflow_worker_busy_seconds_total",
-            "counter",
-            "Seconds spent in sampling jobs, summed over jobs.",
-            fmt_f64(snap.worker_busy_seconds),
-        );
-        metric(
-            "patchflow_jobs_waiting",
-            "gauge",
-            "Sampling jobs queued on the worker pool, not started.",
-            self.jobs_waiting.load(Ordering::Relaxed).to_string(),
-        );
-        metric(
-            "patchflow_jobs_running",
-            "gauge",
-            "Sampling jobs running on the worker pool.",
-            self.jobs_running.load(Ordering::Relaxed).to_string(),
-        );
-        metric(
-            "patchflow_cache_hits_total",
-            "counter",
-            "Chunk cache hits.",
-            cache.hits.to_string(),
-        );
-        metric(
-            "patchflow_cache_misses_total",
-            "counter",
-            "Chunk cache misses.",
-            cache.misses.to_string(),
-        );
+        }
+        self.render_set_aside(&mut out);
+        self.render_streams(&mut out);
+        out
+    }
+
+    /// The daemon's streams and what went through them.
+    fn traffic_metrics(&self, snap: &MetricsSnapshot) -> Vec<Scalar> {
+        vec![
+            (
+                "patchflow_uptime_seconds",
+                "gauge",
+                "Seconds since the server started.",
+                fmt_f64(self.started.elapsed().as_secs_f64()),
+            ),
+            (
+                "patchflow_batches_total",
+                "counter",
+                "Batches sent to clients.",
+                snap.batches.to_string(),
+            ),
+            (
+                "patchflow_bytes_total",
+                "counter",
+                "Image and label bytes sent to clients.",
+                snap.bytes.to_string(),
+            ),
+            (
+                "patchflow_live_streams",
+                "gauge",
+                "Sample streams open now.",
+                snap.live_streams.to_string(),
+            ),
+            (
+                "patchflow_streams_opened_total",
+                "counter",
+                "Sample streams opened.",
+                snap.streams_opened.to_string(),
+            ),
+            (
+                "patchflow_streams_refused_total",
+                "counter",
+                "Sample streams refused because the stream limit was reached.",
+                snap.streams_refused.to_string(),
+            ),
+            (
+                "patchflow_stream_errors_total",
+                "counter",
+                "Sample streams ended with an error status.",
+                snap.stream_errors.to_string(),
+            ),
+            (
+                "patchflow_auth_refused_total",
+                "counter",
+                "Requests refused for missing or wrong credentials.",
+                snap.auth_refused.to_string(),
+            ),
+            (
+                "patchflow_cases_set_aside_total",
+                "counter",
+                "Cases set aside because their stored data is damaged (served again after a restart).",
+                snap.cases_set_aside.to_string(),
+            ),
+            (
+                "patchflow_shared_memory_batches_total",
+                "counter",
+                "Batches delivered through shared-memory slots (clients on this host).",
+                snap.shared_memory_batches.to_string(),
+            ),
+            (
+                "patchflow_shared_memory_fallbacks_total",
+                "counter",
+                "Batches of shared-memory streams sent inside the messages because no slot could be prepared.",
+                snap.shared_memory_fallbacks.to_string(),
+            ),
+        ]
+    }
+
+    /// The worker pool and the chunk cache.
+    fn pool_metrics(&self, snap: &MetricsSnapshot, cache: &CacheStats) -> Vec<Scalar> {
         let lookups = cache.hits + cache.misses;
         let ratio = if lookups == 0 {
             0.0
         } else {
             cache.hits as f64 / lookups as f64
         };
-        metric(
-            "patchflow_cache_hit_ratio",
-            "gauge",
-            "Chunk cache hits over lookups since start.",
-            fmt_f64(ratio),
-        );
-        metric(
-            "patchflow_cache_bytes",
-            "gauge",
-            "Decompressed bytes held by the chunk cache.",
-            cache.bytes_cached.to_string(),
-        );
-        metric(
-            "patchflow_cache_capacity_bytes",
-            "gauge",
-            "Capacity of the chunk cache.",
-            cache.capacity_bytes.to_string(),
-        );
+        vec![
+            (
+                "patchflow_workers",
+                "gauge",
+                "Sampling worker threads.",
+                self.workers.to_string(),
+            ),
+            (
+                "patchflow_worker_busy_seconds_total",
+                "counter",
+                "Seconds spent in sampling jobs, summed over jobs.",
+                fmt_f64(snap.worker_busy_seconds),
+            ),
+            (
+                "patchflow_jobs_waiting",
+                "gauge",
+                "Sampling jobs queued on the worker pool, not started.",
+                self.jobs_waiting.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "patchflow_jobs_running",
+                "gauge",
+                "Sampling jobs running on the worker pool.",
+                self.jobs_running.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "patchflow_cache_hits_total",
+                "counter",
+                "Chunk cache hits.",
+                cache.hits.to_string(),
+            ),
+            (
+                "patchflow_cache_misses_total",
+                "counter",
+                "Chunk cache misses.",
+                cache.misses.to_string(),
+            ),
+            (
+                "patchflow_cache_hit_ratio",
+                "gauge",
+                "Chunk cache hits over lookups since start.",
+                fmt_f64(ratio),
+            ),
+            (
+                "patchflow_cache_bytes",
+                "gauge",
+                "Decompressed bytes held by the chunk cache.",
+                cache.bytes_cached.to_string(),
+            ),
+            (
+                "patchflow_cache_capacity_bytes",
+                "gauge",
+                "Capacity of the chunk cache.",
+                cache.capacity_bytes.to_string(),
+            ),
+        ]
+    }
 
+    /// Set-aside cases per dataset.
+    fn render_set_aside(&self, out: &mut String) {
         let name = "patchflow_dataset_cases_set_aside";
         let _ = writeln!(
             out,
@@ -368,7 +387,10 @@ impl Metrics {
         for (dataset, n) in lock(&self.set_aside_by_dataset).iter() {
             let _ = writeln!(out, "{name}{{dataset=\"{}\"}} {n}", escape_label(dataset));
         }
+    }
 
+    /// The counters of every open stream, labelled by stream, dataset and peer.
+    fn render_streams(&self, out: &mut String) {
         let streams: Vec<Arc<StreamStats>> = lock(&self.streams).values().cloned().collect();
         type Field = fn(&StreamStats) -> String;
         let per_stream: [(&str, &str, &str, Field); 5] = [
@@ -421,9 +443,11 @@ impl Metrics {
                 );
             }
         }
-        out
     }
 }
+
+/// One metric without labels: name, type, help text and value.
+type Scalar = (&'static str, &'static str, &'static str, String);
 
 /// Keeps a stream registered; dropping it removes the stream and lowers the live gauge.
 pub(crate) struct StreamGuard {
@@ -562,11 +586,6 @@ async fn answer(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()>
     }
     stream.write_all(&response).await?;
     stream.shutdown().await
-}
-
-/// Binds the metrics listener.
-pub(crate) async fn bind_metrics(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
 }
 
 #[cfg(test)]

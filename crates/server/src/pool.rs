@@ -2,8 +2,12 @@
 //! never runs on the async threads that drive the network.
 //!
 //! Jobs are injected in FIFO order; each stream keeps at most a few jobs in flight, so many
-//! streams share the workers in turn. A job's result comes back on a oneshot channel.
+//! streams share the workers in turn. A job's result comes back on a oneshot channel. A job that
+//! panics is caught on its worker: its result is [`Panicked`] (the stream ends with INTERNAL)
+//! and the worker goes on with the next job, so one bad batch never takes the daemon down.
 
+use std::any::Any;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -19,9 +23,14 @@ pub(crate) struct WorkerPool {
     metrics: Arc<Metrics>,
 }
 
-/// A job's handle: its result, and a flag that skips the job if it has not started yet.
+/// A job that panicked, with the panic's message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Panicked(pub String);
+
+/// A job's handle: its result (or its panic), and a flag that skips the job if it has not
+/// started yet.
 pub(crate) struct JobHandle<T> {
-    pub result: oneshot::Receiver<T>,
+    pub result: oneshot::Receiver<Result<T, Panicked>>,
     cancel: Arc<AtomicBool>,
 }
 
@@ -62,7 +71,14 @@ impl WorkerPool {
             }
             metrics.jobs_running.fetch_add(1, Ordering::Relaxed);
             let start = Instant::now();
-            let result = job();
+            let result = std::panic::catch_unwind(AssertUnwindSafe(job)).map_err(|payload| {
+                let message = panic_message(payload.as_ref());
+                tracing::error!(
+                    panic = %message,
+                    "a sampling job panicked; its stream ends with INTERNAL and the worker goes on"
+                );
+                Panicked(message)
+            });
             let nanos = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
             metrics.busy_nanos.fetch_add(nanos, Ordering::Relaxed);
             dec(&metrics.jobs_running);
@@ -71,6 +87,15 @@ impl WorkerPool {
         });
         JobHandle { result: rx, cancel }
     }
+}
+
+/// The text of a panic's payload (`panic!` with a literal or a formatted message).
+fn panic_message(payload: &(dyn Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
 }
 
 #[cfg(test)]
@@ -86,7 +111,7 @@ mod tests {
             let name = std::thread::current().name().map(str::to_owned);
             (name, rayon::current_num_threads())
         });
-        let (name, threads) = handle.result.await.unwrap();
+        let (name, threads) = handle.result.await.unwrap().unwrap();
         assert!(name.unwrap().starts_with("patchflow-worker-"));
         assert_eq!(threads, 2);
         assert_eq!(metrics.jobs_waiting.load(Ordering::Relaxed), 0);
@@ -105,11 +130,29 @@ mod tests {
         let second = pool.submit(move || flag.store(true, Ordering::Relaxed));
         second.cancel();
         release_tx.send(()).unwrap();
-        assert!(first.result.await.unwrap());
+        assert!(first.result.await.unwrap().unwrap());
         assert!(
             second.result.await.is_err(),
             "a cancelled job sends no result"
         );
         assert!(!ran.load(Ordering::Relaxed));
+    }
+
+    #[tokio::test]
+    async fn a_panicking_job_fails_alone_and_the_worker_goes_on() {
+        let metrics = Arc::new(Metrics::new(ChunkCache::new(1 << 20), 1));
+        let pool = WorkerPool::new(1, Arc::clone(&metrics)).unwrap();
+        let bad = pool.submit(|| -> u32 { panic!("a bad batch {}", 7) });
+        let literal = pool.submit(|| -> u32 { panic!("plain") });
+        let good = pool.submit(|| 42u32);
+        assert_eq!(
+            bad.result.await.unwrap(),
+            Err(Panicked("a bad batch 7".into()))
+        );
+        assert_eq!(literal.result.await.unwrap(), Err(Panicked("plain".into())));
+        // The one worker survived both panics.
+        assert_eq!(good.result.await.unwrap(), Ok(42));
+        assert_eq!(metrics.jobs_running.load(Ordering::Relaxed), 0);
+        assert_eq!(metrics.jobs_waiting.load(Ordering::Relaxed), 0);
     }
 }

@@ -13,6 +13,7 @@ use patchflow_volume::{DType, NormScheme, Normalization};
 
 use crate::ServerError;
 use crate::damage::SetAside;
+use crate::error::StreamError;
 
 /// One served dataset.
 pub(crate) struct Entry {
@@ -109,10 +110,15 @@ impl Registry {
         self.entries.iter()
     }
 
-    /// Names of every dataset, comma-separated (for error messages).
-    pub fn names(&self) -> String {
-        let names: Vec<&str> = self.entries.keys().map(String::as_str).collect();
-        names.join(", ")
+    /// The dataset called `name`, or NOT_FOUND naming every served dataset.
+    pub fn find(&self, name: &str) -> Result<&Arc<Entry>, StreamError> {
+        self.get(name).ok_or_else(|| {
+            let served: Vec<&str> = self.entries.keys().map(String::as_str).collect();
+            StreamError::UnknownDataset {
+                name: name.to_owned(),
+                served: served.join(", "),
+            }
+        })
     }
 }
 

@@ -4,11 +4,13 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use patchflow_grid::MAX_PATCH_AXIS;
 use patchflow_proto::v1 as pb;
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::check_name;
+use crate::error::StreamError;
 use crate::stream::{self, ResponseStream, StreamContext};
 
 /// The service implementation.
@@ -52,6 +54,7 @@ impl pb::patchflow_server::Patchflow for PatchflowService {
                 } else {
                     0
                 },
+                max_patch_axis: u32::try_from(MAX_PATCH_AXIS).unwrap_or(u32::MAX),
             }),
         }))
     }
@@ -61,14 +64,11 @@ impl pb::patchflow_server::Patchflow for PatchflowService {
         request: Request<pb::DescribeDatasetRequest>,
     ) -> Result<Response<pb::DatasetDescription>, Status> {
         let name = &request.get_ref().dataset;
-        check_name("dataset", name)
-            .map_err(|reason| Status::invalid_argument(format!("invalid request: {reason}")))?;
-        let entry = self.ctx.registry.get(name).ok_or_else(|| {
-            Status::not_found(format!(
-                "unknown dataset {name:?} (served: {})",
-                self.ctx.registry.names()
-            ))
+        check_name("dataset", name).map_err(|reason| StreamError::InvalidName {
+            scope: "request",
+            reason,
         })?;
+        let entry = self.ctx.registry.find(name)?;
         Ok(Response::new(entry.describe()))
     }
 
@@ -83,10 +83,9 @@ impl pb::patchflow_server::Patchflow for PatchflowService {
                 .metrics
                 .streams_refused
                 .fetch_add(1, Ordering::Relaxed);
-            Status::resource_exhausted(format!(
-                "too many concurrent sample streams (limit {})",
-                self.ctx.limits.max_streams
-            ))
+            StreamError::TooManyStreams {
+                limit: self.ctx.limits.max_streams,
+            }
         })?;
         let peer = request
             .remote_addr()

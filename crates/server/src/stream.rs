@@ -6,8 +6,11 @@
 //! bounded by `jobs_per_stream + 1 + queued_batches_per_stream` batches, whatever the client
 //! grants. The task ends, freeing everything, when the client goes away, when it closes its side
 //! and every credit has been served, on the first error (sent as the stream's status), or when
-//! the server shuts down (UNAVAILABLE). Each batch is drawn from the cases still in service (see
-//! [`crate::damage`]); the stream whose batch meets damaged data ends with DATA_LOSS.
+//! the server shuts down (UNAVAILABLE). Each batch is one [`Job`] on the pool, drawn from the
+//! cases still in service (see [`crate::damage`]); the stream whose batch meets damaged data
+//! ends with DATA_LOSS, and one whose job panicked with INTERNAL.
+//!
+//! The stream owns flow control and ordering only; it must not sample or encode batches itself.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -23,10 +26,11 @@ use tonic::{Status, Streaming};
 
 use crate::Limits;
 use crate::buffers::BufferPool;
-use crate::convert::{EncodedBatch, StreamConfig, encode_batch, encode_shared, stream_config};
-use crate::damage::{self, SharedOutcome};
+use crate::convert::{EncodedBatch, StreamConfig, stream_config};
+use crate::error::StreamError;
+use crate::job::Job;
 use crate::metrics::{Metrics, StreamGuard, StreamStats, dec};
-use crate::pool::{JobHandle, WorkerPool};
+use crate::pool::{JobHandle, Panicked, WorkerPool};
 use crate::registry::Registry;
 use crate::shm::{SharedDir, SlotTable};
 
@@ -78,10 +82,10 @@ pub(crate) fn open(
     Box::pin(stream)
 }
 
-/// A sampling job of the stream.
-struct Job {
+/// A job of the stream on the pool.
+struct Pending {
     index: u64,
-    handle: JobHandle<Result<EncodedBatch, Status>>,
+    handle: JobHandle<Result<EncodedBatch, StreamError>>,
 }
 
 /// The producer's state.
@@ -90,7 +94,7 @@ struct Producer {
     active: Option<StreamConfig>,
     credits: u64,
     next_index: u64,
-    jobs: VecDeque<Job>,
+    jobs: VecDeque<Pending>,
     ready: Option<EncodedBatch>,
     inbound_done: bool,
     /// Whether the client's first message is still to come.
@@ -105,7 +109,7 @@ enum Event<'a> {
     ClientGone,
     /// A client message (boxed: configurations are large, and events are moved around).
     Message(Result<Option<Box<pb::SampleRequest>>, Status>),
-    JobDone(Result<Result<EncodedBatch, Status>, oneshot::error::RecvError>),
+    JobDone(Result<EncodedBatch, StreamError>),
     QueueSlot(Result<mpsc::Permit<'a, Outgoing>, mpsc::error::SendError<()>>),
     /// A shared-memory slot was dropped: there may be room for a new one.
     SlotDropped,
@@ -120,12 +124,25 @@ async fn slot_dropped(slots: Option<Arc<tokio::sync::Notify>>) {
 }
 
 /// Waits for the oldest job (never completes when there is none).
-async fn oldest(
-    jobs: &mut VecDeque<Job>,
-) -> Result<Result<EncodedBatch, Status>, oneshot::error::RecvError> {
+async fn oldest(jobs: &mut VecDeque<Pending>) -> Result<EncodedBatch, StreamError> {
     match jobs.front_mut() {
-        Some(job) => (&mut job.handle.result).await,
+        Some(job) => job_outcome((&mut job.handle.result).await),
         None => std::future::pending().await,
+    }
+}
+
+/// What a job's result means for its stream: its batch, its error, or INTERNAL when the job
+/// panicked or its result was lost.
+fn job_outcome(
+    received: Result<
+        Result<Result<EncodedBatch, StreamError>, Panicked>,
+        oneshot::error::RecvError,
+    >,
+) -> Result<EncodedBatch, StreamError> {
+    match received {
+        Ok(Ok(result)) => result,
+        Ok(Err(Panicked(message))) => Err(StreamError::JobPanicked { message }),
+        Err(_) => Err(StreamError::WorkerLost),
     }
 }
 
@@ -156,7 +173,8 @@ async fn run(
     producer.discard_ready();
     match result {
         Ok(()) => tracing::debug!(stream = stats.id, "stream closed"),
-        Err(status) => {
+        Err(err) => {
+            let status = Status::from(err);
             ctx.metrics.stream_errors.fetch_add(1, Ordering::Relaxed);
             tracing::info!(
                 stream = stats.id,
@@ -194,7 +212,7 @@ impl Producer {
         ctx: &StreamContext,
         inbound: &mut Streaming<pb::SampleRequest>,
         tx: &mpsc::Sender<Outgoing>,
-    ) -> Result<(), Status> {
+    ) -> Result<(), StreamError> {
         loop {
             self.fill(ctx)?;
             if self.inbound_done && self.finished() {
@@ -216,7 +234,7 @@ impl Producer {
                 _ = slot_dropped(dropped), if slot_wait => Event::SlotDropped,
             };
             match event {
-                Event::Shutdown => return Err(Status::unavailable("the server is shutting down")),
+                Event::Shutdown => return Err(StreamError::ShuttingDown),
                 Event::ClientGone => return Ok(()),
                 Event::QueueSlot(Err(_)) => return Ok(()),
                 Event::QueueSlot(Ok(permit)) => {
@@ -232,13 +250,7 @@ impl Producer {
                 Event::JobDone(done) => {
                     self.jobs.pop_front();
                     dec(&self.stats.jobs);
-                    match done {
-                        Ok(Ok(batch)) => self.ready = Some(batch),
-                        Ok(Err(status)) => return Err(status),
-                        Err(_) => {
-                            return Err(Status::internal("a sampling worker dropped its job"));
-                        }
-                    }
+                    self.ready = Some(done?);
                 }
                 Event::Message(Ok(Some(msg))) => self.apply(*msg, ctx)?,
                 Event::Message(Ok(None)) => self.inbound_done = true,
@@ -254,7 +266,7 @@ impl Producer {
     }
 
     /// Applies a client message: configuration first, then slot releases, then credits.
-    fn apply(&mut self, msg: pb::SampleRequest, ctx: &StreamContext) -> Result<(), Status> {
+    fn apply(&mut self, msg: pb::SampleRequest, ctx: &StreamContext) -> Result<(), StreamError> {
         if std::mem::take(&mut self.first_message)
             && let Some(request) = &msg.shared_memory
         {
@@ -285,7 +297,7 @@ impl Producer {
                 batch = config.request.base().batch,
                 start = self.next_index,
                 stride = config.stride,
-                config_id = config.config_id,
+                config_id = config.wire.config_id,
                 "stream configured"
             );
             if let Ok(mut name) = self.stats.dataset.lock() {
@@ -302,10 +314,10 @@ impl Producer {
         if msg.credits > 0 {
             let balance = self.credits + u64::from(msg.credits);
             if balance > u64::from(ctx.limits.max_credits) {
-                return Err(Status::resource_exhausted(format!(
-                    "credit balance would be {balance}, the limit is {} (grant credits as batches arrive)",
-                    ctx.limits.max_credits
-                )));
+                return Err(StreamError::TooManyCredits {
+                    balance,
+                    limit: ctx.limits.max_credits,
+                });
             }
             self.credits = balance;
         }
@@ -314,7 +326,7 @@ impl Producer {
     }
 
     /// Submits jobs while credits and the per-stream job limit allow.
-    fn fill(&mut self, ctx: &StreamContext) -> Result<(), Status> {
+    fn fill(&mut self, ctx: &StreamContext) -> Result<(), StreamError> {
         let Some(active) = &self.active else {
             return Ok(());
         };
@@ -329,41 +341,26 @@ impl Producer {
                 None => None,
             };
             let index = self.next_index;
-            let entry = Arc::clone(&active.entry);
-            let request = Arc::clone(&active.request);
-            let metrics = Arc::clone(&ctx.metrics);
-            let channels = active.entry.dataset().num_channels();
-            let ignore = active.entry.dataset().ignore_label();
-            let config_id = active.config_id;
-            let max_message = ctx.limits.max_message_bytes;
-            let buffers = Arc::clone(&ctx.buffers);
-            // The job narrows the request to the cases in service when it runs, so a case set
-            // aside while the job waited is not drawn.
-            let handle = ctx.pool.submit(move || {
-                if let Some(slot) = slot {
-                    match damage::sample_shared(&entry, &request, index, &metrics, slot)? {
-                        SharedOutcome::Written(batch) => {
-                            metrics.shared_batch();
-                            return Ok(encode_shared(batch, channels, ignore, config_id));
-                        }
-                        // A full shared-memory folder slows the stream down; it does not end
-                        // it: the batch goes inside the messages.
-                        SharedOutcome::SlotUnusable(e) => metrics.shared_memory_fallback(&e),
-                    }
-                }
-                damage::sample_batch(&entry, &request, index, &metrics, &buffers).map(|batch| {
-                    encode_batch(batch, channels, ignore, config_id, max_message, &buffers)
-                })
-            });
-            self.jobs.push_back(Job { index, handle });
+            let job = Job {
+                entry: Arc::clone(&active.entry),
+                request: Arc::clone(&active.request),
+                index,
+                wire: active.wire,
+                slot,
+                metrics: Arc::clone(&ctx.metrics),
+                buffers: Arc::clone(&ctx.buffers),
+            };
+            let handle = ctx.pool.submit(move || job.run());
+            self.jobs.push_back(Pending { index, handle });
             self.stats.jobs.fetch_add(1, Ordering::Relaxed);
             self.credits -= 1;
-            self.next_index = index.checked_add(active.stride).ok_or_else(|| {
-                Status::out_of_range(format!(
-                    "batch index {index} + stride {} overflows",
-                    active.stride
-                ))
-            })?;
+            self.next_index =
+                index
+                    .checked_add(active.stride)
+                    .ok_or(StreamError::IndexOverflow {
+                        index,
+                        stride: active.stride,
+                    })?;
         }
         self.stats.credits.store(self.credits, Ordering::Relaxed);
         Ok(())
@@ -394,20 +391,18 @@ fn shared_slots(
     request: &pb::SharedMemoryRequest,
     credits: u32,
     ctx: &StreamContext,
-) -> Result<SlotTable, Status> {
+) -> Result<SlotTable, StreamError> {
     let Some(dir) = &ctx.shared_memory else {
-        return Err(Status::failed_precondition(
-            "this daemon does not offer shared memory (it was started without a shared-memory \
-             folder); ask for batches inside the messages instead",
-        ));
+        return Err(StreamError::NoSharedMemory);
     };
     let max = ctx.limits.max_shared_slots;
     let slots = match request.slots {
         0 => credits.saturating_add(4).min(max),
         n if n > max => {
-            return Err(Status::resource_exhausted(format!(
-                "shared_memory.slots is {n}, the limit is {max}"
-            )));
+            return Err(StreamError::TooManySlots {
+                asked: n,
+                limit: max,
+            });
         }
         n => n,
     };
@@ -418,19 +413,47 @@ fn shared_slots(
 /// reports undecodable bytes as INTERNAL and a message over the size limit as OUT_OF_RANGE) is
 /// the client's error and answered as INVALID_ARGUMENT or RESOURCE_EXHAUSTED; anything else
 /// means the client reset the stream or the connection broke, and the stream just ends.
-fn unreadable_request(stream: u64, status: Status) -> Result<(), Status> {
+fn unreadable_request(stream: u64, status: Status) -> Result<(), StreamError> {
     match status.code() {
-        tonic::Code::Internal => Err(Status::invalid_argument(format!(
-            "unreadable SampleRequest: {}",
-            status.message()
-        ))),
-        tonic::Code::OutOfRange => Err(Status::resource_exhausted(format!(
-            "SampleRequest too large: {}",
-            status.message()
-        ))),
+        tonic::Code::Internal => Err(StreamError::UnreadableRequest(status.message().to_owned())),
+        tonic::Code::OutOfRange => Err(StreamError::RequestTooLarge(status.message().to_owned())),
         _ => {
             tracing::debug!(stream, %status, "request stream failed");
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use patchflow_store::ChunkCache;
+    use tonic::Code;
+
+    fn code_and_message(outcome: Result<EncodedBatch, StreamError>) -> (Code, String) {
+        match outcome {
+            Ok(batch) => panic!("batch {} instead of an error", batch.index),
+            Err(e) => {
+                let status = Status::from(e);
+                (status.code(), status.message().to_owned())
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_job_that_panics_ends_its_stream_with_internal_and_the_pool_goes_on() {
+        let metrics = Arc::new(Metrics::new(ChunkCache::new(1 << 20), 1));
+        let pool = WorkerPool::new(1, metrics).unwrap();
+        let bad = pool.submit(|| -> Result<EncodedBatch, StreamError> {
+            let items: Vec<u8> = Vec::new();
+            panic!("item {} of {}", 3, items.len())
+        });
+        let (code, message) = code_and_message(job_outcome(bad.result.await));
+        assert_eq!(code, Code::Internal);
+        assert!(message.contains("panic: item 3 of 0"), "{message}");
+        // The same single worker runs the next job, and its own error keeps its code.
+        let next = pool.submit(|| Err(StreamError::ShuttingDown));
+        let (code, _) = code_and_message(job_outcome(next.result.await));
+        assert_eq!(code, Code::Unavailable);
     }
 }

@@ -83,10 +83,31 @@ async fn bad_requests_get_clear_statuses_and_other_streams_keep_working() {
             Code::InvalidArgument,
             "needs 3 values [z, y, x], got 2",
         ),
+        // Beyond the per-axis limit is beyond a limit, like a patch of too many voxels.
         (
             with(&|c| c.patch_size = vec![4, 5, 1 << 40]),
-            Code::InvalidArgument,
+            Code::ResourceExhausted,
             "the largest accepted is",
+        ),
+        (
+            with(&|c| c.patch_size = vec![100_000; 3]),
+            Code::ResourceExhausted,
+            "patch_size: axis 0 ([z, y, x]) is 100000, the largest accepted is 4096",
+        ),
+        (
+            with(&|c| c.patch_size = vec![4096; 3]),
+            Code::ResourceExhausted,
+            "patch voxels",
+        ),
+        (
+            with(&|c| c.patch_size = vec![4, 4097, 4]),
+            Code::ResourceExhausted,
+            "axis 1 ([z, y, x]) is 4097",
+        ),
+        (
+            with(&|c| c.patch_size = vec![4, 5, -1]),
+            Code::InvalidArgument,
+            "axis 2 ([z, y, x]) is -1, must be at least 1",
         ),
         (
             with(&|c| c.patch_size = vec![4000, 4000, 4000]),
@@ -163,6 +184,11 @@ async fn bad_requests_get_clear_statuses_and_other_streams_keep_working() {
         expect_status(&mut raw, request, code, needle).await;
         check_healthy(&mut healthy).await;
     }
+    // An edge at the per-axis limit is served (the patch is padded around the small cases).
+    let ok = first_answer(&mut raw, with(&|c| c.patch_size = vec![1, 1, 4096]))
+        .await
+        .unwrap();
+    assert_eq!(ok.index, 0);
     // An empty augmentation message is no augmentation.
     let ok = first_answer(
         &mut raw,

@@ -216,12 +216,7 @@ async fn clients_that_go_away_free_their_streams() {
         .await
         .unwrap();
     let first = pb::SampleRequest {
-        config: Some(pb::SampleConfig {
-            dataset: fx.name.clone(),
-            patch_size: vec![12, 12, 12],
-            batch_size: 4,
-            ..Default::default()
-        }),
+        config: Some(fx.sample_config([12, 12, 12], 4)),
         credits: 64,
         ..Default::default()
     };
@@ -243,12 +238,7 @@ async fn shutdown_ends_open_streams_with_unavailable() {
         .await
         .unwrap();
     let first = pb::SampleRequest {
-        config: Some(pb::SampleConfig {
-            dataset: fx.name.clone(),
-            patch_size: vec![4, 4, 4],
-            batch_size: 1,
-            ..Default::default()
-        }),
+        config: Some(fx.sample_config([4, 4, 4], 1)),
         credits: 2,
         ..Default::default()
     };

@@ -54,6 +54,8 @@ async fn lists_and_describes_every_store_given() {
     );
     let limits = listing.limits.unwrap();
     assert_eq!(limits.max_credits, Limits::default().max_credits);
+    // The per-axis patch limit is published too.
+    assert_eq!(limits.max_patch_axis, 4096);
     assert_eq!(client.limits()[0], &limits);
 
     let d = client.describe(&fx.name).await.unwrap();

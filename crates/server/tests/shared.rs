@@ -183,12 +183,7 @@ async fn slot_requests_beyond_the_limit_are_refused() {
         .await
         .unwrap();
     let request = |slots| pb::SampleRequest {
-        config: Some(pb::SampleConfig {
-            dataset: fx.name.clone(),
-            patch_size: vec![4, 4, 4],
-            batch_size: 1,
-            ..Default::default()
-        }),
+        config: Some(fx.sample_config([4, 4, 4], 1)),
         credits: 1,
         shared_memory: Some(pb::SharedMemoryRequest { slots }),
         ..Default::default()

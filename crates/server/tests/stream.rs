@@ -282,3 +282,48 @@ async fn closing_the_request_side_serves_the_granted_credits_then_ends() {
     wait_live(&server, 0).await;
     server.shutdown().await.unwrap();
 }
+
+/// What the proto says of credits sent before the first configuration: they produce nothing,
+/// count against the limit, and the first configuration replaces them with its own credits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credits_before_the_first_configuration_are_replaced_by_its_own() {
+    let fx = Fixture::new();
+    let server = serve(&fx, 1).await;
+    let raw = pb::patchflow_client::PatchflowClient::connect(server.endpoint().unwrap())
+        .await
+        .unwrap();
+    let credits = |n| pb::SampleRequest {
+        credits: n,
+        ..Default::default()
+    };
+    let configure = pb::SampleRequest {
+        config: Some(fx.sample_config([4, 4, 4], 1)),
+        credits: 1,
+        ..Default::default()
+    };
+    let indices = |requests: Vec<pb::SampleRequest>| {
+        let mut raw = raw.clone();
+        async move {
+            let mut inbound = raw.sample(tokio_stream::iter(requests)).await?.into_inner();
+            let mut indices = Vec::new();
+            while let Some(m) = within("message", inbound.message()).await? {
+                indices.push(m.index);
+            }
+            Ok::<_, tonic::Status>(indices)
+        }
+    };
+    // Three credits, then a configuration with one: one batch.
+    let got = indices(vec![credits(3), configure.clone()]).await.unwrap();
+    assert_eq!(got, vec![0]);
+    // No configuration at all: the stream ends with OK and nothing.
+    let got = indices(vec![credits(3)]).await.unwrap();
+    assert!(got.is_empty());
+    // They count against the limit while they wait.
+    let limit = Limits::default().max_credits;
+    let err = indices(vec![credits(limit), credits(1), configure])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
+    wait_live(&server, 0).await;
+    server.shutdown().await.unwrap();
+}

@@ -2,6 +2,10 @@
 //! channel and the label map cut into zstd-compressed, checksummed chunks, a chunk index and
 //! the class-location table used for foreground sampling.
 //!
+//! It owns the case file format, its reader, writer and chunk cache, and the manifest. It must
+//! not preprocess, place patches or talk to the network, and never returns a voxel it could not
+//! verify.
+//!
 //! Training reads many small-to-large boxes (PGPS grows patches from 32³ to 128³ and beyond) at
 //! random places of many cases. The store exists so that such a read decodes only the chunks
 //! the box touches, from a memory-mapped file, through a bounded cache shared by every reader,

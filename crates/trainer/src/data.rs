@@ -337,7 +337,7 @@ impl BatchSource for InProcessSource {
             TrainerError::Prefetch("fetch called before start on the in-process source".into())
         })?;
         let req = BatchRequest {
-            patch: step.patch.axes(),
+            patch: step.patch,
             batch: step.batch,
             policy: Policy::ForegroundOversample {
                 fraction: setup.oversample,
@@ -355,7 +355,7 @@ impl BatchSource for InProcessSource {
         };
         Ok(HostBatch {
             index: b.index,
-            patch: b.patch,
+            patch: b.patch.axes(),
             batch: b.items.len(),
             channels: self.info.num_channels,
             dtype: b.dtype,

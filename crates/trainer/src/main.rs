@@ -174,12 +174,10 @@ struct TrainArgs {
     #[arg(long)]
     dataset: Option<String>,
     /// File holding the daemons' bearer token (one trailing line break is ignored). The token
-    /// can also be given in the PATCHFLOW_TOKEN environment variable.
+    /// can also be given in the PATCHFLOW_TOKEN environment variable (kept off the command
+    /// line), not both.
     #[arg(long, value_name = "PATH")]
     token_file: Option<PathBuf>,
-    /// The token itself, from the environment (kept off the command line).
-    #[arg(long, env = "PATCHFLOW_TOKEN", hide = true, hide_env_values = true)]
-    token: Option<String>,
     /// CA certificate(s) (PEM) to trust for TLS daemons instead of the system's roots. Any
     /// --tls-* flag makes --server addresses without a scheme use TLS (https://).
     #[arg(long, value_name = "PEM")]
@@ -378,16 +376,7 @@ fn open_source(a: &TrainArgs) -> Result<Box<dyn BatchSource>> {
 
 /// Options of the daemon connections: the token and the TLS settings of the flags.
 fn client_options(a: &TrainArgs) -> Result<ClientOptions> {
-    let token = match (&a.token_file, &a.token) {
-        (Some(_), Some(_)) => {
-            bail!("give the token either with --token-file or in PATCHFLOW_TOKEN, not both")
-        }
-        (Some(path), None) => Some(Secret::from_file(path)?),
-        (None, Some(token)) => {
-            Some(Secret::new(token.as_str()).context("the PATCHFLOW_TOKEN environment variable")?)
-        }
-        (None, None) => None,
-    };
+    let token = Secret::from_file_or_env(a.token_file.as_deref())?;
     Ok(ClientOptions {
         token,
         tls: TlsOptions {

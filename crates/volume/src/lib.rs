@@ -1,5 +1,8 @@
 //! NIfTI reading, nnU-Net style preprocessing, class locations and a synthetic phantom generator.
 //!
+//! It owns the image types, NIfTI input and output, and nnU-Net's preprocessing rules. It must
+//! not know the store's file format, a dataset of many files, or the network.
+//!
 //! This crate is the only place that understands medical image files and what nnU-Net does to
 //! them before training. It does no I/O beyond reading and writing volumes; the store and the
 //! ingest pipeline build on the types here.

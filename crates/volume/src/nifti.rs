@@ -415,6 +415,46 @@ fn parse_header(
     is_gzip: bool,
     kind: VolumeKind,
 ) -> Result<ParsedHeader, VolumeError> {
+    recognise(path, bytes, is_gzip)?;
+    let h = NiftiHeader::from_reader(bytes).map_err(|e| not_nifti(path, e.to_string()))?;
+    let swap = h.endianness != Endianness::native();
+    let shape = header_shape(path, &h, kind)?;
+    let dtype = dtype_from_code(path, h.datatype)?;
+
+    let vox_offset = h.vox_offset;
+    if !vox_offset.is_finite() || vox_offset < HEADER_LEN as f32 || vox_offset > 1.0e9 {
+        return Err(bad_header(
+            path,
+            "vox_offset",
+            format!("{vox_offset} is not a byte offset past the {HEADER_LEN}-byte header"),
+        ));
+    }
+    let vox_offset = vox_offset as usize;
+
+    let scaling = header_scaling(path, &h);
+    let affine = header_affine(&h);
+    if affine.iter().flatten().any(|v| !v.is_finite()) {
+        return Err(bad_header(
+            path,
+            if h.sform_code > 0 { "srow" } else { "quatern" },
+            "the affine holds NaN or infinite values",
+        ));
+    }
+    let spacing = header_spacing(path, &h, &affine)?;
+    Ok(ParsedHeader {
+        swap,
+        shape,
+        dtype,
+        vox_offset,
+        scaling,
+        affine,
+        spacing,
+    })
+}
+
+/// Refuses what is not a single-file NIfTI-1 (NIfTI-2, a short file, a wrong size field or
+/// magic), saying so.
+fn recognise(path: &Path, bytes: &[u8], is_gzip: bool) -> Result<(), VolumeError> {
     let gz_note = if !is_gzip
         && path
             .extension()
@@ -474,10 +514,11 @@ fn parse_header(
             ));
         }
     }
-    let h = NiftiHeader::from_reader(bytes).map_err(|e| not_nifti(path, e.to_string()))?;
-    let swap = h.endianness != Endianness::native();
+    Ok(())
+}
 
-    // Dimensions.
+/// The `[z, y, x]` shape of a 3D volume (a 4D or 5D file with one volume passes).
+fn header_shape(path: &Path, h: &NiftiHeader, kind: VolumeKind) -> Result<[usize; 3], VolumeError> {
     let ndim = usize::from(h.dim[0]);
     if !(1..=7).contains(&ndim) {
         return Err(bad_header(
@@ -537,22 +578,15 @@ fn parse_header(
         ));
     }
 
-    let dtype = dtype_from_code(path, h.datatype)?;
+    Ok(shape)
+}
 
-    let vox_offset = h.vox_offset;
-    if !vox_offset.is_finite() || vox_offset < HEADER_LEN as f32 || vox_offset > 1.0e9 {
-        return Err(bad_header(
-            path,
-            "vox_offset",
-            format!("{vox_offset} is not a byte offset past the {HEADER_LEN}-byte header"),
-        ));
-    }
-    let vox_offset = vox_offset as usize;
-
-    // Slope 0 or NaN means "no scaling" (nibabel writes NaN); a NaN intercept counts as 0.
+/// The intensity scaling `(slope, intercept)`, `None` when it changes nothing. Slope 0 or NaN
+/// means "no scaling" (nibabel writes NaN); a NaN intercept counts as 0.
+fn header_scaling(path: &Path, h: &NiftiHeader) -> Option<(f64, f64)> {
     let (slope, inter) = (f64::from(h.scl_slope), f64::from(h.scl_inter));
     let inter = if inter.is_nan() { 0.0 } else { inter };
-    let scaling = if slope.is_nan() || slope == 0.0 {
+    if slope.is_nan() || slope == 0.0 {
         None
     } else if slope.is_finite() && inter.is_finite() {
         (slope != 1.0 || inter != 0.0).then_some((slope, inter))
@@ -563,16 +597,16 @@ fn parse_header(
             "ignoring infinite intensity scaling"
         );
         None
-    };
-
-    let affine = header_affine(&h);
-    if affine.iter().flatten().any(|v| !v.is_finite()) {
-        return Err(bad_header(
-            path,
-            if h.sform_code > 0 { "srow" } else { "quatern" },
-            "the affine holds NaN or infinite values",
-        ));
     }
+}
+
+/// The voxel spacing `[z, y, x]`: `pixdim`, or the affine's column norms where `pixdim` is
+/// unusable.
+fn header_spacing(
+    path: &Path,
+    h: &NiftiHeader,
+    affine: &[[f64; 4]; 4],
+) -> Result<[f64; 3], VolumeError> {
     let mut spacing = [0.0f64; 3];
     for (axis, s) in spacing.iter_mut().enumerate() {
         // axis 0 is z = pixdim[3], axis 2 is x = pixdim[1].
@@ -596,15 +630,7 @@ fn parse_header(
             norm
         };
     }
-    Ok(ParsedHeader {
-        swap,
-        shape,
-        dtype,
-        vox_offset,
-        scaling,
-        affine,
-        spacing,
-    })
+    Ok(spacing)
 }
 
 /// Maps a NIfTI datatype code to a supported [`DType`] or a clear error.

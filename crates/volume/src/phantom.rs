@@ -175,15 +175,55 @@ pub fn phantom(spec: &PhantomSpec) -> (Geometry, VoxelData, LabelData) {
         }
     }
 
-    // Lesions: spheres of radius 2–4 voxels centred well inside the liver; only liver turns lesion.
-    for _ in 0..spec.lesions {
-        let radius = 2.0 + 2.0 * unit(&mut r);
+    add_lesions(
+        &mut r,
+        spec.lesions,
+        (liver_c, liver_r),
+        shape,
+        &mut hu,
+        &mut labels,
+    );
+
+    let noise_seed = splitmix64(spec.seed ^ 0x6e6f_6973_6500_0000);
+    let image: Vec<i16> = hu
+        .iter()
+        .enumerate()
+        .map(|(i, &h)| {
+            (f64::from(h) + noise(noise_seed, i as u64))
+                .round()
+                .clamp(-1024.0, 3071.0) as i16
+        })
+        .collect();
+
+    let [sz, sy, sx] = spec.spacing;
+    let origin = |n: usize, s: f64| -((n as f64 - 1.0) / 2.0) * s;
+    let geometry = Geometry {
+        shape,
+        spacing: spec.spacing,
+        affine: [
+            [sx, 0.0, 0.0, origin(nx, sx)],
+            [0.0, sy, 0.0, origin(ny, sy)],
+            [0.0, 0.0, sz, origin(nz, sz)],
+            [0.0, 0.0, 0.0, 1.0],
+        ],
+    };
+    (geometry, VoxelData::I16(image), LabelData::U8(labels))
+}
+
+/// Lesions: `count` spheres of radius 2–4 voxels centred well inside the liver (`liver`: its
+/// normalised `[u, v, w]` centre and radii); only liver voxels turn lesion.
+fn add_lesions(
+    r: &mut impl RngCore,
+    count: usize,
+    (liver_c, liver_r): ([f64; 3], [f64; 3]),
+    [nz, ny, nx]: [usize; 3],
+    hu: &mut [f32],
+    labels: &mut [u8],
+) {
+    for _ in 0..count {
+        let radius = 2.0 + 2.0 * unit(r);
         let p = loop {
-            let p = [
-                jitter(&mut r, 1.0),
-                jitter(&mut r, 1.0),
-                jitter(&mut r, 1.0),
-            ];
+            let p = [jitter(r, 1.0), jitter(r, 1.0), jitter(r, 1.0)];
             if p.iter().map(|c| c * c).sum::<f64>() < 1.0 {
                 break p;
             }
@@ -211,31 +251,6 @@ pub fn phantom(spec: &PhantomSpec) -> (Geometry, VoxelData, LabelData) {
             }
         }
     }
-
-    let noise_seed = splitmix64(spec.seed ^ 0x6e6f_6973_6500_0000);
-    let image: Vec<i16> = hu
-        .iter()
-        .enumerate()
-        .map(|(i, &h)| {
-            (f64::from(h) + noise(noise_seed, i as u64))
-                .round()
-                .clamp(-1024.0, 3071.0) as i16
-        })
-        .collect();
-
-    let [sz, sy, sx] = spec.spacing;
-    let origin = |n: usize, s: f64| -((n as f64 - 1.0) / 2.0) * s;
-    let geometry = Geometry {
-        shape,
-        spacing: spec.spacing,
-        affine: [
-            [sx, 0.0, 0.0, origin(nx, sx)],
-            [0.0, sy, 0.0, origin(ny, sy)],
-            [0.0, 0.0, sz, origin(nz, sz)],
-            [0.0, 0.0, 0.0, 1.0],
-        ],
-    };
-    (geometry, VoxelData::I16(image), LabelData::U8(labels))
 }
 
 /// `dataset.json` of an nnU-Net raw dataset, with fields in nnU-Net's order.

@@ -1,5 +1,8 @@
 //! Project tasks behind `cargo xtask ...` (see `.cargo/config.toml`).
 //!
+//! It owns the project's developer tasks. No crate depends on it, and it holds no product logic:
+//! it only builds, installs and runs what the other crates provide.
+//!
 //! The two commands the README gives for a fresh machine live here, so that each can install what
 //! it needs before it runs: `cargo xtask demo` runs the main job end to end, `cargo xtask test`
 //! runs every test (CI runs exactly this): the workspace's Rust tests, then the Python tests of

@@ -95,6 +95,16 @@ impl Fixture {
         }
     }
 
+    /// A configuration of the fixture's dataset: `patch`, `batch` items, the rest default.
+    pub fn sample_config(&self, patch: [i64; 3], batch: u32) -> pb::SampleConfig {
+        pb::SampleConfig {
+            dataset: self.name.clone(),
+            patch_size: patch.to_vec(),
+            batch_size: batch,
+            ..Default::default()
+        }
+    }
+
     /// Writes a second, one-case store named `name` next to the fixture's and returns its path.
     pub fn add_store(&self, name: &str) -> PathBuf {
         let dir = self.root.path().join(name);
