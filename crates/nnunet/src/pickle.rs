@@ -394,299 +394,312 @@ impl Vm<'_> {
         r.map_err(|e| self.err(e))
     }
 
+    /// Runs opcodes until `STOP` and returns the value it pops.
     fn run(&mut self) -> Result<Value, NnunetError> {
         loop {
             self.op_at = self.pos;
             self.op = 0;
             let op = self.u8()?;
             self.op = op;
-            match op {
-                0x80 => {
-                    let v = self.u8()?;
-                    if !(2..=5).contains(&v) {
-                        return Err(self.err(format!("protocol {v} (only 2 to 5)")));
-                    }
-                }
-                0x95 => {
-                    self.u64()?;
-                }
-                b'.' => {
-                    let v = self.pop()?;
-                    return Ok(v);
-                }
-                b'(' => self.marks.push(self.stack.len()),
-                b'0' => {
-                    self.pop()?;
-                }
-                b'1' => {
-                    self.pop_mark()?;
-                }
-                b'2' => {
-                    let v = self.top()?.clone();
-                    self.push(v);
-                }
-                b'N' => self.push(Value::None),
-                0x88 => self.push(Value::Bool(true)),
-                0x89 => self.push(Value::Bool(false)),
-                b'J' => {
-                    let v = self.u32()? as i32;
-                    self.push(Value::Int(i64::from(v)));
-                }
-                b'K' => {
-                    let v = self.u8()?;
-                    self.push(Value::Int(i64::from(v)));
-                }
-                b'M' => {
-                    let v = self.u16()?;
-                    self.push(Value::Int(i64::from(v)));
-                }
-                0x8a => {
-                    let n = usize::from(self.u8()?);
-                    let v = self.long(n)?;
-                    self.push(v);
-                }
-                0x8b => {
-                    let n = self.u32()? as usize;
-                    let v = self.long(n)?;
-                    self.push(v);
-                }
-                b'G' => {
-                    let b = self.take(8)?;
-                    let v = f64::from_be_bytes(b.try_into().unwrap_or([0; 8]));
-                    self.push(Value::Float(v));
-                }
-                0x8c => {
-                    let n = usize::from(self.u8()?);
-                    let v = self.string(n)?;
-                    self.push(v);
-                }
-                b'X' => {
-                    let n = self.u32()? as usize;
-                    let v = self.string(n)?;
-                    self.push(v);
-                }
-                0x8d => {
-                    let n = self.len64()?;
-                    let v = self.string(n)?;
-                    self.push(v);
-                }
-                b'C' => {
-                    let n = usize::from(self.u8()?);
-                    let v = self.bytes(n)?;
-                    self.push(v);
-                }
-                b'B' => {
-                    let n = self.u32()? as usize;
-                    let v = self.bytes(n)?;
-                    self.push(v);
-                }
-                0x8e | 0x96 => {
-                    let n = self.len64()?;
-                    let v = self.bytes(n)?;
-                    self.push(v);
-                }
-                b'U' => {
-                    // Python 2 str: bytes.
-                    let n = usize::from(self.u8()?);
-                    let v = self.bytes(n)?;
-                    self.push(v);
-                }
-                b'T' => {
-                    let n = self.u32()? as usize;
-                    let v = self.bytes(n)?;
-                    self.push(v);
-                }
-                b')' => self.push(Value::Tuple(Rc::from(Vec::new()))),
-                0x85..=0x87 => {
-                    let n = usize::from(op - 0x84);
-                    let mut items = Vec::with_capacity(n);
-                    for _ in 0..n {
-                        items.push(self.pop()?);
-                    }
-                    items.reverse();
-                    self.push(Value::Tuple(items.into()));
-                }
-                b't' => {
-                    let items = self.pop_mark()?;
-                    self.push(Value::Tuple(items.into()));
-                }
-                b']' => {
-                    let v = self.new_obj(Obj::List(Vec::new()));
-                    self.push(v);
-                }
-                b'l' => {
-                    let items = self.pop_mark()?;
-                    let v = self.new_obj(Obj::List(items));
-                    self.push(v);
-                }
-                b'}' => {
-                    let v = self.new_obj(Obj::Dict(Vec::new()));
-                    self.push(v);
-                }
-                b'd' => {
-                    let items = self.pop_mark()?;
-                    if items.len() % 2 != 0 {
-                        return Err(self.err("odd number of items for a dict"));
-                    }
-                    let pairs = items
-                        .chunks_exact(2)
-                        .map(|p| (p[0].clone(), p[1].clone()))
-                        .collect();
-                    let v = self.new_obj(Obj::Dict(pairs));
-                    self.push(v);
-                }
-                0x8f => {
-                    let v = self.new_obj(Obj::Set(Vec::new()));
-                    self.push(v);
-                }
-                0x91 => {
-                    let items = self.pop_mark()?;
-                    let v = self.new_obj(Obj::Set(items));
-                    self.push(v);
-                }
-                b'a' => {
-                    let v = self.pop()?;
-                    let target = self.top()?.clone();
-                    self.mutate(&target, |o| match o {
-                        Obj::List(l) => {
-                            l.push(v);
-                            Ok(())
-                        }
-                        _ => Err("APPEND to something that is not a list".into()),
-                    })?;
-                }
-                b'e' => {
-                    let items = self.pop_mark()?;
-                    let target = self.top()?.clone();
-                    self.mutate(&target, |o| match o {
-                        Obj::List(l) => {
-                            l.extend(items);
-                            Ok(())
-                        }
-                        _ => Err("APPENDS to something that is not a list".into()),
-                    })?;
-                }
-                0x90 => {
-                    let items = self.pop_mark()?;
-                    let target = self.top()?.clone();
-                    self.mutate(&target, |o| match o {
-                        Obj::Set(s) => {
-                            s.extend(items);
-                            Ok(())
-                        }
-                        _ => Err("ADDITEMS to something that is not a set".into()),
-                    })?;
-                }
-                b's' => {
-                    let v = self.pop()?;
-                    let k = self.pop()?;
-                    let target = self.top()?.clone();
-                    self.mutate(&target, |o| match o {
-                        Obj::Dict(d) => {
-                            set_item(d, k, v);
-                            Ok(())
-                        }
-                        _ => Err("SETITEM on something that is not a dict".into()),
-                    })?;
-                }
-                b'u' => {
-                    let items = self.pop_mark()?;
-                    if items.len() % 2 != 0 {
-                        return Err(self.err("odd number of items for SETITEMS"));
-                    }
-                    let target = self.top()?.clone();
-                    self.mutate(&target, |o| match o {
-                        Obj::Dict(d) => {
-                            for p in items.chunks_exact(2) {
-                                set_item(d, p[0].clone(), p[1].clone());
-                            }
-                            Ok(())
-                        }
-                        _ => Err("SETITEMS on something that is not a dict".into()),
-                    })?;
-                }
-                0x94 => {
-                    let key = self.memo.len() as u64;
-                    self.memo_put(key)?;
-                }
-                b'q' => {
-                    let key = u64::from(self.u8()?);
-                    self.memo_put(key)?;
-                }
-                b'r' => {
-                    let key = u64::from(self.u32()?);
-                    self.memo_put(key)?;
-                }
-                b'h' => {
-                    let key = u64::from(self.u8()?);
-                    self.memo_get(key)?;
-                }
-                b'j' => {
-                    let key = u64::from(self.u32()?);
-                    self.memo_get(key)?;
-                }
-                b'c' => {
-                    let module = self.line()?;
-                    let name = self.line()?;
-                    let v = self.new_obj(Obj::Global { module, name });
-                    self.push(v);
-                }
-                0x93 => {
-                    let name = self.pop()?;
-                    let module = self.pop()?;
-                    let (Value::Str(module), Value::Str(name)) = (module, name) else {
-                        return Err(self.err("module and name must be strings"));
-                    };
-                    let v = self.new_obj(Obj::Global {
-                        module: module.to_string(),
-                        name: name.to_string(),
-                    });
-                    self.push(v);
-                }
-                b'R' | 0x81 => {
-                    let args = self.pop()?;
-                    let callable = self.pop()?;
-                    let v = self.new_obj(Obj::Reduce {
-                        callable,
-                        args,
-                        state: None,
-                    });
-                    self.push(v);
-                }
-                0x92 => {
-                    let kwargs = self.pop()?;
-                    let args = self.pop()?;
-                    let callable = self.pop()?;
-                    let empty = matches!(&kwargs, Value::Obj(i) if matches!(&self.objs[*i], Obj::Dict(d) if d.is_empty()));
-                    if !empty {
-                        return Err(self.err("keyword arguments are not supported"));
-                    }
-                    let v = self.new_obj(Obj::Reduce {
-                        callable,
-                        args,
-                        state: None,
-                    });
-                    self.push(v);
-                }
-                b'b' => {
-                    let state = self.pop()?;
-                    let target = self.top()?.clone();
-                    self.mutate(&target, |o| match o {
-                        Obj::Reduce { state: s, .. } => {
-                            *s = Some(state);
-                            Ok(())
-                        }
-                        _ => Err("BUILD on something that is not a constructed object".into()),
-                    })?;
-                }
-                _ => {
-                    return Err(self.err("opcode not supported by this reader"));
-                }
+            if op == b'.' {
+                return self.pop();
+            }
+            let known = self.stack_op(op)?
+                || self.number_op(op)?
+                || self.text_op(op)?
+                || self.container_op(op)?
+                || self.fill_op(op)?
+                || self.object_op(op)?;
+            if !known {
+                return Err(self.err("opcode not supported by this reader"));
             }
             if self.stack.len() > 1_000_000 {
                 return Err(self.err("stack deeper than 1,000,000 values"));
             }
         }
+    }
+
+    /// Framing, marks, stack shuffling and the memo; `false` when `op` is not one of them.
+    fn stack_op(&mut self, op: u8) -> Result<bool, NnunetError> {
+        match op {
+            0x80 => {
+                let v = self.u8()?;
+                if !(2..=5).contains(&v) {
+                    return Err(self.err(format!("protocol {v} (only 2 to 5)")));
+                }
+            }
+            0x95 => {
+                self.u64()?;
+            }
+            b'(' => self.marks.push(self.stack.len()),
+            b'0' => {
+                self.pop()?;
+            }
+            b'1' => {
+                self.pop_mark()?;
+            }
+            b'2' => {
+                let v = self.top()?.clone();
+                self.push(v);
+            }
+            0x94 => {
+                let key = self.memo.len() as u64;
+                self.memo_put(key)?;
+            }
+            b'q' => {
+                let key = u64::from(self.u8()?);
+                self.memo_put(key)?;
+            }
+            b'r' => {
+                let key = u64::from(self.u32()?);
+                self.memo_put(key)?;
+            }
+            b'h' => {
+                let key = u64::from(self.u8()?);
+                self.memo_get(key)?;
+            }
+            b'j' => {
+                let key = u64::from(self.u32()?);
+                self.memo_get(key)?;
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// `None`, booleans, integers and floats; `false` when `op` is not one of them.
+    fn number_op(&mut self, op: u8) -> Result<bool, NnunetError> {
+        let v = match op {
+            b'N' => Value::None,
+            0x88 => Value::Bool(true),
+            0x89 => Value::Bool(false),
+            b'J' => Value::Int(i64::from(self.u32()? as i32)),
+            b'K' => Value::Int(i64::from(self.u8()?)),
+            b'M' => Value::Int(i64::from(self.u16()?)),
+            0x8a => {
+                let n = usize::from(self.u8()?);
+                self.long(n)?
+            }
+            0x8b => {
+                let n = self.u32()? as usize;
+                self.long(n)?
+            }
+            b'G' => {
+                let b = self.take(8)?;
+                Value::Float(f64::from_be_bytes(b.try_into().unwrap_or([0; 8])))
+            }
+            _ => return Ok(false),
+        };
+        self.push(v);
+        Ok(true)
+    }
+
+    /// Strings and bytes (Python 2 `str` read as bytes); `false` when `op` is not one of them.
+    fn text_op(&mut self, op: u8) -> Result<bool, NnunetError> {
+        let v = match op {
+            0x8c => {
+                let n = usize::from(self.u8()?);
+                self.string(n)?
+            }
+            b'X' => {
+                let n = self.u32()? as usize;
+                self.string(n)?
+            }
+            0x8d => {
+                let n = self.len64()?;
+                self.string(n)?
+            }
+            // SHORT_BINBYTES, and SHORT_BINSTRING: a Python 2 str is bytes.
+            b'C' | b'U' => {
+                let n = usize::from(self.u8()?);
+                self.bytes(n)?
+            }
+            // BINBYTES, and BINSTRING: a Python 2 str is bytes.
+            b'B' | b'T' => {
+                let n = self.u32()? as usize;
+                self.bytes(n)?
+            }
+            0x8e | 0x96 => {
+                let n = self.len64()?;
+                self.bytes(n)?
+            }
+            _ => return Ok(false),
+        };
+        self.push(v);
+        Ok(true)
+    }
+
+    /// New tuples, lists, dicts and sets; `false` when `op` is not one of them.
+    fn container_op(&mut self, op: u8) -> Result<bool, NnunetError> {
+        let v = match op {
+            b')' => Value::Tuple(Rc::from(Vec::new())),
+            0x85..=0x87 => {
+                let n = usize::from(op - 0x84);
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    items.push(self.pop()?);
+                }
+                items.reverse();
+                Value::Tuple(items.into())
+            }
+            b't' => Value::Tuple(self.pop_mark()?.into()),
+            b']' => self.new_obj(Obj::List(Vec::new())),
+            b'l' => {
+                let items = self.pop_mark()?;
+                self.new_obj(Obj::List(items))
+            }
+            b'}' => self.new_obj(Obj::Dict(Vec::new())),
+            b'd' => {
+                let items = self.pop_mark()?;
+                if items.len() % 2 != 0 {
+                    return Err(self.err("odd number of items for a dict"));
+                }
+                let pairs = items
+                    .chunks_exact(2)
+                    .map(|p| (p[0].clone(), p[1].clone()))
+                    .collect();
+                self.new_obj(Obj::Dict(pairs))
+            }
+            0x8f => self.new_obj(Obj::Set(Vec::new())),
+            0x91 => {
+                let items = self.pop_mark()?;
+                self.new_obj(Obj::Set(items))
+            }
+            _ => return Ok(false),
+        };
+        self.push(v);
+        Ok(true)
+    }
+
+    /// Items added to the list, set or dict on the stack; `false` when `op` is not one of them.
+    fn fill_op(&mut self, op: u8) -> Result<bool, NnunetError> {
+        match op {
+            b'a' => {
+                let v = self.pop()?;
+                let target = self.top()?.clone();
+                self.mutate(&target, |o| match o {
+                    Obj::List(l) => {
+                        l.push(v);
+                        Ok(())
+                    }
+                    _ => Err("APPEND to something that is not a list".into()),
+                })?;
+            }
+            b'e' => {
+                let items = self.pop_mark()?;
+                let target = self.top()?.clone();
+                self.mutate(&target, |o| match o {
+                    Obj::List(l) => {
+                        l.extend(items);
+                        Ok(())
+                    }
+                    _ => Err("APPENDS to something that is not a list".into()),
+                })?;
+            }
+            0x90 => {
+                let items = self.pop_mark()?;
+                let target = self.top()?.clone();
+                self.mutate(&target, |o| match o {
+                    Obj::Set(s) => {
+                        s.extend(items);
+                        Ok(())
+                    }
+                    _ => Err("ADDITEMS to something that is not a set".into()),
+                })?;
+            }
+            b's' => {
+                let v = self.pop()?;
+                let k = self.pop()?;
+                let target = self.top()?.clone();
+                self.mutate(&target, |o| match o {
+                    Obj::Dict(d) => {
+                        set_item(d, k, v);
+                        Ok(())
+                    }
+                    _ => Err("SETITEM on something that is not a dict".into()),
+                })?;
+            }
+            b'u' => {
+                let items = self.pop_mark()?;
+                if items.len() % 2 != 0 {
+                    return Err(self.err("odd number of items for SETITEMS"));
+                }
+                let target = self.top()?.clone();
+                self.mutate(&target, |o| match o {
+                    Obj::Dict(d) => {
+                        for p in items.chunks_exact(2) {
+                            set_item(d, p[0].clone(), p[1].clone());
+                        }
+                        Ok(())
+                    }
+                    _ => Err("SETITEMS on something that is not a dict".into()),
+                })?;
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// Globals, reductions and `BUILD`, all kept symbolic; `false` when `op` is not one of them.
+    fn object_op(&mut self, op: u8) -> Result<bool, NnunetError> {
+        match op {
+            b'c' => {
+                let module = self.line()?;
+                let name = self.line()?;
+                let v = self.new_obj(Obj::Global { module, name });
+                self.push(v);
+            }
+            0x93 => {
+                let name = self.pop()?;
+                let module = self.pop()?;
+                let (Value::Str(module), Value::Str(name)) = (module, name) else {
+                    return Err(self.err("module and name must be strings"));
+                };
+                let v = self.new_obj(Obj::Global {
+                    module: module.to_string(),
+                    name: name.to_string(),
+                });
+                self.push(v);
+            }
+            b'R' | 0x81 => {
+                let args = self.pop()?;
+                let callable = self.pop()?;
+                let v = self.new_obj(Obj::Reduce {
+                    callable,
+                    args,
+                    state: None,
+                });
+                self.push(v);
+            }
+            0x92 => {
+                let kwargs = self.pop()?;
+                let args = self.pop()?;
+                let callable = self.pop()?;
+                let empty = matches!(&kwargs, Value::Obj(i) if matches!(&self.objs[*i], Obj::Dict(d) if d.is_empty()));
+                if !empty {
+                    return Err(self.err("keyword arguments are not supported"));
+                }
+                let v = self.new_obj(Obj::Reduce {
+                    callable,
+                    args,
+                    state: None,
+                });
+                self.push(v);
+            }
+            b'b' => {
+                let state = self.pop()?;
+                let target = self.top()?.clone();
+                self.mutate(&target, |o| match o {
+                    Obj::Reduce { state: s, .. } => {
+                        *s = Some(state);
+                        Ok(())
+                    }
+                    _ => Err("BUILD on something that is not a constructed object".into()),
+                })?;
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
     }
 
     fn line(&mut self) -> Result<String, NnunetError> {
