@@ -59,6 +59,173 @@ pub(crate) fn sizes(chunk: &[u8]) -> Result<ChunkSizes, String> {
     })
 }
 
+/// A decompressor of one stream: fills `dest`, returns the bytes written.
+type Decompress = fn(&[u8], &mut [u8]) -> Result<usize, String>;
+
+/// What a chunk header says about how its body is laid out.
+struct Header {
+    /// Format version (byte 0).
+    version: u8,
+    /// Header flags (byte 2).
+    flags: u8,
+    /// Bytes per item.
+    typesize: usize,
+    /// Uncompressed bytes per block (positive; the last block may be shorter).
+    blocksize: usize,
+    /// Header bytes before the body.
+    overhead: usize,
+    /// The filter pipeline, applied first to last when compressing.
+    filters: [u8; 6],
+    /// A byte of metadata per filter.
+    filters_meta: [u8; 6],
+    /// Blosc2 flags (byte 31 of an extended header).
+    b2flags: u8,
+}
+
+impl Header {
+    /// Reads the header of `chunk` (already cut to its `cbytes`), refusing the layouts this
+    /// reader does not handle (variable-length blocks, lazy chunks).
+    fn parse(chunk: &[u8]) -> Result<Header, String> {
+        let cbytes = chunk.len();
+        let version = chunk[0];
+        let flags = chunk[2];
+        let typesize = usize::from(chunk[3]);
+        let blocksize = le32(chunk, 8);
+        if typesize == 0 {
+            return Err("chunk header: typesize 0".into());
+        }
+        if blocksize <= 0 {
+            return Err(format!(
+                "chunk header: blocksize {blocksize} (must be positive)"
+            ));
+        }
+        let extended = flags & DOSHUFFLE != 0 && flags & DOBITSHUFFLE != 0;
+        let (overhead, mut filters, filters_meta, b2flags, b2flags2) = if extended {
+            if cbytes < EXT_HEADER {
+                return Err(format!(
+                    "chunk with an extended header has cbytes {cbytes} < {EXT_HEADER}"
+                ));
+            }
+            let mut f = [0u8; 6];
+            f.copy_from_slice(&chunk[16..22]);
+            let mut m = [0u8; 6];
+            m.copy_from_slice(&chunk[24..30]);
+            (EXT_HEADER, f, m, chunk[31], chunk[30])
+        } else {
+            (MIN_HEADER, blosc1_filters(flags), [0u8; 6], 0u8, 0u8)
+        };
+        if extended && version == 3 {
+            // Blosc2 alpha chunks did not zero the sixth filter slot.
+            filters[5] = 0;
+        }
+        if b2flags2 & 0x01 != 0 {
+            return Err("chunk uses variable-length blocks".into());
+        }
+        if b2flags & 0x08 != 0 {
+            return Err("lazy chunk (data left on disk) inside a file".into());
+        }
+        Ok(Header {
+            version,
+            flags,
+            typesize,
+            blocksize: blocksize as usize,
+            overhead,
+            filters,
+            filters_meta,
+            b2flags,
+        })
+    }
+
+    /// Fills `out` when the chunk is special (zeros, uninitialised, NaN, a repeated value):
+    /// `true` then, `false` for a chunk with a body of blocks.
+    fn fill_special(&self, chunk: &[u8], out: &mut [u8]) -> Result<bool, String> {
+        let (nbytes, cbytes, overhead) = (out.len(), chunk.len(), self.overhead);
+        match (self.b2flags >> 4) & 0x07 {
+            0 => return Ok(false),
+            // Zeros; uninitialised values are given as zeros.
+            1 | 4 => out.fill(0),
+            2 => match self.typesize {
+                4 => out
+                    .chunks_exact_mut(4)
+                    .for_each(|c| c.copy_from_slice(&f32::NAN.to_le_bytes())),
+                8 => out
+                    .chunks_exact_mut(8)
+                    .for_each(|c| c.copy_from_slice(&f64::NAN.to_le_bytes())),
+                t => return Err(format!("NaN chunk with typesize {t} (only 4 or 8)")),
+            },
+            3 => {
+                let vsize = cbytes - overhead;
+                if vsize == 0 || nbytes % vsize != 0 {
+                    return Err(format!(
+                        "repeated-value chunk: value of {vsize} bytes does not tile {nbytes} bytes"
+                    ));
+                }
+                let value = &chunk[overhead..overhead + vsize];
+                out.chunks_exact_mut(vsize)
+                    .for_each(|c| c.copy_from_slice(value));
+            }
+            s => return Err(format!("chunk header: unknown special value kind {s}")),
+        }
+        Ok(true)
+    }
+
+    /// Refuses chunks compressed with what this reader cannot undo (a zstd dictionary, an
+    /// instrumented codec).
+    fn check_plain(&self) -> Result<(), String> {
+        if self.b2flags & 0x01 != 0 {
+            return Err("chunk uses a zstd dictionary".into());
+        }
+        if self.b2flags & 0x80 != 0 {
+            return Err("chunk from an instrumented codec".into());
+        }
+        Ok(())
+    }
+
+    /// The decompressor of the chunk's codec, once its filters are known to be supported.
+    fn decompressor(&self, chunk: &[u8]) -> Result<Decompress, String> {
+        let decompress: Decompress = match self.flags >> 5 {
+            0 => codecs::blosclz_decompress,
+            1 => codecs::lz4_decompress,
+            3 => codecs::zlib_decompress,
+            4 => codecs::zstd_decompress,
+            6 => {
+                return Err(format!(
+                    "user-defined codec {} (only BloscLZ, LZ4/LZ4HC, zlib and zstd)",
+                    chunk.get(22).copied().unwrap_or(0)
+                ));
+            }
+            c => {
+                return Err(format!(
+                    "codec {c} (only BloscLZ, LZ4/LZ4HC, zlib and zstd)"
+                ));
+            }
+        };
+        for &f in &self.filters {
+            if !matches!(f, NOFILTER | SHUFFLE | BITSHUFFLE | DELTA | TRUNC_PREC) {
+                return Err(format!(
+                    "filter {f} (only shuffle, bitshuffle, delta and trunc_prec)"
+                ));
+            }
+        }
+        Ok(decompress)
+    }
+}
+
+/// The filter pipeline a Blosc1 header's flags stand for.
+fn blosc1_filters(flags: u8) -> [u8; 6] {
+    let mut f = [0u8; 6];
+    if flags & DOSHUFFLE != 0 {
+        f[5] = SHUFFLE;
+    }
+    if flags & DOBITSHUFFLE != 0 {
+        f[5] = BITSHUFFLE;
+    }
+    if flags & DODELTA != 0 {
+        f[4] = DELTA;
+    }
+    f
+}
+
 /// Decodes a whole chunk into `out`, whose length must be the chunk's `nbytes`.
 pub(crate) fn decode(chunk: &[u8], out: &mut [u8]) -> Result<(), String> {
     let ChunkSizes { nbytes, cbytes } = sizes(chunk)?;
@@ -75,97 +242,16 @@ pub(crate) fn decode(chunk: &[u8], out: &mut [u8]) -> Result<(), String> {
             out.len()
         ));
     }
-    let version = chunk[0];
-    let flags = chunk[2];
-    let typesize = usize::from(chunk[3]);
-    let blocksize = le32(chunk, 8);
-    if typesize == 0 {
-        return Err("chunk header: typesize 0".into());
+    let h = Header::parse(chunk)?;
+    if h.fill_special(chunk, out)? {
+        return Ok(());
     }
-    if blocksize <= 0 {
-        return Err(format!(
-            "chunk header: blocksize {blocksize} (must be positive)"
-        ));
-    }
-    let extended = flags & DOSHUFFLE != 0 && flags & DOBITSHUFFLE != 0;
-    let (overhead, mut filters, filters_meta, b2flags, b2flags2) = if extended {
-        if cbytes < EXT_HEADER {
-            return Err(format!(
-                "chunk with an extended header has cbytes {cbytes} < {EXT_HEADER}"
-            ));
-        }
-        let mut f = [0u8; 6];
-        f.copy_from_slice(&chunk[16..22]);
-        let mut m = [0u8; 6];
-        m.copy_from_slice(&chunk[24..30]);
-        (EXT_HEADER, f, m, chunk[31], chunk[30])
-    } else {
-        let mut f = [0u8; 6];
-        if flags & DOSHUFFLE != 0 {
-            f[5] = SHUFFLE;
-        }
-        if flags & DOBITSHUFFLE != 0 {
-            f[5] = BITSHUFFLE;
-        }
-        if flags & DODELTA != 0 {
-            f[4] = DELTA;
-        }
-        (MIN_HEADER, f, [0u8; 6], 0u8, 0u8)
-    };
-    if extended && version == 3 {
-        // Blosc2 alpha chunks did not zero the sixth filter slot.
-        filters[5] = 0;
-    }
-    if b2flags2 & 0x01 != 0 {
-        return Err("chunk uses variable-length blocks".into());
-    }
-    if b2flags & 0x08 != 0 {
-        return Err("lazy chunk (data left on disk) inside a file".into());
-    }
-    let special = (b2flags >> 4) & 0x07;
-    match special {
-        0 => {}
-        1 | 4 => {
-            // Zeros; uninitialised values are given as zeros.
-            out.fill(0);
-            return Ok(());
-        }
-        2 => {
-            match typesize {
-                4 => out
-                    .chunks_exact_mut(4)
-                    .for_each(|c| c.copy_from_slice(&f32::NAN.to_le_bytes())),
-                8 => out
-                    .chunks_exact_mut(8)
-                    .for_each(|c| c.copy_from_slice(&f64::NAN.to_le_bytes())),
-                t => return Err(format!("NaN chunk with typesize {t} (only 4 or 8)")),
-            }
-            return Ok(());
-        }
-        3 => {
-            let vsize = cbytes - overhead;
-            if vsize == 0 || nbytes % vsize != 0 {
-                return Err(format!(
-                    "repeated-value chunk: value of {vsize} bytes does not tile {nbytes} bytes"
-                ));
-            }
-            let value = &chunk[overhead..overhead + vsize];
-            out.chunks_exact_mut(vsize)
-                .for_each(|c| c.copy_from_slice(value));
-            return Ok(());
-        }
-        s => return Err(format!("chunk header: unknown special value kind {s}")),
-    }
-    if b2flags & 0x01 != 0 {
-        return Err("chunk uses a zstd dictionary".into());
-    }
-    if b2flags & 0x80 != 0 {
-        return Err("chunk from an instrumented codec".into());
-    }
+    h.check_plain()?;
     if nbytes == 0 {
         return Ok(());
     }
-    if flags & MEMCPYED != 0 {
+    let overhead = h.overhead;
+    if h.flags & MEMCPYED != 0 {
         if cbytes != nbytes + overhead {
             return Err(format!(
                 "memcpyed chunk: cbytes {cbytes} != nbytes {nbytes} + header {overhead}"
@@ -174,33 +260,9 @@ pub(crate) fn decode(chunk: &[u8], out: &mut [u8]) -> Result<(), String> {
         out.copy_from_slice(&chunk[overhead..]);
         return Ok(());
     }
-    let codec = flags >> 5;
-    let decompress: fn(&[u8], &mut [u8]) -> Result<usize, String> = match codec {
-        0 => codecs::blosclz_decompress,
-        1 => codecs::lz4_decompress,
-        3 => codecs::zlib_decompress,
-        4 => codecs::zstd_decompress,
-        6 => {
-            return Err(format!(
-                "user-defined codec {} (only BloscLZ, LZ4/LZ4HC, zlib and zstd)",
-                chunk.get(22).copied().unwrap_or(0)
-            ));
-        }
-        c => {
-            return Err(format!(
-                "codec {c} (only BloscLZ, LZ4/LZ4HC, zlib and zstd)"
-            ));
-        }
-    };
-    for &f in &filters {
-        if !matches!(f, NOFILTER | SHUFFLE | BITSHUFFLE | DELTA | TRUNC_PREC) {
-            return Err(format!(
-                "filter {f} (only shuffle, bitshuffle, delta and trunc_prec)"
-            ));
-        }
-    }
+    let decompress = h.decompressor(chunk)?;
 
-    let blocksize = (blocksize as usize).min(nbytes);
+    let blocksize = h.blocksize.min(nbytes);
     let nblocks = nbytes.div_ceil(blocksize);
     let leftover = nbytes % blocksize;
     let bstarts_end = overhead + nblocks * 4;
@@ -209,7 +271,6 @@ pub(crate) fn decode(chunk: &[u8], out: &mut [u8]) -> Result<(), String> {
             "{nblocks} block starts do not fit in a chunk of {cbytes} bytes"
         ));
     }
-    let dont_split = flags & DONT_SPLIT != 0;
     let mut tmp = vec![0u8; blocksize];
     let mut tmp2 = vec![0u8; blocksize];
     for j in 0..nblocks {
@@ -221,97 +282,127 @@ pub(crate) fn decode(chunk: &[u8], out: &mut [u8]) -> Result<(), String> {
                 "block {j} starts at byte {start}, outside the chunk of {cbytes} bytes"
             ));
         }
-        let mut src = &chunk[start as usize..];
-        let nstreams = if !dont_split && !is_leftover {
-            typesize
+        let nstreams = if h.flags & DONT_SPLIT == 0 && !is_leftover {
+            h.typesize
         } else {
             1
         };
-        if bsize % nstreams != 0 {
-            return Err(format!(
-                "block {j} of {bsize} bytes does not split into {nstreams} streams"
-            ));
-        }
-        let neblock = bsize / nstreams;
-        for s in 0..nstreams {
-            let dest = &mut tmp[s * neblock..(s + 1) * neblock];
-            if src.len() < 4 {
-                return Err(format!("block {j} stream {s}: size runs past the chunk"));
-            }
-            let csize = le32(src, 0);
-            src = &src[4..];
-            if csize == 0 {
-                dest.fill(0);
-            } else if csize < 0 {
-                let Some((&token, rest)) = src.split_first() else {
-                    return Err(format!("block {j} stream {s}: token runs past the chunk"));
-                };
-                src = rest;
-                if token & 0x01 == 0 {
-                    return Err(format!(
-                        "block {j} stream {s}: unsupported stream token {token:#04x}"
-                    ));
-                }
-                if csize < -255 {
-                    return Err(format!(
-                        "block {j} stream {s}: run of byte {} (at most 255)",
-                        -csize
-                    ));
-                }
-                dest.fill((-csize) as u8);
-            } else {
-                let csize = csize as usize;
-                if csize > src.len() {
-                    return Err(format!(
-                        "block {j} stream {s}: {csize} compressed bytes, {} left in the chunk",
-                        src.len()
-                    ));
-                }
-                let data = &src[..csize];
-                src = &src[csize..];
-                if csize == neblock {
-                    dest.copy_from_slice(data);
-                } else {
-                    let n =
-                        decompress(data, dest).map_err(|e| format!("block {j} stream {s}: {e}"))?;
-                    if n != neblock {
-                        return Err(format!(
-                            "block {j} stream {s}: decoded {n} bytes, {neblock} expected"
-                        ));
-                    }
-                }
-            }
-        }
-        // The filter pipeline, last filter first (`pipeline_backward`).
+        let src = &chunk[start as usize..];
+        decode_streams(src, j, nstreams, &mut tmp[..bsize], decompress)?;
         let (done, rest) = out.split_at_mut(j * blocksize);
-        let block_out = &mut rest[..bsize];
-        let mut cur: &mut [u8] = &mut tmp[..bsize];
-        let mut other: &mut [u8] = &mut tmp2[..bsize];
-        for i in (0..6).rev() {
-            match filters[i] {
-                SHUFFLE => {
-                    let ts = if filters_meta[i] == 0 {
-                        typesize
-                    } else {
-                        usize::from(filters_meta[i])
-                    };
-                    codecs::unshuffle(ts, cur, other);
-                    std::mem::swap(&mut cur, &mut other);
-                }
-                BITSHUFFLE => {
-                    codecs::bitunshuffle(typesize, cur, other, version);
-                    std::mem::swap(&mut cur, &mut other);
-                }
-                DELTA => {
-                    let reference = (j > 0).then_some(&done[..bsize.min(done.len())]);
-                    codecs::delta_decode(cur, typesize, reference);
-                }
-                _ => {}
-            }
-        }
-        block_out.copy_from_slice(cur);
+        unfilter(
+            &h,
+            j,
+            done,
+            &mut tmp[..bsize],
+            &mut tmp2[..bsize],
+            &mut rest[..bsize],
+        );
     }
     Ok(())
+}
+
+/// Decodes block `j`, `nstreams` compressed streams starting at `src`, into `block` (each
+/// stream a zero run, a repeated-byte run, raw bytes or compressed bytes).
+fn decode_streams(
+    mut src: &[u8],
+    j: usize,
+    nstreams: usize,
+    block: &mut [u8],
+    decompress: Decompress,
+) -> Result<(), String> {
+    let bsize = block.len();
+    if bsize % nstreams != 0 {
+        return Err(format!(
+            "block {j} of {bsize} bytes does not split into {nstreams} streams"
+        ));
+    }
+    let neblock = bsize / nstreams;
+    for (s, dest) in block.chunks_exact_mut(neblock).enumerate() {
+        if src.len() < 4 {
+            return Err(format!("block {j} stream {s}: size runs past the chunk"));
+        }
+        let csize = le32(src, 0);
+        src = &src[4..];
+        if csize == 0 {
+            dest.fill(0);
+        } else if csize < 0 {
+            let Some((&token, rest)) = src.split_first() else {
+                return Err(format!("block {j} stream {s}: token runs past the chunk"));
+            };
+            src = rest;
+            if token & 0x01 == 0 {
+                return Err(format!(
+                    "block {j} stream {s}: unsupported stream token {token:#04x}"
+                ));
+            }
+            if csize < -255 {
+                return Err(format!(
+                    "block {j} stream {s}: run of byte {} (at most 255)",
+                    -csize
+                ));
+            }
+            dest.fill((-csize) as u8);
+        } else {
+            let csize = csize as usize;
+            if csize > src.len() {
+                return Err(format!(
+                    "block {j} stream {s}: {csize} compressed bytes, {} left in the chunk",
+                    src.len()
+                ));
+            }
+            let data = &src[..csize];
+            src = &src[csize..];
+            if csize == neblock {
+                dest.copy_from_slice(data);
+            } else {
+                let n = decompress(data, dest).map_err(|e| format!("block {j} stream {s}: {e}"))?;
+                if n != neblock {
+                    return Err(format!(
+                        "block {j} stream {s}: decoded {n} bytes, {neblock} expected"
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Undoes the filter pipeline of block `j`, last filter first (`pipeline_backward`): the
+/// decoded bytes in `cur` (`other` is scratch of the same length), the result in `block_out`;
+/// `done` holds the blocks before it (delta's reference).
+fn unfilter<'a>(
+    h: &Header,
+    j: usize,
+    done: &[u8],
+    mut cur: &'a mut [u8],
+    mut other: &'a mut [u8],
+    block_out: &mut [u8],
+) {
+    let bsize = block_out.len();
+    for i in (0..6).rev() {
+        match h.filters[i] {
+            SHUFFLE => {
+                let ts = if h.filters_meta[i] == 0 {
+                    h.typesize
+                } else {
+                    usize::from(h.filters_meta[i])
+                };
+                codecs::unshuffle(ts, cur, other);
+                std::mem::swap(&mut cur, &mut other);
+            }
+            BITSHUFFLE => {
+                codecs::bitunshuffle(h.typesize, cur, other, h.version);
+                std::mem::swap(&mut cur, &mut other);
+            }
+            DELTA => {
+                let reference = (j > 0).then_some(&done[..bsize.min(done.len())]);
+                codecs::delta_decode(cur, h.typesize, reference);
+            }
+            _ => {}
+        }
+    }
+    block_out.copy_from_slice(cur);
 }
 
 /// Builds a chunk header (extended) for tests: version 5, given flags and blosc2 flags.

@@ -334,6 +334,17 @@ fn int(path: &Path, m: &Msg, what: &str, max: i128) -> Result<usize, NnunetError
     }
 }
 
+/// Field `i` of the frame header, an integer in `0..=max`.
+fn field(
+    path: &Path,
+    items: &[Msg],
+    i: usize,
+    what: &str,
+    max: i128,
+) -> Result<usize, NnunetError> {
+    int(path, get(path, items, i, what)?, what, max)
+}
+
 fn parse_frame(path: &Path, bytes: &[u8]) -> Result<Frame, NnunetError> {
     let mut pos = 0;
     let header =
@@ -348,18 +359,8 @@ fn parse_frame(path: &Path, bytes: &[u8]) -> Result<Frame, NnunetError> {
         Some(Msg::Str(magic)) if magic.starts_with(b"b2frame") => {}
         _ => return Err(err(path, "not a Blosc2 frame (no b2frame magic)")),
     }
-    let header_len = int(
-        path,
-        get(path, &items, 1, "header length")?,
-        "header length",
-        i32::MAX.into(),
-    )?;
-    let frame_len = int(
-        path,
-        get(path, &items, 2, "frame length")?,
-        "frame length",
-        i64::MAX.into(),
-    )?;
+    let header_len = field(path, &items, 1, "header length", i32::MAX.into())?;
+    let frame_len = field(path, &items, 2, "frame length", i64::MAX.into())?;
     if frame_len != bytes.len() {
         return Err(err(
             path,
@@ -375,63 +376,11 @@ fn parse_frame(path: &Path, bytes: &[u8]) -> Result<Frame, NnunetError> {
             format!("header length {header_len} out of range"),
         ));
     }
-    let Msg::Str(flags) = get(path, &items, 3, "flags")? else {
-        return Err(err(path, "frame flags are not a 4-byte string"));
-    };
-    if flags.len() < 4 {
-        return Err(err(path, "frame flags are not a 4-byte string"));
-    }
-    let general = flags[0];
-    let version = general & 0x0f;
-    if version > MAX_FRAME_VERSION {
-        return Err(NnunetError::unsupported(
-            path,
-            format!("frame format version {version} (this reader knows up to {MAX_FRAME_VERSION})"),
-        ));
-    }
-    if (general >> 4) & 0x03 != 1 {
-        return Err(NnunetError::unsupported(
-            path,
-            format!(
-                "chunk offsets of kind {} (only 64-bit)",
-                (general >> 4) & 0x03
-            ),
-        ));
-    }
-    if general & 0x80 != 0 {
-        return Err(NnunetError::unsupported(path, "variable-length blocks"));
-    }
-    if flags[1] & 0x0f != 0 {
-        return Err(NnunetError::unsupported(
-            path,
-            format!("frame type {} (only contiguous frames, 0)", flags[1] & 0x0f),
-        ));
-    }
-    let codec = flags[2] & 0x0f;
-    let nbytes = int(
-        path,
-        get(path, &items, 4, "uncompressed size")?,
-        "uncompressed size",
-        i64::MAX.into(),
-    )?;
-    let cbytes = int(
-        path,
-        get(path, &items, 5, "compressed size")?,
-        "compressed size",
-        i64::MAX.into(),
-    )?;
-    let typesize = int(
-        path,
-        get(path, &items, 6, "type size")?,
-        "type size",
-        i32::MAX.into(),
-    )?;
-    let chunksize = int(
-        path,
-        get(path, &items, 8, "chunk size")?,
-        "chunk size",
-        i32::MAX.into(),
-    )?;
+    let codec = frame_codec(path, get(path, &items, 3, "flags")?)?;
+    let nbytes = field(path, &items, 4, "uncompressed size", i64::MAX.into())?;
+    let cbytes = field(path, &items, 5, "compressed size", i64::MAX.into())?;
+    let typesize = field(path, &items, 6, "type size", i32::MAX.into())?;
+    let chunksize = field(path, &items, 8, "chunk size", i32::MAX.into())?;
     if header_len
         .checked_add(cbytes)
         .is_none_or(|e| e > bytes.len())
@@ -475,6 +424,44 @@ fn parse_frame(path: &Path, bytes: &[u8]) -> Result<Frame, NnunetError> {
         chunksize,
         info,
     })
+}
+
+/// Checks the frame's 4-byte flags (format version, 64-bit chunk offsets, fixed-length blocks,
+/// a contiguous frame) and returns the codec they name.
+fn frame_codec(path: &Path, flags: &Msg) -> Result<u8, NnunetError> {
+    let Msg::Str(flags) = flags else {
+        return Err(err(path, "frame flags are not a 4-byte string"));
+    };
+    if flags.len() < 4 {
+        return Err(err(path, "frame flags are not a 4-byte string"));
+    }
+    let general = flags[0];
+    let version = general & 0x0f;
+    if version > MAX_FRAME_VERSION {
+        return Err(NnunetError::unsupported(
+            path,
+            format!("frame format version {version} (this reader knows up to {MAX_FRAME_VERSION})"),
+        ));
+    }
+    if (general >> 4) & 0x03 != 1 {
+        return Err(NnunetError::unsupported(
+            path,
+            format!(
+                "chunk offsets of kind {} (only 64-bit)",
+                (general >> 4) & 0x03
+            ),
+        ));
+    }
+    if general & 0x80 != 0 {
+        return Err(NnunetError::unsupported(path, "variable-length blocks"));
+    }
+    if flags[1] & 0x0f != 0 {
+        return Err(NnunetError::unsupported(
+            path,
+            format!("frame type {} (only contiguous frames, 0)", flags[1] & 0x0f),
+        ));
+    }
+    Ok(flags[2] & 0x0f)
 }
 
 /// The content of the metalayer `name`, if the frame has it.
