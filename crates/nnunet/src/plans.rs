@@ -209,27 +209,7 @@ fn resolve_config(
 pub fn read_plan(plans_path: &Path, data_identifier: &str) -> Result<NnunetPlan, NnunetError> {
     let path = plans_path;
     let json = read_json(path)?;
-    let configs = json
-        .get("configurations")
-        .and_then(|c| c.as_object())
-        .ok_or_else(|| plans_err(path, "missing object \"configurations\""))?;
-    let mut candidates = Vec::new();
-    for name in configs.keys() {
-        let c = resolve_config(path, configs, name, 0)?;
-        if c.get("data_identifier").and_then(|d| d.as_str()) == Some(data_identifier) {
-            candidates.push((name.clone(), c));
-        }
-    }
-    candidates.sort_by_key(|(n, _)| (n != "3d_fullres", n.clone()));
-    let Some((configuration, c)) = candidates.into_iter().next() else {
-        return Err(plans_err(
-            path,
-            format!(
-                "no configuration has data_identifier {data_identifier:?} (configurations: {:?})",
-                configs.keys().collect::<Vec<_>>()
-            ),
-        ));
-    };
+    let (configuration, c) = pick_configuration(path, &json, data_identifier)?;
     let patch_size = usize_list(path, c.get("patch_size"), "patch_size")?;
     if !(2..=3).contains(&patch_size.len()) || patch_size.contains(&0) {
         return Err(plans_err(
@@ -243,39 +223,7 @@ pub fn read_plan(plans_path: &Path, data_identifier: &str) -> Result<NnunetPlan,
         .filter(|&b| b > 0)
         .ok_or_else(|| plans_err(path, "batch_size is not a positive integer"))?
         as usize;
-    let strides = c
-        .get("architecture")
-        .and_then(|a| a.get("arch_kwargs"))
-        .and_then(|a| a.get("strides"))
-        .or_else(|| c.get("pool_op_kernel_sizes"))
-        .ok_or_else(|| {
-            plans_err(
-                path,
-                "no architecture.arch_kwargs.strides nor pool_op_kernel_sizes",
-            )
-        })?;
-    let pool_op_kernel_sizes: Vec<Vec<usize>> = strides
-        .as_array()
-        .ok_or_else(|| plans_err(path, "strides are not a list"))?
-        .iter()
-        .map(|s| match s.as_u64() {
-            // A single number means the same stride on every axis.
-            Some(v) => Ok(vec![v as usize; patch_size.len()]),
-            None => usize_list(path, Some(s), "a stride"),
-        })
-        .collect::<Result<_, _>>()?;
-    if pool_op_kernel_sizes
-        .iter()
-        .any(|s| s.len() != patch_size.len())
-    {
-        return Err(plans_err(
-            path,
-            format!(
-                "strides {pool_op_kernel_sizes:?} do not match the patch's {} axes",
-                patch_size.len()
-            ),
-        ));
-    }
+    let pool_op_kernel_sizes = strides(path, &c, patch_size.len())?;
     let num_pool_per_axis = (0..patch_size.len())
         .map(|a| pool_op_kernel_sizes.iter().filter(|s| s[a] > 1).count() as u32)
         .collect();
@@ -298,18 +246,16 @@ pub fn read_plan(plans_path: &Path, data_identifier: &str) -> Result<NnunetPlan,
         .and_then(|s| s.as_array())
         .map(|a| a.iter().map(|x| x.as_bool().unwrap_or(false)).collect())
         .unwrap_or_default();
+    let text = |key: &str| -> String {
+        json.get(key)
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .into()
+    };
     Ok(NnunetPlan {
         kind: "nnunet".into(),
-        dataset_name: json
-            .get("dataset_name")
-            .and_then(|v| v.as_str())
-            .unwrap_or_default()
-            .into(),
-        plans_name: json
-            .get("plans_name")
-            .and_then(|v| v.as_str())
-            .unwrap_or_default()
-            .into(),
+        dataset_name: text("dataset_name"),
+        plans_name: text("plans_name"),
         configuration,
         data_identifier: data_identifier.into(),
         patch_size,
@@ -321,12 +267,75 @@ pub fn read_plan(plans_path: &Path, data_identifier: &str) -> Result<NnunetPlan,
         spacing,
         normalization_schemes,
         use_mask_for_norm,
-        image_reader_writer: json
-            .get("image_reader_writer")
-            .and_then(|v| v.as_str())
-            .unwrap_or_default()
-            .into(),
+        image_reader_writer: text("image_reader_writer"),
     })
+}
+
+/// The configuration (name and entries, inheritance resolved) whose `data_identifier` is
+/// `data_identifier`, `3d_fullres` first where several share it.
+fn pick_configuration(
+    path: &Path,
+    json: &serde_json::Value,
+    data_identifier: &str,
+) -> Result<(String, serde_json::Map<String, serde_json::Value>), NnunetError> {
+    let configs = json
+        .get("configurations")
+        .and_then(|c| c.as_object())
+        .ok_or_else(|| plans_err(path, "missing object \"configurations\""))?;
+    let mut candidates = Vec::new();
+    for name in configs.keys() {
+        let c = resolve_config(path, configs, name, 0)?;
+        if c.get("data_identifier").and_then(|d| d.as_str()) == Some(data_identifier) {
+            candidates.push((name.clone(), c));
+        }
+    }
+    candidates.sort_by_key(|(n, _)| (n != "3d_fullres", n.clone()));
+    candidates.into_iter().next().ok_or_else(|| {
+        plans_err(
+            path,
+            format!(
+                "no configuration has data_identifier {data_identifier:?} (configurations: {:?})",
+                configs.keys().collect::<Vec<_>>()
+            ),
+        )
+    })
+}
+
+/// The pooling strides per stage (`architecture.arch_kwargs.strides`, or the older
+/// `pool_op_kernel_sizes`), each with one entry per axis of an `axes`-dimensional patch.
+fn strides(
+    path: &Path,
+    c: &serde_json::Map<String, serde_json::Value>,
+    axes: usize,
+) -> Result<Vec<Vec<usize>>, NnunetError> {
+    let strides = c
+        .get("architecture")
+        .and_then(|a| a.get("arch_kwargs"))
+        .and_then(|a| a.get("strides"))
+        .or_else(|| c.get("pool_op_kernel_sizes"))
+        .ok_or_else(|| {
+            plans_err(
+                path,
+                "no architecture.arch_kwargs.strides nor pool_op_kernel_sizes",
+            )
+        })?;
+    let pool_op_kernel_sizes: Vec<Vec<usize>> = strides
+        .as_array()
+        .ok_or_else(|| plans_err(path, "strides are not a list"))?
+        .iter()
+        .map(|s| match s.as_u64() {
+            // A single number means the same stride on every axis.
+            Some(v) => Ok(vec![v as usize; axes]),
+            None => usize_list(path, Some(s), "a stride"),
+        })
+        .collect::<Result<_, _>>()?;
+    if pool_op_kernel_sizes.iter().any(|s| s.len() != axes) {
+        return Err(plans_err(
+            path,
+            format!("strides {pool_op_kernel_sizes:?} do not match the patch's {axes} axes"),
+        ));
+    }
+    Ok(pool_op_kernel_sizes)
 }
 
 /// The plans file of a preprocessed folder `<dataset>/<plans_name>_<configuration>`: the
