@@ -414,39 +414,7 @@ impl CaseReader {
             )));
         }
 
-        // Sections: index, class locations, header, in this order, inside the file.
-        let mut prev_end = PREAMBLE_LEN as u64;
-        for (name, s) in [
-            ("index", &pre.index),
-            ("class-location table", &pre.classes),
-            ("header", &pre.header),
-        ] {
-            let end = s.end().filter(|&e| e <= file_len).ok_or_else(|| {
-                bad(format!(
-                    "{name} section [{}, +{}) runs past the end of the file ({file_len} bytes)",
-                    s.offset, s.len
-                ))
-            })?;
-            if s.offset < prev_end {
-                return Err(bad(format!(
-                    "{name} section starts at {}, overlapping the preceding part (ends at {prev_end})",
-                    s.offset
-                )));
-            }
-            prev_end = end;
-        }
-        if pre.header.len > MAX_HEADER_LEN {
-            return Err(bad(format!(
-                "header is {} bytes, more than the {MAX_HEADER_LEN}-byte limit",
-                pre.header.len
-            )));
-        }
-        if pre.classes.offset % 8 != 0 {
-            return Err(bad(format!(
-                "class-location table offset {} is not 8-byte aligned",
-                pre.classes.offset
-            )));
-        }
+        check_sections(&pre, file_len).map_err(&bad)?;
         let index_bytes = section_bytes(tail, tail_start, &pre.index, "index").map_err(&bad)?;
         let class_bytes =
             section_bytes(tail, tail_start, &pre.classes, "class-location table").map_err(&bad)?;
@@ -455,86 +423,10 @@ impl CaseReader {
         let doc: HeaderDoc = serde_json::from_slice(header_bytes)
             .map_err(|e| bad(format!("header JSON does not parse: {e}")))?;
         let meta = doc.meta;
-        validate_case_id(&meta.id).map_err(|e| bad(format!("header: {e}")))?;
-        let shape = meta.shape;
-        let voxels = shape
-            .iter()
-            .try_fold(1usize, |acc, &s| acc.checked_mul(s))
-            .filter(|&v| v > 0 && v <= MAX_CASE_VOXELS);
-        if voxels.is_none() {
-            return Err(bad(format!(
-                "header: shape {shape:?} is empty or has more than {MAX_CASE_VOXELS} voxels"
-            )));
-        }
-        if meta.channels.is_empty() {
-            return Err(bad("header: the case has no image channel".to_owned()));
-        }
-        if !matches!(meta.label_dtype, DType::U8 | DType::U16) {
-            return Err(bad(format!(
-                "header: label_dtype {} is not u8 or u16",
-                meta.label_dtype
-            )));
-        }
-        let n_arrays = meta.channels.len() + 1;
-        if pre.n_arrays as usize != n_arrays {
-            return Err(bad(format!(
-                "preamble lists {} arrays, the header has {} channel(s) + label",
-                pre.n_arrays,
-                meta.channels.len()
-            )));
-        }
-        let chunk = pre.chunk_shape.map(|c| c as usize);
-        let chunk_ok = chunk
-            .iter()
-            .try_fold(1usize, |acc, &s| acc.checked_mul(s))
-            .is_some_and(|v| v > 0 && v <= MAX_CHUNK_VOXELS);
-        if !chunk_ok {
-            return Err(bad(format!(
-                "chunk shape {chunk:?} is empty or has more than {MAX_CHUNK_VOXELS} voxels"
-            )));
-        }
-        let grid = Grid::new(shape, chunk);
-        let n_chunks = grid.n_chunks();
-        if n_chunks > u32::MAX as usize {
-            return Err(bad(format!("chunk grid has {n_chunks} chunks, too many")));
-        }
-        let expected_index = (n_chunks as u64)
-            .checked_mul(n_arrays as u64)
-            .and_then(|n| n.checked_mul(ENTRY_LEN as u64));
-        if expected_index != Some(pre.index.len) {
-            return Err(bad(format!(
-                "index is {} bytes, {n_arrays} arrays of {n_chunks} chunks of {ENTRY_LEN} bytes need {}",
-                pre.index.len,
-                expected_index.map_or("more than 2^64".to_owned(), |n| n.to_string())
-            )));
-        }
+        let grid = check_layout(&meta, &pre).map_err(&bad)?;
+        let arrays = read_index(index_bytes, &meta, &grid, pre.index.offset).map_err(&bad)?;
 
-        let mut arrays = Vec::with_capacity(n_arrays);
-        let mut entry_bytes = index_bytes.chunks_exact(ENTRY_LEN);
-        for a in 0..n_arrays {
-            let (id, dtype) = if a < meta.channels.len() {
-                (ArrayId::Image(a), meta.channels[a].dtype)
-            } else {
-                (ArrayId::Label, meta.label_dtype)
-            };
-            let es = dtype.size();
-            let mut entries = Vec::with_capacity(n_chunks);
-            for lin in 0..n_chunks {
-                let c = grid.coords(lin);
-                let where_ = || format!("{id} chunk {c:?}");
-                let b = entry_bytes
-                    .next()
-                    .ok_or_else(|| bad(format!("index ends before {}", where_())))?;
-                let e = Entry::decode(b).map_err(|r| bad(format!("{}: {r}", where_())))?;
-                let raw_len = grid.voxels(c) * es;
-                check_entry(&e, raw_len, es, pre.index.offset)
-                    .map_err(|r| bad(format!("{}: {r}", where_())))?;
-                entries.push(e);
-            }
-            arrays.push(ArrayInfo { id, dtype, entries });
-        }
-
-        let classes = parse_classes(class_bytes, pre.classes.offset as usize, shape)
+        let classes = parse_classes(class_bytes, pre.classes.offset as usize, meta.shape)
             .map_err(|r| bad(format!("class-location table: {r}")))?;
 
         Ok(Parsed {
@@ -1341,6 +1233,142 @@ fn preamble_error(path: &Path, e: Option<PreambleError>) -> Option<StoreError> {
             supported: FORMAT_VERSION,
         }),
     }
+}
+
+/// Checks the preamble's sections: index, class locations and header lie in this order inside a
+/// file of `file_len` bytes, the header within its limit, the class table 8-byte aligned.
+fn check_sections(pre: &Preamble, file_len: u64) -> Result<(), String> {
+    // Sections: index, class locations, header, in this order, inside the file.
+    let mut prev_end = PREAMBLE_LEN as u64;
+    for (name, s) in [
+        ("index", &pre.index),
+        ("class-location table", &pre.classes),
+        ("header", &pre.header),
+    ] {
+        let end = s.end().filter(|&e| e <= file_len).ok_or_else(|| {
+            format!(
+                "{name} section [{}, +{}) runs past the end of the file ({file_len} bytes)",
+                s.offset, s.len
+            )
+        })?;
+        if s.offset < prev_end {
+            return Err(format!(
+                "{name} section starts at {}, overlapping the preceding part (ends at {prev_end})",
+                s.offset
+            ));
+        }
+        prev_end = end;
+    }
+    if pre.header.len > MAX_HEADER_LEN {
+        return Err(format!(
+            "header is {} bytes, more than the {MAX_HEADER_LEN}-byte limit",
+            pre.header.len
+        ));
+    }
+    if pre.classes.offset % 8 != 0 {
+        return Err(format!(
+            "class-location table offset {} is not 8-byte aligned",
+            pre.classes.offset
+        ));
+    }
+    Ok(())
+}
+
+/// Checks the header's metadata against the format's limits and the preamble (array count,
+/// chunk shape, index size); returns the chunk grid.
+fn check_layout(meta: &CaseMeta, pre: &Preamble) -> Result<Grid, String> {
+    validate_case_id(&meta.id).map_err(|e| format!("header: {e}"))?;
+    let shape = meta.shape;
+    let voxels = shape
+        .iter()
+        .try_fold(1usize, |acc, &s| acc.checked_mul(s))
+        .filter(|&v| v > 0 && v <= MAX_CASE_VOXELS);
+    if voxels.is_none() {
+        return Err(format!(
+            "header: shape {shape:?} is empty or has more than {MAX_CASE_VOXELS} voxels"
+        ));
+    }
+    if meta.channels.is_empty() {
+        return Err("header: the case has no image channel".to_owned());
+    }
+    if !matches!(meta.label_dtype, DType::U8 | DType::U16) {
+        return Err(format!(
+            "header: label_dtype {} is not u8 or u16",
+            meta.label_dtype
+        ));
+    }
+    let n_arrays = meta.channels.len() + 1;
+    if pre.n_arrays as usize != n_arrays {
+        return Err(format!(
+            "preamble lists {} arrays, the header has {} channel(s) + label",
+            pre.n_arrays,
+            meta.channels.len()
+        ));
+    }
+    let chunk = pre.chunk_shape.map(|c| c as usize);
+    let chunk_ok = chunk
+        .iter()
+        .try_fold(1usize, |acc, &s| acc.checked_mul(s))
+        .is_some_and(|v| v > 0 && v <= MAX_CHUNK_VOXELS);
+    if !chunk_ok {
+        return Err(format!(
+            "chunk shape {chunk:?} is empty or has more than {MAX_CHUNK_VOXELS} voxels"
+        ));
+    }
+    let grid = Grid::new(shape, chunk);
+    let n_chunks = grid.n_chunks();
+    if n_chunks > u32::MAX as usize {
+        return Err(format!("chunk grid has {n_chunks} chunks, too many"));
+    }
+    let expected_index = (n_chunks as u64)
+        .checked_mul(n_arrays as u64)
+        .and_then(|n| n.checked_mul(ENTRY_LEN as u64));
+    if expected_index != Some(pre.index.len) {
+        return Err(format!(
+            "index is {} bytes, {n_arrays} arrays of {n_chunks} chunks of {ENTRY_LEN} bytes need {}",
+            pre.index.len,
+            expected_index.map_or("more than 2^64".to_owned(), |n| n.to_string())
+        ));
+    }
+
+    Ok(grid)
+}
+
+/// Decodes the index (`index_bytes`, at file offset `index_offset`): the entries of every chunk
+/// of every array (the channels, then the label), each checked against its chunk.
+fn read_index(
+    index_bytes: &[u8],
+    meta: &CaseMeta,
+    grid: &Grid,
+    index_offset: u64,
+) -> Result<Vec<ArrayInfo>, String> {
+    let n_arrays = meta.channels.len() + 1;
+    let n_chunks = grid.n_chunks();
+    let mut arrays = Vec::with_capacity(n_arrays);
+    let mut entry_bytes = index_bytes.chunks_exact(ENTRY_LEN);
+    for a in 0..n_arrays {
+        let (id, dtype) = if a < meta.channels.len() {
+            (ArrayId::Image(a), meta.channels[a].dtype)
+        } else {
+            (ArrayId::Label, meta.label_dtype)
+        };
+        let es = dtype.size();
+        let mut entries = Vec::with_capacity(n_chunks);
+        for lin in 0..n_chunks {
+            let c = grid.coords(lin);
+            let where_ = || format!("{id} chunk {c:?}");
+            let b = entry_bytes
+                .next()
+                .ok_or_else(|| format!("index ends before {}", where_()))?;
+            let e = Entry::decode(b).map_err(|r| format!("{}: {r}", where_()))?;
+            let raw_len = grid.voxels(c) * es;
+            check_entry(&e, raw_len, es, index_offset).map_err(|r| format!("{}: {r}", where_()))?;
+            entries.push(e);
+        }
+        arrays.push(ArrayInfo { id, dtype, entries });
+    }
+
+    Ok(arrays)
 }
 
 /// The bytes of a section, checked against its checksum; `held` are the file's bytes from

@@ -185,7 +185,31 @@ fn validate<'a>(
     let meta = data.meta;
     let id = meta.id.as_str();
     validate_case_id(id)?;
-    let shape = meta.shape;
+    let (grid, voxels) = checked_grid(id, meta.shape, opts.chunk_shape)?;
+    let levels = zstd::compression_level_range();
+    if !levels.contains(&opts.zstd_level) {
+        return Err(StoreError::input(
+            id,
+            format!(
+                "zstd level {} outside zstd's range {}..={}",
+                opts.zstd_level,
+                levels.start(),
+                levels.end()
+            ),
+        ));
+    }
+    let mut arrays = channel_arrays(data, voxels)?;
+    arrays.push(label_array(data, voxels)?);
+    Ok((grid, arrays))
+}
+
+/// The chunk grid of a case of `shape` cut in chunks of `chunk`, and its voxel count, when
+/// both are within the format's limits.
+fn checked_grid(
+    id: &str,
+    shape: [usize; 3],
+    chunk: [usize; 3],
+) -> Result<(Grid, usize), StoreError> {
     if shape.contains(&0) {
         return Err(StoreError::input(
             id,
@@ -202,7 +226,6 @@ fn validate<'a>(
                 format!("shape {shape:?} has more than {MAX_CASE_VOXELS} voxels"),
             )
         })?;
-    let chunk = opts.chunk_shape;
     if chunk.contains(&0) {
         return Err(StoreError::input(
             id,
@@ -231,18 +254,13 @@ fn validate<'a>(
             ),
         ));
     }
-    let levels = zstd::compression_level_range();
-    if !levels.contains(&opts.zstd_level) {
-        return Err(StoreError::input(
-            id,
-            format!(
-                "zstd level {} outside zstd's range {}..={}",
-                opts.zstd_level,
-                levels.start(),
-                levels.end()
-            ),
-        ));
-    }
+    Ok((grid, voxels))
+}
+
+/// The image channels of the case, each checked against its metadata and the case's `voxels`.
+fn channel_arrays<'a>(data: &CaseData<'a>, voxels: usize) -> Result<Vec<ArraySrc<'a>>, StoreError> {
+    let meta = data.meta;
+    let (id, shape) = (meta.id.as_str(), meta.shape);
     if meta.channels.is_empty() {
         return Err(StoreError::input(id, "the case has no image channel"));
     }
@@ -285,6 +303,14 @@ fn validate<'a>(
             dtype: m.dtype,
         });
     }
+    Ok(arrays)
+}
+
+/// The label of the case, checked against its metadata (dtype, outside-mask label) and the
+/// case's `voxels`.
+fn label_array<'a>(data: &CaseData<'a>, voxels: usize) -> Result<ArraySrc<'a>, StoreError> {
+    let meta = data.meta;
+    let (id, shape) = (meta.id.as_str(), meta.shape);
     if !matches!(meta.label_dtype, DType::U8 | DType::U16) {
         return Err(StoreError::input(
             id,
@@ -312,12 +338,11 @@ fn validate<'a>(
     }
     meta.check_outside_mask_label(|c| data.class_locations.contains_key(&c))
         .map_err(|reason| StoreError::input(id, reason))?;
-    arrays.push(ArraySrc {
+    Ok(ArraySrc {
         id: ArrayId::Label,
         bytes: data.label.as_bytes(),
         dtype: meta.label_dtype,
-    });
-    Ok((grid, arrays))
+    })
 }
 
 /// The JSON header; fails when the metadata would not read back equal (non-finite numbers).
