@@ -153,36 +153,14 @@ pub fn preprocess(
     let original = input.channels[0].geometry.clone();
     let shape = original.shape;
 
-    // Crop to the non-zero box of all channels (the whole volume when everything is zero).
-    let crop_box = input
-        .channels
-        .iter()
-        .filter_map(|c| crate::with_voxels!(&c.data, v => nonzero_bbox(v, shape)))
-        .reduce(|a, b| std::array::from_fn(|i| [a[i][0].min(b[i][0]), a[i][1].max(b[i][1])]))
-        .unwrap_or([[0, shape[0]], [0, shape[1]], [0, shape[2]]]);
+    let crop_box = nonzero_crop_box(input, shape);
     let cropped_shape = crop_box.map(|[s, e]| e - s);
 
-    // Refuse an output grid beyond the reader's limit before any large buffer exists (a voxel
-    // size in the wrong unit, e.g. micrometres, would otherwise ask for terabytes).
     let target = plan
         .target_spacing
         .filter(|&t| needs_resampling(original.spacing, t));
     if let Some(t) = target {
-        let out_shape = resampled_shape(cropped_shape, original.spacing, t);
-        let out_voxels = out_shape
-            .iter()
-            .try_fold(1usize, |acc, &n| acc.checked_mul(n))
-            .filter(|&v| v <= MAX_VOXELS);
-        if out_voxels.is_none() {
-            return Err(VolumeError::InvalidCase {
-                case: input.id.clone(),
-                reason: format!(
-                    "resampling the cropped grid {cropped_shape:?} from spacing {:?} mm to {t:?} mm gives {out_shape:?} voxels, more than the limit of {MAX_VOXELS}; check the voxel size (pixdim) of {}",
-                    original.spacing,
-                    input.channels[0].path.display()
-                ),
-            });
-        }
+        check_resampled_size(input, cropped_shape, original.spacing, t)?;
     }
 
     let cropped: Vec<VoxelData> = input
@@ -279,6 +257,43 @@ pub fn preprocess(
         resampled: target.is_some(),
         outside_mask_label,
     })
+}
+
+/// The box `[[start, end); 3]` holding the non-zero voxels of all channels of a case of
+/// `shape`, nnU-Net's crop (the whole volume when everything is zero).
+fn nonzero_crop_box(input: &CaseInput, shape: [usize; 3]) -> [[usize; 2]; 3] {
+    input
+        .channels
+        .iter()
+        .filter_map(|c| crate::with_voxels!(&c.data, v => nonzero_bbox(v, shape)))
+        .reduce(|a, b| std::array::from_fn(|i| [a[i][0].min(b[i][0]), a[i][1].max(b[i][1])]))
+        .unwrap_or([[0, shape[0]], [0, shape[1]], [0, shape[2]]])
+}
+
+/// Refuses an output grid beyond the reader's limit before any large buffer exists (a voxel
+/// size in the wrong unit, e.g. micrometres, would otherwise ask for terabytes): the grid
+/// `cropped_shape` at `spacing` resampled to `target`.
+fn check_resampled_size(
+    input: &CaseInput,
+    cropped_shape: [usize; 3],
+    spacing: [f64; 3],
+    target: [f64; 3],
+) -> Result<(), VolumeError> {
+    let out_shape = resampled_shape(cropped_shape, spacing, target);
+    let out_voxels = out_shape
+        .iter()
+        .try_fold(1usize, |acc, &n| acc.checked_mul(n))
+        .filter(|&v| v <= MAX_VOXELS);
+    if out_voxels.is_none() {
+        return Err(VolumeError::InvalidCase {
+            case: input.id.clone(),
+            reason: format!(
+                "resampling the cropped grid {cropped_shape:?} from spacing {spacing:?} mm to {target:?} mm gives {out_shape:?} voxels, more than the limit of {MAX_VOXELS}; check the voxel size (pixdim) of {}",
+                input.channels[0].path.display()
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Checks that the case and the plan fit together before any work is done.
