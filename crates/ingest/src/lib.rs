@@ -14,14 +14,17 @@ mod discover;
 mod error;
 pub mod inspect;
 mod nnunet;
+mod options;
 mod pipeline;
 mod plan;
+mod session;
 mod watch;
 
 pub use discover::{CaseSource, DatasetSource, InputKind, discover, sanitize_id};
 pub use error::IngestError;
 pub use inspect::{StoreReport, inspect, render_text, verify};
 pub use nnunet::NnunetStorePlan;
-pub use pipeline::{CaseOutcome, IngestOptions, IngestReport, SourceRecord, ZSTD_LEVELS, ingest};
+pub use options::{CaseOutcome, IngestOptions, IngestReport, ZSTD_LEVELS};
+pub use pipeline::{SourceRecord, ingest};
 pub use plan::{CtPlan, DatasetPlan, MaskForNorm, PlanSettings};
 pub use watch::watch;

@@ -11,19 +11,17 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use patchflow_nnunet::{NnunetPlan, PreprocessedFolder};
-use patchflow_store::{CaseData, Manifest, ManifestCase, WriteOptions, case_file_name};
+use patchflow_store::{CaseData, Manifest, WriteOptions, case_file_name};
 use serde::{Deserialize, Serialize};
 
 use crate::IngestError;
 use crate::discover::sanitize_id;
-use crate::pipeline::{
-    CaseOutcome, IngestOptions, IngestReport, Session, case_file_ok, fingerprint_paths,
-    progress_bar,
-};
+use crate::options::{CaseOutcome, IngestOptions, IngestReport};
+use crate::session::{PendingCase, Session, case_file_ok, fingerprint_paths};
 
 /// The plan of a store ingested from nnU-Net's preprocessed folder (the manifest's `plan`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -111,17 +109,7 @@ pub(crate) fn ingest_preprocessed(
 ) -> Result<IngestReport, IngestError> {
     let started = Instant::now();
     let folder = PreprocessedFolder::open(input)?;
-    let name = if folder.plan.dataset_name.is_empty() {
-        input
-            .parent()
-            .and_then(|p| p.file_name())
-            .and_then(|n| n.to_str())
-            .map(sanitize_id)
-            .unwrap_or_else(|| "dataset".into())
-    } else {
-        sanitize_id(&folder.plan.dataset_name)
-    };
-    let mut session = Session::open_named(out, &name)?;
+    let mut session = Session::open_named(out, &dataset_name(input, &folder))?;
     let mut report = IngestReport {
         dataset: session.manifest.dataset.clone(),
         ..IngestReport::default()
@@ -157,12 +145,44 @@ pub(crate) fn ingest_preprocessed(
         session.manifest.plan = serde_json::to_value(&plan).unwrap_or_default();
         session.manifest.save(out)?;
     }
-    let existing: HashMap<String, NnunetSourceRecord> = session
-        .manifest
-        .cases
-        .iter()
-        .filter_map(|c| Some((c.id.clone(), serde_json::from_value(c.source.clone()).ok()?)))
-        .collect();
+    let todo = pending_cases(&session, &folder, &digest, &mut report);
+    let write_opts = WriteOptions {
+        chunk_shape: plan.chunk_shape,
+        zstd_level: plan.zstd_level,
+    };
+    session.write_cases(todo, opts, stop, &mut report, |(id, input_bytes)| {
+        store_case(&folder, id, out, &write_opts, *input_bytes)
+    })?;
+    report.failed.sort();
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// The dataset's name: the plan's `dataset_name`, else the name of the folder above the
+/// configuration folder `input`.
+fn dataset_name(input: &Path, folder: &PreprocessedFolder) -> String {
+    if folder.plan.dataset_name.is_empty() {
+        input
+            .parent()
+            .and_then(|p| p.file_name())
+            .and_then(|n| n.to_str())
+            .map(sanitize_id)
+            .unwrap_or_else(|| "dataset".into())
+    } else {
+        sanitize_id(&folder.plan.dataset_name)
+    }
+}
+
+/// The cases of `folder` that need work: all but those with an invalid id or unreadable files
+/// (put in `report.failed`) and those stored from identical files under the plan of digest
+/// `digest` (put in `report.skipped`).
+fn pending_cases(
+    session: &Session,
+    folder: &PreprocessedFolder,
+    digest: &str,
+    report: &mut IngestReport,
+) -> Vec<PendingCase<(String, u64)>> {
+    let existing: HashMap<String, NnunetSourceRecord> = session.stored_records();
     let mut todo = Vec::new();
     for id in &folder.cases {
         if let Err(e) = patchflow_store::validate_case_id(id) {
@@ -180,84 +200,25 @@ pub(crate) fn ingest_preprocessed(
         let unchanged = existing.get(id).is_some_and(|r| {
             r.fingerprint == fingerprint
                 && r.plan == digest
-                && case_file_ok(&out.join(case_file_name(id)))
+                && case_file_ok(&session.out.join(case_file_name(id)))
         });
+        if unchanged {
+            report.skipped.push(id.clone());
+            continue;
+        }
         let record = NnunetSourceRecord {
             files,
             fingerprint,
-            plan: digest.clone(),
+            plan: digest.to_string(),
             input_bytes,
         };
-        if unchanged {
-            report.skipped.push(id.clone());
-        } else {
-            todo.push((id.clone(), record));
-        }
+        todo.push(PendingCase {
+            id: id.clone(),
+            item: (id.clone(), input_bytes),
+            source: serde_json::to_value(&record).unwrap_or_default(),
+        });
     }
-
-    let bar = progress_bar(opts.progress, todo.len() as u64, "ingest");
-    let write_opts = WriteOptions {
-        chunk_shape: plan.chunk_shape,
-        zstd_level: plan.zstd_level,
-    };
-    let jobs = opts.jobs.max(1).min(todo.len().max(1));
-    let (work_tx, work_rx) = crossbeam_channel::unbounded();
-    for item in todo {
-        let _ = work_tx.send(item);
-    }
-    drop(work_tx);
-    let (done_tx, done_rx) = crossbeam_channel::unbounded();
-    std::thread::scope(|scope| -> Result<(), IngestError> {
-        for _ in 0..jobs {
-            let work_rx = work_rx.clone();
-            let done_tx = done_tx.clone();
-            let (folder, write_opts, bar) = (&folder, &write_opts, &bar);
-            scope.spawn(move || {
-                while let Ok((id, record)) = work_rx.recv() {
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    bar.set_message(id.clone());
-                    let result = store_case(folder, &id, out, write_opts, record.input_bytes);
-                    let _ = done_tx.send((id, record, result));
-                }
-            });
-        }
-        drop(done_tx);
-        for (id, record, result) in done_rx.iter() {
-            bar.inc(1);
-            match result {
-                Ok((outcome, warnings)) => {
-                    for w in warnings {
-                        bar.suspend(|| tracing::warn!("{w}"));
-                        report.warnings.push(w);
-                    }
-                    session.manifest.cases.retain(|c| c.id != id);
-                    session.manifest.cases.push(ManifestCase {
-                        id: id.clone(),
-                        file: case_file_name(&id),
-                        stored_bytes: outcome.stored_bytes,
-                        source: serde_json::to_value(&record).unwrap_or_default(),
-                    });
-                    session.manifest.cases.sort_by(|a, b| a.id.cmp(&b.id));
-                    session.manifest.save(out)?;
-                    report.ingested.push(outcome);
-                }
-                Err(e) => {
-                    bar.suspend(|| tracing::error!("case {id}: {e}"));
-                    report.failed.push((id, e.to_string()));
-                }
-            }
-        }
-        Ok(())
-    })?;
-    bar.finish_and_clear();
-    if stop.load(Ordering::Relaxed) {
-        tracing::warn!("stopped by signal: cases not started are left for the next run");
-    }
-    report.failed.sort();
-    report.seconds = started.elapsed().as_secs_f64();
-    Ok(report)
+    todo
 }
 
 /// Reads one case with the nnU-Net reader and writes it to the store.

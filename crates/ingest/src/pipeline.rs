@@ -5,155 +5,18 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use patchflow_store::{
-    CaseData, CaseMeta, MANIFEST_FORMAT, Manifest, ManifestCase, ObjectLock, StoreLocation,
-    WriteOptions, case_file_name, is_temp_file_name,
-};
+use patchflow_store::{CaseData, CaseMeta, MANIFEST_FORMAT, WriteOptions, case_file_name};
 use patchflow_volume::{CaseInput, NormScheme, median_spacing};
 use serde::{Deserialize, Serialize};
 
 use crate::IngestError;
 use crate::discover::{CaseSource, DatasetSource, discover};
-use crate::plan::{CtPlan, DatasetPlan, MaskForNorm, PlanSettings, scheme_for};
+use crate::options::{CaseOutcome, IngestOptions, IngestReport};
+use crate::plan::{CtPlan, DatasetPlan, MaskForNorm, scheme_for};
+use crate::session::{PendingCase, Session, case_file_ok, fingerprint_paths, progress_bar};
 
 /// Foreground intensity samples drawn per CT case for the dataset statistics (as nnU-Net).
 const CT_SAMPLES_PER_CASE: usize = 10_000;
-
-/// How to run ingest.
-#[derive(Clone, Debug)]
-pub struct IngestOptions {
-    /// Cases processed at once.
-    pub jobs: usize,
-    /// Settings that shape the plan.
-    pub settings: PlanSettings,
-    /// Make a new plan even if the store has one.
-    pub replan: bool,
-    /// Draw progress bars on stderr.
-    pub progress: bool,
-}
-
-impl Default for IngestOptions {
-    fn default() -> Self {
-        IngestOptions {
-            jobs: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            settings: PlanSettings {
-                keep_spacing: false,
-                target_spacing: None,
-                interp: "cubic".into(),
-                chunk_shape: patchflow_store::DEFAULT_CHUNK_SHAPE,
-                zstd_level: patchflow_store::DEFAULT_ZSTD_LEVEL,
-                seed: 1234,
-            },
-            replan: false,
-            progress: true,
-        }
-    }
-}
-
-/// zstd levels ingest compresses chunks with. The store accepts zstd's whole range; ingest
-/// keeps to the levels that compress (zstd's negative levels trade most of the ratio for speed).
-pub const ZSTD_LEVELS: std::ops::RangeInclusive<i32> = 1..=22;
-
-impl IngestOptions {
-    /// Checks the values: at least one job, a zstd level within [`ZSTD_LEVELS`]. [`ingest`] and
-    /// [`crate::watch`] check first; a command line can check while it parses.
-    ///
-    /// # Errors
-    /// [`IngestError::Setting`] naming the field and its rule.
-    pub fn check(&self) -> Result<(), IngestError> {
-        if self.jobs == 0 {
-            return Err(IngestError::Setting {
-                field: "jobs",
-                reason: "must be at least 1".into(),
-            });
-        }
-        let level = self.settings.zstd_level;
-        if !ZSTD_LEVELS.contains(&level) {
-            return Err(IngestError::Setting {
-                field: "zstd_level",
-                reason: format!(
-                    "{level} is outside {}..={}",
-                    ZSTD_LEVELS.start(),
-                    ZSTD_LEVELS.end()
-                ),
-            });
-        }
-        Ok(())
-    }
-}
-
-/// What happened to one case.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct CaseOutcome {
-    /// Case id.
-    pub id: String,
-    /// Bytes of the input files.
-    pub input_bytes: u64,
-    /// Bytes of the stored case file.
-    pub stored_bytes: u64,
-    /// Bytes of the preprocessed arrays, uncompressed.
-    pub raw_bytes: u64,
-}
-
-/// The result of one ingest run.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct IngestReport {
-    /// Dataset name.
-    pub dataset: String,
-    /// Cases written in this run.
-    pub ingested: Vec<CaseOutcome>,
-    /// Cases already in the store and unchanged.
-    pub skipped: Vec<String>,
-    /// Cases that failed, with the reason.
-    pub failed: Vec<(String, String)>,
-    /// Non-fatal findings (e.g. a label without foreground).
-    pub warnings: Vec<String>,
-    /// Whether a new plan was made.
-    pub replanned: bool,
-    /// The `use_mask_for_norm` decision of the plan made in this run (`None` when no plan was
-    /// made or no case has a z-scored channel).
-    pub mask_for_norm: Option<MaskForNorm>,
-    /// Wall time in seconds.
-    pub seconds: f64,
-}
-
-impl IngestReport {
-    /// Bytes of input read for the ingested cases.
-    pub fn input_bytes(&self) -> u64 {
-        self.ingested.iter().map(|c| c.input_bytes).sum()
-    }
-
-    /// One-paragraph human summary.
-    pub fn summary(&self) -> String {
-        let mut s = format!(
-            "{}: {} ingested, {} unchanged, {} failed in {:.1} s",
-            self.dataset,
-            self.ingested.len(),
-            self.skipped.len(),
-            self.failed.len(),
-            self.seconds
-        );
-        if !self.ingested.is_empty() && self.seconds > 0.0 {
-            let mb = self.input_bytes() as f64 / 1e6;
-            s.push_str(&format!(
-                " ({:.1} MB of input, {:.1} MB/s)",
-                mb,
-                mb / self.seconds
-            ));
-        }
-        if let Some(m) = &self.mask_for_norm {
-            s.push_str(&format!("\nnew plan: {}", m.describe()));
-        }
-        for w in &self.warnings {
-            s.push_str(&format!("\nwarning: {w}"));
-        }
-        for (id, e) in &self.failed {
-            s.push_str(&format!("\nfailed: {id}: {e}"));
-        }
-        s
-    }
-}
 
 /// Provenance of a stored case, kept in the manifest to skip unchanged cases.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -188,249 +51,121 @@ pub fn ingest(
     }
     let source = discover(input)?;
     let mut session = Session::open(out, &source)?;
-    session.run(&source, &source.cases, opts, stop)
+    ingest_cases(&mut session, &source, &source.cases, opts, stop)
 }
 
-/// An open store folder being written: holds the writer lock and the manifest.
-pub(crate) struct Session {
-    out: PathBuf,
-    _lock: WriterLock,
-    pub(crate) manifest: Manifest,
+/// Plans if needed and ingests `cases` (a subset of `source.cases`) into the store `session`
+/// holds.
+pub(crate) fn ingest_cases(
+    session: &mut Session,
+    source: &DatasetSource,
+    cases: &[CaseSource],
+    opts: &IngestOptions,
+    stop: &AtomicBool,
+) -> Result<IngestReport, IngestError> {
+    let started = Instant::now();
+    let mut report = IngestReport {
+        dataset: session.manifest.dataset.clone(),
+        ..IngestReport::default()
+    };
+    for (id, e) in &source.problems {
+        report.failed.push((id.clone(), e.to_string()));
+    }
+    crate::nnunet::refuse_nnunet_store(&session.out, &session.manifest)?;
+    let plan = current_plan(session, cases, opts, stop, &mut report)?;
+    let plan_digest = format!("{:016x}", plan.digest());
+    let todo = pending_cases(session, cases, &plan_digest, &mut report);
+    let write_opts = WriteOptions {
+        chunk_shape: plan.settings.chunk_shape,
+        zstd_level: plan.settings.zstd_level,
+    };
+    let (out, label_names) = (session.out.clone(), &source.label_names);
+    session.write_cases(todo, opts, stop, &mut report, |(case, input_bytes)| {
+        ingest_case(case, &plan, label_names, &write_opts, &out, *input_bytes)
+    })?;
+    report.failed.sort();
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
 }
 
-/// The lock that keeps a second ingest from writing the same store.
-enum WriterLock {
-    /// A held lock on `.ingest.lock` in the store folder (released when the process ends).
-    File(#[allow(dead_code)] std::fs::File),
-    /// The object `prefix/.ingest.lock`, made with a conditional PUT and deleted at the end.
-    Object(#[allow(dead_code)] ObjectLock),
-}
-
-/// Name of the writer lock in a store.
-const LOCK_NAME: &str = ".ingest.lock";
-
-impl Session {
-    /// Opens (creating) the store folder, takes its writer lock and loads the manifest.
-    pub(crate) fn open(out: &Path, source: &DatasetSource) -> Result<Session, IngestError> {
-        Session::open_named(out, &source.name)
-    }
-
-    /// [`Session::open`] for a dataset named `name` (a new manifest takes that name).
-    pub(crate) fn open_named(out: &Path, name: &str) -> Result<Session, IngestError> {
-        if let StoreLocation::S3(location) = StoreLocation::from_path(out)? {
-            let lock_at = location.join(LOCK_NAME);
-            let holder = format!(
-                "patchflow ingest, process {} on {}, started at {} s since the Unix epoch",
-                std::process::id(),
-                std::fs::read_to_string("/proc/sys/kernel/hostname")
-                    .map(|h| h.trim().to_owned())
-                    .unwrap_or_else(|_| "an unknown host".into()),
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs())
-            );
-            let lock =
-                ObjectLock::acquire(&lock_at, &holder)?.map_err(|held_by| IngestError::Input {
-                    path: out.to_path_buf(),
-                    reason: format!(
-                        "another ingest is writing this store: {lock_at} exists ({held_by}); \
-                         if that run is dead, delete the object and try again"
-                    ),
-                })?;
-            let manifest = Self::manifest_or_new(out, name)?;
-            return Ok(Session {
-                out: out.to_path_buf(),
-                _lock: WriterLock::Object(lock),
-                manifest,
-            });
-        }
-        std::fs::create_dir_all(out).map_err(|e| IngestError::io(out, e))?;
-        let lock_path = out.join(LOCK_NAME);
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| IngestError::io(&lock_path, e))?;
-        if lock.try_lock().is_err() {
-            return Err(IngestError::Input {
-                path: out.to_path_buf(),
-                reason: "another ingest is writing this store (its lock file .ingest.lock is held)"
-                    .into(),
-            });
-        }
-        remove_stale_temp_files(out);
-        let manifest = Self::manifest_or_new(out, name)?;
-        Ok(Session {
-            out: out.to_path_buf(),
-            _lock: WriterLock::File(lock),
-            manifest,
-        })
-    }
-
-    /// The store's manifest, or an empty one for a new store.
-    fn manifest_or_new(out: &Path, name: &str) -> Result<Manifest, IngestError> {
-        Ok(match Manifest::load(out)? {
-            Some(m) => m,
-            None => Manifest {
-                format: MANIFEST_FORMAT,
-                dataset: name.to_string(),
-                plan: serde_json::Value::Null,
-                cases: Vec::new(),
-            },
-        })
-    }
-
-    /// Plans if needed and ingests `cases` (a subset of `source.cases`).
-    pub(crate) fn run(
-        &mut self,
-        source: &DatasetSource,
-        cases: &[CaseSource],
-        opts: &IngestOptions,
-        stop: &AtomicBool,
-    ) -> Result<IngestReport, IngestError> {
-        let started = Instant::now();
-        let mut report = IngestReport {
-            dataset: self.manifest.dataset.clone(),
-            ..IngestReport::default()
-        };
-        for (id, e) in &source.problems {
-            report.failed.push((id.clone(), e.to_string()));
-        }
-        crate::nnunet::refuse_nnunet_store(&self.out, &self.manifest)?;
-
-        let stored_plan: Option<DatasetPlan> =
-            serde_json::from_value(self.manifest.plan.clone()).ok();
-        let plan = match stored_plan {
-            Some(p) if !opts.replan && p.settings == opts.settings => p,
-            previous => {
-                if previous.is_some() {
-                    tracing::info!("settings changed or --replan given: making a new plan");
-                }
-                let (plan, failures) = make_plan(cases, opts, stop)?;
-                report.failed.extend(failures);
-                report.replanned = true;
-                report.mask_for_norm = plan.mask_for_norm.clone();
-                if let Some(m) = &plan.mask_for_norm {
-                    tracing::info!("{}", m.describe());
-                }
-                self.manifest.plan = serde_json::to_value(&plan).unwrap_or_default();
-                self.manifest.format = MANIFEST_FORMAT;
-                self.manifest.save(&self.out)?;
-                plan
+/// The store's plan when its settings are those asked for and no new plan is asked for; else a
+/// new plan, saved in the manifest (cases that failed to read go to `report`).
+fn current_plan(
+    session: &mut Session,
+    cases: &[CaseSource],
+    opts: &IngestOptions,
+    stop: &AtomicBool,
+    report: &mut IngestReport,
+) -> Result<DatasetPlan, IngestError> {
+    let stored_plan: Option<DatasetPlan> =
+        serde_json::from_value(session.manifest.plan.clone()).ok();
+    match stored_plan {
+        Some(p) if !opts.replan && p.settings == opts.settings => Ok(p),
+        previous => {
+            if previous.is_some() {
+                tracing::info!("settings changed or --replan given: making a new plan");
             }
-        };
-        let plan_digest = format!("{:016x}", plan.digest());
-        let failed_in_planning: std::collections::HashSet<String> =
-            report.failed.iter().map(|(id, _)| id.clone()).collect();
+            let (plan, failures) = make_plan(cases, opts, stop)?;
+            report.failed.extend(failures);
+            report.replanned = true;
+            report.mask_for_norm = plan.mask_for_norm.clone();
+            if let Some(m) = &plan.mask_for_norm {
+                tracing::info!("{}", m.describe());
+            }
+            session.manifest.plan = serde_json::to_value(&plan).unwrap_or_default();
+            session.manifest.format = MANIFEST_FORMAT;
+            session.manifest.save(&session.out)?;
+            Ok(plan)
+        }
+    }
+}
 
-        // Decide what needs work.
-        let existing: HashMap<String, SourceRecord> = self
-            .manifest
-            .cases
-            .iter()
-            .filter_map(|c| Some((c.id.clone(), serde_json::from_value(c.source.clone()).ok()?)))
-            .collect();
-        let mut todo = Vec::new();
-        for case in cases {
-            if failed_in_planning.contains(&case.id) {
+/// The cases that need work: all but those that failed so far (in `report`) and those stored
+/// from identical files under the plan of digest `plan_digest` (put in `report.skipped`).
+fn pending_cases(
+    session: &Session,
+    cases: &[CaseSource],
+    plan_digest: &str,
+    report: &mut IngestReport,
+) -> Vec<PendingCase<(CaseSource, u64)>> {
+    let failed_in_planning: std::collections::HashSet<String> =
+        report.failed.iter().map(|(id, _)| id.clone()).collect();
+    let existing: HashMap<String, SourceRecord> = session.stored_records();
+    let mut todo = Vec::new();
+    for case in cases {
+        if failed_in_planning.contains(&case.id) {
+            continue;
+        }
+        let (fingerprint, input_bytes) = match fingerprint_files(case) {
+            Ok(f) => f,
+            Err(e) => {
+                report.failed.push((case.id.clone(), e.to_string()));
                 continue;
             }
-            let fingerprint = match fingerprint_files(case) {
-                Ok(f) => f,
-                Err(e) => {
-                    report.failed.push((case.id.clone(), e.to_string()));
-                    continue;
-                }
-            };
-            let unchanged = existing.get(&case.id).is_some_and(|r| {
-                r.fingerprint == fingerprint.0
-                    && r.plan == plan_digest
-                    && case_file_ok(&self.out.join(case_file_name(&case.id)))
-            });
-            if unchanged {
-                report.skipped.push(case.id.clone());
-            } else {
-                todo.push((case.clone(), fingerprint));
-            }
-        }
-
-        let bar = progress_bar(opts.progress, todo.len() as u64, "ingest");
-        let write_opts = WriteOptions {
-            chunk_shape: plan.settings.chunk_shape,
-            zstd_level: plan.settings.zstd_level,
         };
-        let label_names = &source.label_names;
-        let jobs = opts.jobs.max(1).min(todo.len().max(1));
-        let (work_tx, work_rx) = crossbeam_channel::unbounded();
-        for item in todo {
-            let _ = work_tx.send(item);
+        let unchanged = existing.get(&case.id).is_some_and(|r| {
+            r.fingerprint == fingerprint
+                && r.plan == plan_digest
+                && case_file_ok(&session.out.join(case_file_name(&case.id)))
+        });
+        if unchanged {
+            report.skipped.push(case.id.clone());
+            continue;
         }
-        drop(work_tx);
-        let (done_tx, done_rx) = crossbeam_channel::unbounded();
-        std::thread::scope(|scope| -> Result<(), IngestError> {
-            for _ in 0..jobs {
-                let work_rx = work_rx.clone();
-                let done_tx = done_tx.clone();
-                let plan = &plan;
-                let write_opts = &write_opts;
-                let out = &self.out;
-                let bar = &bar;
-                scope.spawn(move || {
-                    while let Ok((case, (fingerprint, input_bytes))) = work_rx.recv() {
-                        if stop.load(Ordering::Relaxed) {
-                            break;
-                        }
-                        bar.set_message(case.id.clone());
-                        let result =
-                            ingest_case(&case, plan, label_names, write_opts, out, input_bytes);
-                        let _ = done_tx.send((case, fingerprint, input_bytes, result));
-                    }
-                });
-            }
-            drop(done_tx);
-            for (case, fingerprint, input_bytes, result) in done_rx.iter() {
-                bar.inc(1);
-                match result {
-                    Ok((outcome, warnings)) => {
-                        for w in warnings {
-                            bar.suspend(|| tracing::warn!("{w}"));
-                            report.warnings.push(w);
-                        }
-                        let record = SourceRecord {
-                            images: case.images.clone(),
-                            label: case.label.clone(),
-                            fingerprint,
-                            plan: plan_digest.clone(),
-                            input_bytes,
-                        };
-                        self.manifest.cases.retain(|c| c.id != case.id);
-                        self.manifest.cases.push(ManifestCase {
-                            id: case.id.clone(),
-                            file: case_file_name(&case.id),
-                            stored_bytes: outcome.stored_bytes,
-                            source: serde_json::to_value(&record).unwrap_or_default(),
-                        });
-                        self.manifest.cases.sort_by(|a, b| a.id.cmp(&b.id));
-                        self.manifest.save(&self.out)?;
-                        report.ingested.push(outcome);
-                    }
-                    Err(e) => {
-                        bar.suspend(|| tracing::error!("case {}: {e}", case.id));
-                        report.failed.push((case.id.clone(), e.to_string()));
-                    }
-                }
-            }
-            Ok(())
-        })?;
-        bar.finish_and_clear();
-        if stop.load(Ordering::Relaxed) {
-            tracing::warn!("stopped by signal: cases not started are left for the next run");
-        }
-        report.failed.sort();
-        report.seconds = started.elapsed().as_secs_f64();
-        Ok(report)
+        let record = SourceRecord {
+            images: case.images.clone(),
+            label: case.label.clone(),
+            fingerprint,
+            plan: plan_digest.to_string(),
+            input_bytes,
+        };
+        todo.push(PendingCase {
+            id: case.id.clone(),
+            item: (case.clone(), input_bytes),
+            source: serde_json::to_value(&record).unwrap_or_default(),
+        });
     }
+    todo
 }
 
 /// Makes the dataset plan: target spacing, CT statistics and nnU-Net's `use_mask_for_norm`
@@ -660,46 +395,6 @@ fn fingerprint_files(case: &CaseSource) -> Result<(String, u64), IngestError> {
     fingerprint_paths(case.files())
 }
 
-/// xxh3-64 over the contents of the files, in order (hex), and their total size.
-pub(crate) fn fingerprint_paths<'a>(
-    paths: impl Iterator<Item = &'a PathBuf>,
-) -> Result<(String, u64), IngestError> {
-    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
-    let mut total = 0u64;
-    for path in paths {
-        let bytes = std::fs::read(path).map_err(|e| IngestError::io(path, e))?;
-        total += bytes.len() as u64;
-        hasher.update(&(bytes.len() as u64).to_le_bytes());
-        hasher.update(&bytes);
-    }
-    Ok((format!("{:016x}", hasher.digest()), total))
-}
-
-/// Whether a stored case file exists and opens (header and index valid).
-pub(crate) fn case_file_ok(path: &Path) -> bool {
-    let cache = patchflow_store::ChunkCache::new(0);
-    patchflow_store::CaseReader::open(path, cache).is_ok()
-}
-
-/// Removes temporary files a killed writer may have left (`.NAME.tmp.*`).
-fn remove_stale_temp_files(out: &Path) {
-    let Ok(entries) = std::fs::read_dir(out) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if is_temp_file_name(&name) {
-            match std::fs::remove_file(entry.path()) {
-                Ok(()) => {
-                    tracing::info!("removed temporary file {name} left by an interrupted run")
-                }
-                Err(e) => tracing::warn!("could not remove temporary file {name}: {e}"),
-            }
-        }
-    }
-}
-
 /// Maps `f` over `items` on `jobs` threads, keeping order; `None` for items skipped after `stop`.
 fn parallel_map<T: Sync, R: Send>(
     items: &[T],
@@ -731,49 +426,4 @@ fn parallel_map<T: Sync, R: Send>(
         .into_iter()
         .map(|m| m.into_inner().ok().flatten())
         .collect()
-}
-
-/// A progress bar on stderr, or a hidden one.
-pub(crate) fn progress_bar(visible: bool, len: u64, prefix: &'static str) -> ProgressBar {
-    let bar = ProgressBar::with_draw_target(
-        Some(len),
-        if visible {
-            ProgressDrawTarget::stderr()
-        } else {
-            ProgressDrawTarget::hidden()
-        },
-    );
-    let style = ProgressStyle::with_template(
-        "{prefix:>6} [{elapsed_precise}] {bar:30.cyan/blue} {pos}/{len} cases ({eta} left) {msg}",
-    )
-    .unwrap_or_else(|_| ProgressStyle::default_bar());
-    bar.set_style(style);
-    bar.set_prefix(prefix);
-    bar
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn options_are_held_to_their_rules() {
-        IngestOptions::default().check().unwrap();
-        let mut opts = IngestOptions {
-            jobs: 0,
-            ..Default::default()
-        };
-        let e = opts.check().unwrap_err().to_string();
-        assert!(e.contains("jobs") && e.contains("at least 1"), "{e}");
-        opts.jobs = 1;
-        for level in [0, 23, -5] {
-            opts.settings.zstd_level = level;
-            let e = opts.check().unwrap_err().to_string();
-            assert!(e.contains("zstd_level") && e.contains("1..=22"), "{e}");
-        }
-        for level in [1, 22] {
-            opts.settings.zstd_level = level;
-            opts.check().unwrap();
-        }
-    }
 }

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::IngestError;
 use crate::discover::{CaseSource, discover};
-use crate::pipeline::{IngestOptions, IngestReport, Session};
+use crate::options::{IngestOptions, IngestReport};
+use crate::pipeline::ingest_cases;
+use crate::session::Session;
 
 /// Size and modification time of a file: its state as far as completeness goes.
 type FileState = (u64, Option<SystemTime>);
@@ -88,7 +90,7 @@ pub fn watch(
         previous = now_seen;
         if !ready.is_empty() {
             let cases: Vec<CaseSource> = ready.iter().map(|(c, _)| c.clone()).collect();
-            let report = session.run(&source, &cases, opts, stop)?;
+            let report = ingest_cases(&mut session, &source, &cases, opts, stop)?;
             let failed: std::collections::HashSet<&str> =
                 report.failed.iter().map(|(id, _)| id.as_str()).collect();
             for (case, state) in ready {
