@@ -223,6 +223,27 @@ pub fn render_text(report: &StoreReport) -> String {
     use std::fmt::Write;
     let mut s = String::new();
     let _ = writeln!(s, "dataset {} ({})", report.dataset, report.store.display());
+    render_plan(&mut s, report);
+    for c in &report.cases {
+        render_case(&mut s, c);
+    }
+    let t = &report.total;
+    let _ = writeln!(
+        s,
+        "\n{} cases: stored {:.2} MB, raw {:.2} MB (compression {:.1}x), input {:.2} MB (store/input {:.2})",
+        t.cases,
+        mb(t.stored_bytes),
+        mb(t.raw_bytes),
+        t.compression_ratio,
+        mb(t.input_bytes),
+        t.size_vs_input
+    );
+    s
+}
+
+/// The plan's part of [`render_text`]: target spacing, nnU-Net's plan, `use_mask_for_norm`.
+fn render_plan(s: &mut String, report: &StoreReport) {
+    use std::fmt::Write;
     if let Some(t) = report.plan.get("target_spacing") {
         let _ = writeln!(s, "target spacing [z,y,x] mm: {t}");
     }
@@ -266,82 +287,73 @@ pub fn render_text(report: &StoreReport) -> String {
         }
         None => {}
     }
-    for c in &report.cases {
-        let _ = writeln!(
-            s,
-            "\n{}  shape {:?}  spacing [{:.3}, {:.3}, {:.3}] mm  (source {:?} {} at [{:.3}, {:.3}, {:.3}] mm)",
-            c.id,
-            c.shape,
-            c.spacing[0],
-            c.spacing[1],
-            c.spacing[2],
-            c.original_shape,
-            c.orientation,
-            c.original_spacing[0],
-            c.original_spacing[1],
-            c.original_spacing[2],
-        );
-        for ch in &c.channels {
-            let _ = writeln!(
-                s,
-                "  channel {:<8} {}  normalisation {:?}{}",
-                ch.name,
-                ch.dtype,
-                ch.normalization.scheme,
-                if ch.use_mask_for_norm {
-                    " over the non-zero mask"
-                } else {
-                    ""
-                }
-            );
-        }
-        if let Some(m) = c.outside_mask_label {
-            let _ = writeln!(
-                s,
-                "  outside the non-zero mask: label {m} (served as label 0, image 0)"
-            );
-        }
-        let _ = writeln!(
-            s,
-            "  stored {:.2} MB, raw {:.2} MB, compression {:.1}x{}",
-            mb(c.stored_bytes),
-            mb(c.raw_bytes),
-            c.compression_ratio,
-            c.input_bytes
-                .map(|i| format!(", input {:.2} MB", mb(i)))
-                .unwrap_or_default()
-        );
-        let _ = writeln!(
-            s,
-            "  classes ({}, label {}){}:",
-            c.classes.len(),
-            c.label_dtype,
-            c.outside_mask_label
-                .map(|m| format!(", outside nnU-Net's mask: label {m}"))
-                .unwrap_or_default()
-        );
-        for k in &c.classes {
-            let _ = writeln!(
-                s,
-                "    {:>5}  {:<24} {:>12} voxels",
-                k.value,
-                k.name.as_deref().unwrap_or("-"),
-                k.voxels
-            );
-        }
-    }
-    let t = &report.total;
+}
+
+/// One case's block of [`render_text`]: geometry, channels, sizes and classes.
+fn render_case(s: &mut String, c: &CaseReport) {
+    use std::fmt::Write;
     let _ = writeln!(
         s,
-        "\n{} cases: stored {:.2} MB, raw {:.2} MB (compression {:.1}x), input {:.2} MB (store/input {:.2})",
-        t.cases,
-        mb(t.stored_bytes),
-        mb(t.raw_bytes),
-        t.compression_ratio,
-        mb(t.input_bytes),
-        t.size_vs_input
+        "\n{}  shape {:?}  spacing [{:.3}, {:.3}, {:.3}] mm  (source {:?} {} at [{:.3}, {:.3}, {:.3}] mm)",
+        c.id,
+        c.shape,
+        c.spacing[0],
+        c.spacing[1],
+        c.spacing[2],
+        c.original_shape,
+        c.orientation,
+        c.original_spacing[0],
+        c.original_spacing[1],
+        c.original_spacing[2],
     );
-    s
+    for ch in &c.channels {
+        let _ = writeln!(
+            s,
+            "  channel {:<8} {}  normalisation {:?}{}",
+            ch.name,
+            ch.dtype,
+            ch.normalization.scheme,
+            if ch.use_mask_for_norm {
+                " over the non-zero mask"
+            } else {
+                ""
+            }
+        );
+    }
+    if let Some(m) = c.outside_mask_label {
+        let _ = writeln!(
+            s,
+            "  outside the non-zero mask: label {m} (served as label 0, image 0)"
+        );
+    }
+    let _ = writeln!(
+        s,
+        "  stored {:.2} MB, raw {:.2} MB, compression {:.1}x{}",
+        mb(c.stored_bytes),
+        mb(c.raw_bytes),
+        c.compression_ratio,
+        c.input_bytes
+            .map(|i| format!(", input {:.2} MB", mb(i)))
+            .unwrap_or_default()
+    );
+    let _ = writeln!(
+        s,
+        "  classes ({}, label {}){}:",
+        c.classes.len(),
+        c.label_dtype,
+        c.outside_mask_label
+            .map(|m| format!(", outside nnU-Net's mask: label {m}"))
+            .unwrap_or_default()
+    );
+    for k in &c.classes {
+        let _ = writeln!(
+            s,
+            "    {:>5}  {:<24} {:>12} voxels",
+            k.value,
+            k.name.as_deref().unwrap_or("-"),
+            k.voxels
+        );
+    }
 }
 
 /// Checks every chunk checksum of every case (or of one case). Returns `(case id, error)` for
