@@ -1,6 +1,10 @@
 //! The Progressive Growing of Patch Size (PGPS) schedules and their baselines, as pure
 //! functions.
 //!
+//! It owns which patch size and batch size are in force at any epoch or iteration, and nnU-Net's
+//! pooling rule they derive from. It must not do I/O, depend on a tensor library or know how
+//! patches are served.
+//!
 //! Trainers, the daemon, the command line and the Python binding all need to agree on which
 //! patch size and batch size are in force at any epoch (or, for random patch-size sampling, any
 //! iteration). This crate is that single source of truth. It does no I/O and has no tensor
@@ -15,9 +19,9 @@
 //! * [`plan_pooling`] reproduces nnU-Net v2's choice of poolings and kernels for a patch and a
 //!   spacing, which fixes the smallest patch PGPS starts from and its growth step.
 //!
-//! The schedules follow the authors' published trainers (compai-lab/2024-miccai-fischer); [`Schedule`]
-//! lists the rules and the few places where this crate departs from that code on purpose. Arrays are `[z, y, x]`; patches are
-//! [`patchflow_grid::Patch`].
+//! The schedules follow the authors' published trainers (compai-lab/2024-miccai-fischer);
+//! [`Schedule`] lists the rules and the few places where this crate departs from that code on
+//! purpose. Arrays are `[z, y, x]`; patches are [`patchflow_grid::Patch`].
 
 mod error;
 pub mod patch_serde;

@@ -1,6 +1,10 @@
 //! Reads nnU-Net v2's preprocessed data in pure Rust, so that `patchflow ingest` can store
 //! exactly the voxels nnU-Net's own data loader reads.
 //!
+//! It owns the readers of nnU-Net's preprocessed files (Blosc2, numpy, pickle, plans) and the
+//! mapping of a case into the store's types. It must not write stores, preprocess again, run
+//! Python or execute anything a pickle names.
+//!
 //! nnU-Net's preprocessed configuration folder (`nnUNet_preprocessed/DatasetXXX_Name/
 //! nnUNetPlans_3d_fullres`) holds per case `CASE.b2nd` (image, float32 `[C, Z, Y, X]`) and
 //! `CASE_seg.b2nd` (seg, `[1, Z, Y, X]`, −1 outside the non-zero mask) written by python-blosc2,

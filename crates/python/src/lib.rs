@@ -1,5 +1,9 @@
 //! `patchflow._native`: the compiled core of the Python package `patchflow`.
 //!
+//! It owns the Python bindings only: conversions, the GIL, the runtime and fork safety. It must
+//! not hold a rule of its own: the protocol, the sampling and the schedules stay in the crates it
+//! wraps.
+//!
 //! PyTorch users train from Python; this module gives them the Rust client (`crates/client`)
 //! and the PGPS curriculum (`crates/curriculum`) without a gRPC client of their own. It stays
 //! thin: the Python layer (`python/patchflow`) holds the ergonomic API (keyword arguments,

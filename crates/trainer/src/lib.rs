@@ -1,6 +1,10 @@
 //! Training of 3D segmentation networks on libtorch, fed by patchflow, with the PGPS patch-size
 //! curriculum.
 //!
+//! It owns everything that needs libtorch: the network, the loss, training, inference and
+//! evaluation. It must not store or serve data (batches come through a [`BatchSource`]), and
+//! nothing the daemon links may depend on it.
+//!
 //! patchflow's daemon and sampler exist to keep a GPU busy; this crate is the GPU side that
 //! proves it and that users can run as is: an nnU-Net-style 3D U-Net ([`unet`]), nnU-Net's
 //! Dice + cross-entropy loss with an ignore label ([`loss`]), its SGD/poly optimiser

@@ -1,5 +1,8 @@
 //! `patchflow-train`: trains a 3D U-Net with the PGPS curriculum on batches from a local store
 //! or from patchflow daemons, and leaves a report (metrics, plot, predictions, summary).
+//!
+//! It only parses the command line and wires the trainer crate and the client; it must hold no
+//! training logic of its own.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
