@@ -381,12 +381,13 @@ impl Vm<'_> {
         Ok(Value::Int(i64::from_le_bytes(v)))
     }
 
-    fn mutate(
+    /// Applies `f` to the list, dict, set or object on top of the stack (which stays there).
+    fn mutate_top(
         &mut self,
-        target: &Value,
         f: impl FnOnce(&mut Obj) -> Result<(), String>,
     ) -> Result<(), NnunetError> {
-        let Value::Obj(i) = target else {
+        let target = self.top()?.clone();
+        let Value::Obj(i) = &target else {
             return Err(self.err(format!("target {target:?} is not a list, dict or set")));
         };
         let i = *i;
@@ -576,8 +577,7 @@ impl Vm<'_> {
         match op {
             b'a' => {
                 let v = self.pop()?;
-                let target = self.top()?.clone();
-                self.mutate(&target, |o| match o {
+                self.mutate_top(|o| match o {
                     Obj::List(l) => {
                         l.push(v);
                         Ok(())
@@ -587,8 +587,7 @@ impl Vm<'_> {
             }
             b'e' => {
                 let items = self.pop_mark()?;
-                let target = self.top()?.clone();
-                self.mutate(&target, |o| match o {
+                self.mutate_top(|o| match o {
                     Obj::List(l) => {
                         l.extend(items);
                         Ok(())
@@ -598,8 +597,7 @@ impl Vm<'_> {
             }
             0x90 => {
                 let items = self.pop_mark()?;
-                let target = self.top()?.clone();
-                self.mutate(&target, |o| match o {
+                self.mutate_top(|o| match o {
                     Obj::Set(s) => {
                         s.extend(items);
                         Ok(())
@@ -610,8 +608,7 @@ impl Vm<'_> {
             b's' => {
                 let v = self.pop()?;
                 let k = self.pop()?;
-                let target = self.top()?.clone();
-                self.mutate(&target, |o| match o {
+                self.mutate_top(|o| match o {
                     Obj::Dict(d) => {
                         set_item(d, k, v);
                         Ok(())
@@ -624,8 +621,7 @@ impl Vm<'_> {
                 if items.len() % 2 != 0 {
                     return Err(self.err("odd number of items for SETITEMS"));
                 }
-                let target = self.top()?.clone();
-                self.mutate(&target, |o| match o {
+                self.mutate_top(|o| match o {
                     Obj::Dict(d) => {
                         for p in items.chunks_exact(2) {
                             set_item(d, p[0].clone(), p[1].clone());
@@ -688,8 +684,7 @@ impl Vm<'_> {
             }
             b'b' => {
                 let state = self.pop()?;
-                let target = self.top()?.clone();
-                self.mutate(&target, |o| match o {
+                self.mutate_top(|o| match o {
                     Obj::Reduce { state: s, .. } => {
                         *s = Some(state);
                         Ok(())
