@@ -223,14 +223,8 @@ fn scatter_chunk(info: &B2ndInfo, ext_chunk: &[usize], cc: &[usize], src: &[u8],
     let blocks: Vec<usize> = (0..nd).map(|d| ext_chunk[d] / bs[d]).collect();
     let block_items: usize = bs.iter().product();
     // Array strides (items).
-    let mut astride = vec![1usize; nd];
-    for d in (0..nd.saturating_sub(1)).rev() {
-        astride[d] = astride[d + 1] * shape[d + 1];
-    }
-    let mut bstride = vec![1usize; nd];
-    for d in (0..nd.saturating_sub(1)).rev() {
-        bstride[d] = bstride[d + 1] * bs[d + 1];
-    }
+    let astride = c_strides(shape);
+    let bstride = c_strides(bs);
     let mut b = vec![0usize; nd];
     let mut nblock = 0usize;
     loop {
@@ -250,38 +244,39 @@ fn scatter_chunk(info: &B2ndInfo, ext_chunk: &[usize], cc: &[usize], src: &[u8],
                 let s = (block_base + in_block) * size;
                 out[at * size..(at + row) * size].copy_from_slice(&src[s..s + row * size]);
                 // Next row: odometer over all but the last axis.
-                let mut d = nd - 1;
-                let mut done = true;
-                while d > 0 {
-                    d -= 1;
-                    r[d] += 1;
-                    if r[d] < ext[d] {
-                        done = false;
-                        break;
-                    }
-                    r[d] = 0;
-                }
-                if done {
+                if !advance(&mut r[..nd - 1], &ext[..nd - 1]) {
                     break;
                 }
             }
         }
         nblock += 1;
-        let mut d = nd;
-        let mut done = true;
-        while d > 0 {
-            d -= 1;
-            b[d] += 1;
-            if b[d] < blocks[d] {
-                done = false;
-                break;
-            }
-            b[d] = 0;
-        }
-        if done {
+        if !advance(&mut b, &blocks) {
             break;
         }
     }
+}
+
+/// C-order strides (in items) of an array of `shape`.
+fn c_strides(shape: &[usize]) -> Vec<usize> {
+    let nd = shape.len();
+    let mut stride = vec![1usize; nd];
+    for d in (0..nd.saturating_sub(1)).rev() {
+        stride[d] = stride[d + 1] * shape[d + 1];
+    }
+    stride
+}
+
+/// Advances the multi-index `idx` within `ext`, last axis fastest (an odometer); `false` once
+/// it has wrapped past the last index.
+fn advance(idx: &mut [usize], ext: &[usize]) -> bool {
+    for d in (0..idx.len()).rev() {
+        idx[d] += 1;
+        if idx[d] < ext[d] {
+            return true;
+        }
+        idx[d] = 0;
+    }
+    false
 }
 
 /// Decodes the offsets chunk that follows the chunks.
