@@ -1265,7 +1265,7 @@ fn check_sections(pre: &Preamble, file_len: u64) -> Result<(), String> {
             pre.header.len
         ));
     }
-    if pre.classes.offset % 8 != 0 {
+    if !pre.classes.offset.is_multiple_of(8) {
         return Err(format!(
             "class-location table offset {} is not 8-byte aligned",
             pre.classes.offset

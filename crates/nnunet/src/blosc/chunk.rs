@@ -312,7 +312,7 @@ fn decode_streams(
     decompress: Decompress,
 ) -> Result<(), String> {
     let bsize = block.len();
-    if bsize % nstreams != 0 {
+    if !bsize.is_multiple_of(nstreams) {
         return Err(format!(
             "block {j} of {bsize} bytes does not split into {nstreams} streams"
         ));
