@@ -18,7 +18,7 @@ use patchflow_store::{
 };
 use patchflow_testkit::moto::MotoServer;
 use patchflow_testkit::synthetic::{
-    Lcg, MemCase, locations, make_case, manifest_of, write_cases, write_store,
+    Lcg, MemCase, crop_ref, locations, make_case, manifest_of, write_cases, write_store,
 };
 
 /// Where a test's store lives.
@@ -86,31 +86,6 @@ fn open(store: &Path, case: &MemCase, cache: &Arc<ChunkCache>) -> CaseReader {
     .expect("open case")
 }
 
-/// The crop of `data` (shape `shape`) at `origin` of `size`, `pad` outside.
-fn crop<T: Copy>(
-    data: &[T],
-    shape: [usize; 3],
-    origin: [i64; 3],
-    size: [usize; 3],
-    pad: T,
-) -> Vec<T> {
-    let mut out = Vec::with_capacity(size.iter().product());
-    for z in 0..size[0] as i64 {
-        for y in 0..size[1] as i64 {
-            for x in 0..size[2] as i64 {
-                let p = [origin[0] + z, origin[1] + y, origin[2] + x];
-                let inside = (0..3).all(|a| p[a] >= 0 && (p[a] as usize) < shape[a]);
-                out.push(if inside {
-                    data[(p[0] as usize * shape[1] + p[1] as usize) * shape[2] + p[2] as usize]
-                } else {
-                    pad
-                });
-            }
-        }
-    }
-    out
-}
-
 /// Reads one box of every array and compares it with the crop of the written arrays.
 fn check_box(reader: &CaseReader, case: &MemCase, origin: [i64; 3], size: [usize; 3]) {
     let shape = case.meta.shape;
@@ -124,7 +99,7 @@ fn check_box(reader: &CaseReader, case: &MemCase, origin: [i64; 3], size: [usize
                     .unwrap();
                 assert_eq!(
                     out,
-                    crop(v, shape, origin, size, -7),
+                    crop_ref(v, shape, origin, size, -7),
                     "{} image {c} at {origin:?} {size:?}",
                     case.meta.id
                 );
@@ -134,7 +109,7 @@ fn check_box(reader: &CaseReader, case: &MemCase, origin: [i64; 3], size: [usize
                 reader
                     .read_box(ArrayId::Image(c), origin, size, 0.5, &mut out)
                     .unwrap();
-                let want = crop(v, shape, origin, size, 0.5);
+                let want = crop_ref(v, shape, origin, size, 0.5);
                 assert!(
                     out.iter()
                         .zip(&want)
@@ -149,7 +124,7 @@ fn check_box(reader: &CaseReader, case: &MemCase, origin: [i64; 3], size: [usize
     let labels: Vec<u16> = (0..shape.iter().product())
         .map(|i| case.label.get(i))
         .collect();
-    let want = crop(&labels, shape, origin, size, 255);
+    let want = crop_ref(&labels, shape, origin, size, 255);
     match case.meta.label_dtype {
         patchflow_store::DType::U8 => {
             let mut out = vec![0u8; n];

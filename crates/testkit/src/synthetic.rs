@@ -239,3 +239,29 @@ mod tests {
         assert_eq!(ids, ["w", "p"]);
     }
 }
+
+/// The plain reference crop: the box of `size` at `origin` of the C-order volume `data` of
+/// `shape`, `pad` outside it.
+pub fn crop_ref<T: Copy>(
+    data: &[T],
+    shape: [usize; 3],
+    origin: [i64; 3],
+    size: [usize; 3],
+    pad: T,
+) -> Vec<T> {
+    let mut out = Vec::with_capacity(size.iter().product());
+    for z in 0..size[0] as i64 {
+        for y in 0..size[1] as i64 {
+            for x in 0..size[2] as i64 {
+                let p = [origin[0] + z, origin[1] + y, origin[2] + x];
+                let inside = (0..3).all(|a| p[a] >= 0 && (p[a] as usize) < shape[a]);
+                out.push(if inside {
+                    data[(p[0] as usize * shape[1] + p[1] as usize) * shape[2] + p[2] as usize]
+                } else {
+                    pad
+                });
+            }
+        }
+    }
+    out
+}
