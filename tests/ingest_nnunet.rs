@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{inspect_json, run_ok, s};
-use patchflow_client::{Client, ClientOptions, LabelDtype, StreamConfig};
+use patchflow_client::{LabelDtype, StreamConfig};
 use patchflow_store::{ArrayId, CaseReader, ChunkCache, Manifest};
 
 /// The Python interpreter with nnunetv2, or `None` (with a message).
@@ -165,18 +165,7 @@ async fn preprocessed_folder_is_stored_and_served_as_nnunet_loads_it() {
         conf["patch_size"][1].as_u64().unwrap() as usize,
         conf["patch_size"][2].as_u64().unwrap() as usize,
     ];
-    let server = patchflow_server::start(patchflow_server::ServerConfig {
-        stores: vec![store.clone()],
-        listen: Some("127.0.0.1:0".parse().unwrap()),
-        workers: 2,
-        cache_mb: 16,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let client = Client::connect([server.endpoint().unwrap()], ClientOptions::default())
-        .await
-        .unwrap();
+    let (server, client) = common::serve_and_connect(vec![store.clone()], 16).await;
     let mut config_stream = StreamConfig::new("store", patch.map(|v| v as i64), 2);
     config_stream.seed = 901;
     let mut stream = client.stream(config_stream).await.unwrap();
@@ -294,7 +283,7 @@ async fn preprocessed_folder_is_stored_and_served_as_nnunet_loads_it() {
     let (mut k, mut padded, mut outside_served) = (0usize, 0usize, 0usize);
     for batch in &served {
         assert_eq!(batch.patch, patch);
-        let image = f32s(&batch.image);
+        let image = common::batch_image(&batch);
         let labels: Vec<u16> = match batch.label_dtype {
             LabelDtype::U8 => batch.label.iter().map(|&x| u16::from(x)).collect(),
             other => panic!("unexpected label dtype {other:?}"),

@@ -26,7 +26,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use common::{inspect_json, run, run_ok, s, shared_data};
-use patchflow_client::{Client, ClientOptions, LabelDtype, StreamConfig};
+use patchflow_client::{LabelDtype, StreamConfig};
 use patchflow_sampler::{BatchRequest, Dataset, OutputDType, Policy, Sampler};
 use patchflow_store::ChunkCache;
 use patchflow_volume::{Geometry, LabelData, VoxelData, read_label, read_nifti, write_nifti};
@@ -371,18 +371,7 @@ async fn colin27_conformed_to_256_uses_the_mask_like_nnunet() {
     reference.check([0, 0, 0], reference.shape, &image, &labels, 255);
 
     // Through a daemon: random 48³ patches at the origins it reports.
-    let server = patchflow_server::start(patchflow_server::ServerConfig {
-        stores: vec![store.clone()],
-        listen: Some("127.0.0.1:0".parse().unwrap()),
-        workers: 2,
-        cache_mb: 64,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let client = Client::connect([server.endpoint().unwrap()], ClientOptions::default())
-        .await
-        .unwrap();
+    let (server, client) = common::serve_and_connect(vec![store.clone()], 64).await;
     let patch = [48usize, 48, 48];
     let mut config = StreamConfig::new("brain", patch.map(|v| v as i64), 4);
     config.seed = 31;
@@ -392,12 +381,8 @@ async fn colin27_conformed_to_256_uses_the_mask_like_nnunet() {
     for _ in 0..6 {
         let batch = stream.next().await.unwrap();
         assert_eq!(batch.label_dtype, LabelDtype::U8);
-        let image: Vec<f32> = batch
-            .image
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        let labels: Vec<u16> = batch.label.iter().map(|&v| u16::from(v)).collect();
+        let image = common::batch_image(&batch);
+        let labels = common::batch_labels(&batch);
         for (i, item) in batch.items.iter().enumerate() {
             let (img, lab) = (&image[i * n..(i + 1) * n], &labels[i * n..(i + 1) * n]);
             reference.check(item.origin, patch, img, lab, batch.ignore_label);

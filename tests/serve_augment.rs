@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeSet;
 
 use common::{run_ok, s};
-use patchflow_client::{Batch, Client, ClientOptions, ImageDtype, LabelDtype, StreamConfig};
+use patchflow_client::{Batch, Client, ImageDtype, LabelDtype, StreamConfig};
 use patchflow_proto::v1 as pb;
 
 async fn first_batches(client: &Client, config: StreamConfig, n: usize) -> Vec<Batch> {
@@ -26,18 +26,7 @@ async fn nnunet_preset_over_grpc() {
     let store = dir.path().join("phantom");
     run_ok(&["phantom", s(&raw), "--cases", "3", "--shape", "24,40,40"]);
     run_ok(&["ingest", s(&raw), "--out", s(&store), "--keep-spacing"]);
-    let server = patchflow_server::start(patchflow_server::ServerConfig {
-        stores: vec![store],
-        listen: Some("127.0.0.1:0".parse().unwrap()),
-        workers: 2,
-        cache_mb: 32,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let client = Client::connect([server.endpoint().unwrap()], ClientOptions::default())
-        .await
-        .unwrap();
+    let (server, client) = common::serve_and_connect(vec![store], 32).await;
     let classes: BTreeSet<u16> = patchflow_volume::PHANTOM_LABELS
         .iter()
         .map(|(v, _)| *v)

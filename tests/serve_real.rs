@@ -8,7 +8,7 @@ mod common;
 use std::collections::HashMap;
 
 use common::{case_id, crop_ref, pairs, preprocess_in_memory, run_ok, s, shared_data};
-use patchflow_client::{Client, ClientOptions, LabelDtype, SharedMemory, StreamConfig};
+use patchflow_client::{Client, ClientOptions, SharedMemory, StreamConfig};
 use patchflow_ingest::DatasetPlan;
 use patchflow_store::Manifest;
 use patchflow_volume::{LabelData, PreprocessedCase, with_voxels};
@@ -74,18 +74,7 @@ async fn two_hundred_batches_with_size_changes_equal_the_preprocessed_volumes() 
         })
         .collect();
 
-    let server = patchflow_server::start(patchflow_server::ServerConfig {
-        stores: vec![store.clone()],
-        listen: Some("127.0.0.1:0".parse().unwrap()),
-        workers: 2,
-        cache_mb: 64,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let client = Client::connect([server.endpoint().unwrap()], ClientOptions::default())
-        .await
-        .unwrap();
+    let (server, client) = common::serve_and_connect(vec![store.clone()], 64).await;
     let description = client.describe("pairs").await.unwrap();
     assert_eq!(description.cases.len(), reference.len());
 
@@ -121,21 +110,8 @@ async fn two_hundred_batches_with_size_changes_equal_the_preprocessed_volumes() 
         let patch = sizes[stage];
         assert_eq!(batch.patch, patch, "batch {b} has the size asked for");
         let n: usize = patch.iter().product();
-        // The wire buffers carry no alignment guarantee: decode the little-endian values.
-        let image: Vec<f32> = batch
-            .image
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        let labels: Vec<u16> = match batch.label_dtype {
-            LabelDtype::U8 => batch.label.iter().map(|&x| u16::from(x)).collect(),
-            LabelDtype::U16 => batch
-                .label
-                .chunks_exact(2)
-                .map(|c| u16::from_le_bytes([c[0], c[1]]))
-                .collect(),
-            other => panic!("unexpected label dtype {other:?}"),
-        };
+        let image = common::batch_image(&batch);
+        let labels = common::batch_labels(&batch);
         assert_eq!(batch.items.len(), 2);
         for (i, item) in batch.items.iter().enumerate() {
             let pre = &reference[&item.case_id];

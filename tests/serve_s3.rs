@@ -10,8 +10,10 @@ mod common;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use common::{case_id, crop_ref, pairs, patchflow, preprocess_in_memory, s, shared_data};
-use patchflow_client::{Client, ClientOptions, LabelDtype, SharedMemory, StreamConfig};
+use common::{
+    case_id, crop_ref, pairs, patchflow, preprocess_in_memory, s, shared_data, stdout_of_success,
+};
+use patchflow_client::{Client, ClientOptions, SharedMemory, StreamConfig};
 use patchflow_ingest::DatasetPlan;
 use patchflow_store::Manifest;
 use patchflow_testkit::moto::MotoServer;
@@ -30,14 +32,7 @@ fn run_with_env(server: &MotoServer, args: &[&str]) -> String {
         .envs(server.env())
         .output()
         .expect("patchflow runs");
-    assert!(
-        out.status.success(),
-        "patchflow {args:?} failed: {}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    stdout_of_success(args, out)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -121,20 +116,8 @@ async fn real_pairs_ingested_to_s3_are_served_voxel_for_voxel() {
         let patch = sizes[stage];
         assert_eq!(batch.patch, patch);
         let n: usize = patch.iter().product();
-        let image: Vec<f32> = batch
-            .image
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        let labels: Vec<u16> = match batch.label_dtype {
-            LabelDtype::U8 => batch.label.iter().map(|&x| u16::from(x)).collect(),
-            LabelDtype::U16 => batch
-                .label
-                .chunks_exact(2)
-                .map(|c| u16::from_le_bytes([c[0], c[1]]))
-                .collect(),
-            other => panic!("unexpected label dtype {other:?}"),
-        };
+        let image = common::batch_image(&batch);
+        let labels = common::batch_labels(&batch);
         for (i, item) in batch.items.iter().enumerate() {
             let pre = &reference[&item.case_id];
             let want = expected_image(pre, item.origin, patch);

@@ -32,7 +32,11 @@ pub fn run(args: &[&str]) -> Output {
 
 /// Runs `patchflow ARGS`, asserting success; returns stdout.
 pub fn run_ok(args: &[&str]) -> String {
-    let out = run(args);
+    stdout_of_success(args, run(args))
+}
+
+/// The stdout of a finished `patchflow ARGS`, asserting that it succeeded.
+pub fn stdout_of_success(args: &[&str], out: Output) -> String {
     assert!(
         out.status.success(),
         "patchflow {args:?} failed: {}\nstdout: {}\nstderr: {}",
@@ -115,3 +119,50 @@ pub fn preprocess_in_memory(
 /// Naive crop with padding of a C-order volume.
 #[allow(unused_imports)]
 pub use patchflow_testkit::synthetic::crop_ref;
+
+/// A daemon serving `stores` on a free loopback port with two sampling workers and a chunk cache
+/// of `cache_mb`, and a client connected to it with the default options.
+pub async fn serve_and_connect(
+    stores: Vec<PathBuf>,
+    cache_mb: u64,
+) -> (patchflow_server::RunningServer, patchflow_client::Client) {
+    let server = patchflow_server::start(patchflow_server::ServerConfig {
+        stores,
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        workers: 2,
+        cache_mb,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let client = patchflow_client::Client::connect(
+        [server.endpoint().unwrap()],
+        patchflow_client::ClientOptions::default(),
+    )
+    .await
+    .unwrap();
+    (server, client)
+}
+
+/// The image of a served batch as `f32` values. The wire buffers carry no alignment guarantee:
+/// the little-endian values are decoded.
+pub fn batch_image(batch: &patchflow_client::Batch) -> Vec<f32> {
+    batch
+        .image
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// The labels of a served batch, widened to `u16`.
+pub fn batch_labels(batch: &patchflow_client::Batch) -> Vec<u16> {
+    match batch.label_dtype {
+        patchflow_client::LabelDtype::U8 => batch.label.iter().map(|&x| u16::from(x)).collect(),
+        patchflow_client::LabelDtype::U16 => batch
+            .label
+            .chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .collect(),
+        other => panic!("unexpected label dtype {other:?}"),
+    }
+}
