@@ -283,7 +283,7 @@ async fn preprocessed_folder_is_stored_and_served_as_nnunet_loads_it() {
     let (mut k, mut padded, mut outside_served) = (0usize, 0usize, 0usize);
     for batch in &served {
         assert_eq!(batch.patch, patch);
-        let image = common::batch_image(&batch);
+        let image = common::batch_image(batch);
         let labels: Vec<u16> = match batch.label_dtype {
             LabelDtype::U8 => batch.label.iter().map(|&x| u16::from(x)).collect(),
             other => panic!("unexpected label dtype {other:?}"),

@@ -217,29 +217,6 @@ pub fn write_cases(dir: &Path, cases: &[MemCase]) -> Vec<u64> {
     sizes
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cases_hold_their_classes_and_stores_open() {
-        let wide = make_case("w", [9, 10, 11], 3, Some(300));
-        assert_eq!(wide.meta.label_dtype, DType::U16);
-        assert_eq!(wide.label_at(3, 4, 2), Some(1));
-        assert_eq!(wide.label_at(8, 9, 10), Some(300));
-        assert_eq!(wide.label_at(-1, 0, 0), None);
-        let plain = make_case("p", [9, 10, 11], 4, None);
-        assert_eq!(plain.meta.label_dtype, DType::U8);
-        assert_eq!(plain.label_at(8, 9, 10), Some(0));
-        assert_eq!(locations(&plain).len(), 1);
-        let tmp = tempfile::tempdir().unwrap();
-        write_store(tmp.path(), &[plain, wide]);
-        let manifest = Manifest::load(tmp.path()).unwrap().expect("manifest");
-        let ids: Vec<&str> = manifest.cases.iter().map(|c| c.id.as_str()).collect();
-        assert_eq!(ids, ["w", "p"]);
-    }
-}
-
 /// The plain reference crop: the box of `size` at `origin` of the C-order volume `data` of
 /// `shape`, `pad` outside it.
 pub fn crop_ref<T: Copy>(
@@ -264,4 +241,27 @@ pub fn crop_ref<T: Copy>(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cases_hold_their_classes_and_stores_open() {
+        let wide = make_case("w", [9, 10, 11], 3, Some(300));
+        assert_eq!(wide.meta.label_dtype, DType::U16);
+        assert_eq!(wide.label_at(3, 4, 2), Some(1));
+        assert_eq!(wide.label_at(8, 9, 10), Some(300));
+        assert_eq!(wide.label_at(-1, 0, 0), None);
+        let plain = make_case("p", [9, 10, 11], 4, None);
+        assert_eq!(plain.meta.label_dtype, DType::U8);
+        assert_eq!(plain.label_at(8, 9, 10), Some(0));
+        assert_eq!(locations(&plain).len(), 1);
+        let tmp = tempfile::tempdir().unwrap();
+        write_store(tmp.path(), &[plain, wide]);
+        let manifest = Manifest::load(tmp.path()).unwrap().expect("manifest");
+        let ids: Vec<&str> = manifest.cases.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(ids, ["w", "p"]);
+    }
 }
