@@ -350,13 +350,51 @@ pub fn run_object_store(
     let local_copy = cfg.work_dir.join("local").join(&name);
     let manifest = copy_store(&cfg.store, &local_copy)?;
     let machine = Machine::describe(&cfg.work_dir);
-    let sizes: Vec<[usize; 3]> = cfg.edges.iter().map(|&e| [e; 3]).collect();
-    let seconds = Until::Elapsed(Duration::from_secs_f64(cfg.seconds));
-    let warmup = Until::Elapsed(Duration::from_secs_f64((cfg.seconds / 2.0).max(0.5)));
-    let mut measurements = Vec::new();
+    let mut measurements = local_runs(cfg, &name, &local_copy, stop)?;
+    measurements.extend(object_store_runs(
+        cfg,
+        &name,
+        &location.bucket,
+        target,
+        stop,
+    )?);
+    let daemons = daemon_runs(cfg, &name, stop)?;
+    Ok(ObjectReport {
+        version: REPORT_VERSION,
+        command: cfg.command.clone(),
+        machine,
+        store: location.url(),
+        local_copy,
+        cases: manifest.cases.len(),
+        bytes: manifest.cases.iter().map(|c| c.stored_bytes).sum(),
+        batch: cfg.batch,
+        workers: cfg.workers,
+        cache_mb: cfg.cache_mb,
+        measurements,
+        daemons,
+    })
+}
 
-    // The local copy, in process.
-    let local = InProcess::open(&name, &local_copy, cfg.cache_mb, cfg.workers)?;
+/// The patch sizes to measure, and how long the warm-up and each measurement of a warm cache
+/// last.
+fn phases(cfg: &ObjectBenchConfig) -> (Vec<[usize; 3]>, Until, Until) {
+    let sizes = cfg.edges.iter().map(|&e| [e; 3]).collect();
+    let warmup = Until::Elapsed(Duration::from_secs_f64((cfg.seconds / 2.0).max(0.5)));
+    let seconds = Until::Elapsed(Duration::from_secs_f64(cfg.seconds));
+    (sizes, warmup, seconds)
+}
+
+/// The local copy `local_copy` of the store, in process: a cold and a warm measurement per
+/// patch size.
+fn local_runs(
+    cfg: &ObjectBenchConfig,
+    name: &str,
+    local_copy: &Path,
+    stop: &AtomicBool,
+) -> Result<Vec<ObjectMeasurement>, BenchError> {
+    let (sizes, warmup, seconds) = phases(cfg);
+    let mut measurements = Vec::new();
+    let local = InProcess::open(name, local_copy, cfg.cache_mb, cfg.workers)?;
     for (s, &patch) in sizes.iter().enumerate() {
         local.make_cold()?;
         let (counts, _, _) = local.run(
@@ -387,27 +425,39 @@ pub fn run_object_store(
             None,
         ));
     }
-    drop(local);
+    Ok(measurements)
+}
 
-    // Object storage through the proxy.
+/// The store in object storage (`bucket`, served at `target`), through a proxy that adds each
+/// of the configured latencies: a cold and a warm measurement per latency and patch size, with
+/// the requests each made.
+fn object_store_runs(
+    cfg: &ObjectBenchConfig,
+    name: &str,
+    bucket: &str,
+    target: SocketAddr,
+    stop: &AtomicBool,
+) -> Result<Vec<ObjectMeasurement>, BenchError> {
+    let (sizes, warmup, seconds) = phases(cfg);
+    let mut measurements = Vec::new();
     for &delay in &cfg.latencies {
         let proxy = LatencyProxy::start(target, delay)?;
-        use_endpoint(&location.bucket, &proxy.endpoint())?;
+        use_endpoint(bucket, &proxy.endpoint())?;
         let ms = delay.as_secs_f64() * 1e3;
         for (s, &patch) in sizes.iter().enumerate() {
             if stop.load(Ordering::Relaxed) {
                 return Err(BenchError::Interrupted);
             }
             // A fresh open: empty chunk cache, no disk cache.
-            let remote = InProcess::open(&name, &cfg.store, cfg.cache_mb, cfg.workers)?;
-            let before = bucket_stats(&location.bucket);
+            let remote = InProcess::open(name, &cfg.store, cfg.cache_mb, cfg.workers)?;
+            let before = bucket_stats(bucket);
             let (counts, _, _) = remote.run(
                 &request(patch, cfg, 100 + s as u64)?,
                 0,
                 Until::Batches(cfg.cold_batches),
                 stop,
             )?;
-            let got = bucket_stats(&location.bucket).since(&before);
+            let got = bucket_stats(bucket).since(&before);
             measurements.push(row(
                 "s3",
                 Some(ms),
@@ -419,9 +469,9 @@ pub fn run_object_store(
             ));
             let req = request(patch, cfg, s as u64)?;
             remote.run(&req, 1 << 40, warmup, stop)?;
-            let before = bucket_stats(&location.bucket);
+            let before = bucket_stats(bucket);
             let (counts, _, _) = remote.run(&req, 0, seconds, stop)?;
-            let got = bucket_stats(&location.bucket).since(&before);
+            let got = bucket_stats(bucket).since(&before);
             measurements.push(row(
                 "s3",
                 Some(ms),
@@ -434,37 +484,34 @@ pub fn run_object_store(
         }
         drop(proxy);
     }
+    Ok(measurements)
+}
 
-    // Several daemons over the store in object storage (direct endpoint).
+/// Several daemons over the store in object storage (direct endpoint), when a daemon binary is
+/// given: one measurement per daemon count and patch size.
+fn daemon_runs(
+    cfg: &ObjectBenchConfig,
+    name: &str,
+    stop: &AtomicBool,
+) -> Result<Vec<DaemonsMeasurement>, BenchError> {
     let mut daemons = Vec::new();
-    if let Some(exe) = &cfg.exe {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .thread_name("bench-client")
-            .build()
-            .map_err(|e| BenchError::Task(format!("cannot start the async runtime: {e}")))?;
-        for &n in &cfg.daemons {
-            for &patch in &sizes {
-                let m = runtime.block_on(daemons_run(cfg, exe, &name, n, patch, stop))?;
-                daemons.push(m);
-            }
+    let Some(exe) = &cfg.exe else {
+        return Ok(daemons);
+    };
+    let (sizes, _, _) = phases(cfg);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("bench-client")
+        .build()
+        .map_err(|e| BenchError::Task(format!("cannot start the async runtime: {e}")))?;
+    for &n in &cfg.daemons {
+        for &patch in &sizes {
+            let m = runtime.block_on(daemons_run(cfg, exe, name, n, patch, stop))?;
+            daemons.push(m);
         }
     }
-    Ok(ObjectReport {
-        version: REPORT_VERSION,
-        command: cfg.command.clone(),
-        machine,
-        store: location.url(),
-        local_copy,
-        cases: manifest.cases.len(),
-        bytes: manifest.cases.iter().map(|c| c.stored_bytes).sum(),
-        batch: cfg.batch,
-        workers: cfg.workers,
-        cache_mb: cfg.cache_mb,
-        measurements,
-        daemons,
-    })
+    Ok(daemons)
 }
 
 fn row(
