@@ -184,16 +184,8 @@ fn install_requirements(root: &Path, py: &Path) -> Result<(), String> {
     }
     eprintln!("pyenv: installing {}", missing.join(" "));
     let report = pyenv_dir(root).join("pip-report.json");
-    run(Command::new(py)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--disable-pip-version-check",
-            "--dry-run",
-            "--report",
-        ])
+    run(pip_install(py)
+        .args(["--dry-run", "--report"])
         .arg(&report)
         .args(&missing))?;
     let resolved = output(Command::new(py).arg("-c").arg(REPORT).arg(&report))?;
@@ -208,16 +200,14 @@ fn install_requirements(root: &Path, py: &Path) -> Result<(), String> {
     if install.is_empty() {
         return Ok(());
     }
-    run(Command::new(py)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--disable-pip-version-check",
-            "--no-deps",
-        ])
-        .args(&install))
+    run(pip_install(py).arg("--no-deps").args(&install))
+}
+
+/// `python -m pip install` in the environment of `py`, quiet, without pip's version check.
+fn pip_install(py: &Path) -> Command {
+    let mut command = Command::new(py);
+    command.args(["-m", "pip", "install", "-q", "--disable-pip-version-check"]);
+    command
 }
 
 /// Builds the `patchflow` wheel from `crates/python` and installs it; returns the wheel.
@@ -250,16 +240,8 @@ pub(crate) fn install_wheel(root: &Path, py: &Path) -> Result<PathBuf, String> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|x| x == "whl"))
         .ok_or_else(|| format!("maturin wrote no wheel into {}", out.display()))?;
-    run(Command::new(py)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--disable-pip-version-check",
-            "--no-deps",
-            "--force-reinstall",
-        ])
+    run(pip_install(py)
+        .args(["--no-deps", "--force-reinstall"])
         .arg(&wheel))?;
     Ok(wheel)
 }
