@@ -11,7 +11,7 @@ use common::{case_id, crop_ref, pairs, preprocess_in_memory, run_ok, s, shared_d
 use patchflow_client::{Client, ClientOptions, SharedMemory, StreamConfig};
 use patchflow_ingest::DatasetPlan;
 use patchflow_store::Manifest;
-use patchflow_volume::{LabelData, PreprocessedCase, with_voxels};
+use patchflow_volume::{PreprocessedCase, with_voxels};
 
 /// The expected f32 image of one item: normalised voxels, 0 outside the volume.
 #[allow(clippy::unnecessary_cast)] // `x as f32` is generic over every stored type, f32 included
@@ -28,22 +28,6 @@ fn expected_image(pre: &PreprocessedCase, origin: [i64; 3], patch: [usize; 3]) -
         });
     }
     out
-}
-
-/// The expected label of one item as u16 values: ignore outside the volume.
-fn expected_label(
-    pre: &PreprocessedCase,
-    origin: [i64; 3],
-    patch: [usize; 3],
-    ignore: u16,
-) -> Vec<u16> {
-    match &pre.label {
-        LabelData::U8(v) => {
-            let wide: Vec<u16> = v.iter().map(|&x| u16::from(x)).collect();
-            crop_ref(&wide, pre.shape, origin, patch, ignore)
-        }
-        LabelData::U16(v) => crop_ref(v, pre.shape, origin, patch, ignore),
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -126,7 +110,7 @@ async fn two_hundred_batches_with_size_changes_equal_the_preprocessed_volumes() 
                 "batch {b} item {i} ({} at {:?}): image differs",
                 item.case_id, item.origin
             );
-            let want = expected_label(pre, item.origin, patch, batch.ignore_label);
+            let want = common::expected_label(pre, item.origin, patch, batch.ignore_label);
             assert_eq!(
                 &labels[i * n..(i + 1) * n],
                 &want[..],

@@ -17,7 +17,7 @@ use patchflow_client::{Client, ClientOptions, SharedMemory, StreamConfig};
 use patchflow_ingest::DatasetPlan;
 use patchflow_store::Manifest;
 use patchflow_testkit::moto::MotoServer;
-use patchflow_volume::{LabelData, PreprocessedCase, with_voxels};
+use patchflow_volume::{PreprocessedCase, with_voxels};
 
 /// The pairs used: small ones of three kinds (CT, spinal cord MR in two orientations).
 const PAIRS: [&str; 3] = [
@@ -130,7 +130,7 @@ async fn real_pairs_ingested_to_s3_are_served_voxel_for_voxel() {
                 item.case_id,
                 item.origin
             );
-            let want = expected_label(pre, item.origin, patch, batch.ignore_label);
+            let want = common::expected_label(pre, item.origin, patch, batch.ignore_label);
             assert_eq!(&labels[i * n..(i + 1) * n], &want[..], "batch {b} item {i}");
         }
     }
@@ -150,20 +150,4 @@ fn expected_image(pre: &PreprocessedCase, origin: [i64; 3], patch: [usize; 3]) -
             .map(|(&x, &m)| if m == 1 { norm.apply(x as f32) } else { 0.0 })
             .collect()
     })
-}
-
-/// The expected label of one item as u16 values: ignore outside the volume.
-fn expected_label(
-    pre: &PreprocessedCase,
-    origin: [i64; 3],
-    patch: [usize; 3],
-    ignore: u16,
-) -> Vec<u16> {
-    match &pre.label {
-        LabelData::U8(v) => {
-            let wide: Vec<u16> = v.iter().map(|&x| u16::from(x)).collect();
-            crop_ref(&wide, pre.shape, origin, patch, ignore)
-        }
-        LabelData::U16(v) => crop_ref(v, pre.shape, origin, patch, ignore),
-    }
 }

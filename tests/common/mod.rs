@@ -166,3 +166,20 @@ pub fn batch_labels(batch: &patchflow_client::Batch) -> Vec<u16> {
         other => panic!("unexpected label dtype {other:?}"),
     }
 }
+
+/// The expected label of one served item of `patch` at `origin` of the preprocessed case, as
+/// `u16` values: `ignore` outside the volume.
+pub fn expected_label(
+    pre: &patchflow_volume::PreprocessedCase,
+    origin: [i64; 3],
+    patch: [usize; 3],
+    ignore: u16,
+) -> Vec<u16> {
+    match &pre.label {
+        patchflow_volume::LabelData::U8(v) => {
+            let wide: Vec<u16> = v.iter().map(|&x| u16::from(x)).collect();
+            crop_ref(&wide, pre.shape, origin, patch, ignore)
+        }
+        patchflow_volume::LabelData::U16(v) => crop_ref(v, pre.shape, origin, patch, ignore),
+    }
+}
