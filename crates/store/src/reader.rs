@@ -122,6 +122,27 @@ struct RemoteBody {
     tail_start: u64,
 }
 
+impl RemoteBody {
+    /// The body of the file at `location` of `file_len` bytes, holding its bytes from
+    /// `tail_start` on (`tail`).
+    fn body(
+        bucket: Arc<Bucket>,
+        location: ObjectLocation,
+        file_len: u64,
+        tail: AlignedBytes,
+        tail_start: u64,
+    ) -> Body {
+        Body::Remote(RemoteBody {
+            bucket,
+            url: location.url(),
+            location,
+            file_len,
+            tail,
+            tail_start,
+        })
+    }
+}
+
 /// Bytes at an 8-byte aligned address, so that tables can be viewed in place.
 struct AlignedBytes {
     words: Vec<u64>,
@@ -305,14 +326,7 @@ impl CaseReader {
             let parsed = Self::validate(&path, file_len, &head, &head, 0)?;
             return Ok(Self::assemble(
                 path,
-                Body::Remote(RemoteBody {
-                    bucket,
-                    url: location.url(),
-                    location,
-                    file_len,
-                    tail: AlignedBytes::copy_of(&head),
-                    tail_start: 0,
-                }),
+                RemoteBody::body(bucket, location, file_len, AlignedBytes::copy_of(&head), 0),
                 parsed,
                 cache,
             ));
@@ -345,14 +359,7 @@ impl CaseReader {
         let parsed = Self::validate(&path, file_len, &head, tail.bytes(), tail_start)?;
         Ok(Self::assemble(
             path,
-            Body::Remote(RemoteBody {
-                bucket,
-                url: location.url(),
-                location,
-                file_len,
-                tail,
-                tail_start,
-            }),
+            RemoteBody::body(bucket, location, file_len, tail, tail_start),
             parsed,
             cache,
         ))
