@@ -36,13 +36,8 @@ pub fn case_seed(seed: u64, case_id: &str) -> u64 {
     splitmix64(seed ^ splitmix64(h))
 }
 
-/// One step of SplitMix64: a fast, well-mixed 64-bit hash.
-pub(crate) fn splitmix64(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
+/// One step of SplitMix64: a fast, well-mixed 64-bit hash (the grid crate's mixer).
+pub(crate) use patchflow_grid::rng::mix as splitmix64;
 
 /// The generator every sampling routine of this crate uses.
 pub(crate) fn rng(seed: u64) -> ChaCha8Rng {
