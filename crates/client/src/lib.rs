@@ -17,14 +17,42 @@
 //!   are handed out in index order, each daemon is asked `prefetch` batches ahead;
 //! * [`BatchStream::reconfigure`] changes patch size, batch size, policy, ... from the next
 //!   batch handed out (the PGPS curriculum does this at every stage);
-//! * a daemon that fails or restarts is reconnected with exponential backoff and asked to
-//!   continue where it stopped: nothing is skipped or repeated, because batch `k` depends only
-//!   on the dataset, the configuration and `k`;
+//! * a daemon that fails does not stall the stream: batch `k` depends only on the dataset, the
+//!   configuration and `k`, so the indices of a failed daemon go to the others until it answers
+//!   again (see *Failover* below); nothing is skipped or repeated;
 //! * each [`Batch`] holds its image and label as contiguous [`bytes::Bytes`] buffers with their
 //!   shapes and element types, ready to become tensors;
 //! * from a daemon on the same host (`unix:` or loopback), batches arrive through shared memory:
 //!   the buffers are views of the daemon's slot file, mapped read-only, without a copy
 //!   ([`ClientOptions::shared_memory`]).
+//!
+//! # Failover
+//!
+//! The indices of a stream are split into one *lane* per endpoint: lane `j` holds the batches
+//! daemon `j` is given (`k ≡ j (mod N)` for a stream of stride 1), on one Sample stream opened
+//! with `start_index` and `index_stride = N × stride`. A lane's daemon has failed when its
+//! stream breaks with a status that reconnecting may cure (`Unavailable`, a broken connection,
+//! `Internal`, `Unknown`, `Aborted`, `Cancelled`), or when it owes batches and sends nothing for
+//! [`ClientOptions::batch_timeout`]. The lane then opens the same configuration (the one in
+//! force, with its config id), from its first index not yet delivered and with the same
+//! stride, on the next daemon not known to be down: at once, without a backoff wait. That
+//! daemon serves two lanes on two streams. The failed daemon is probed
+//! (`ListDatasets`, backoff from [`ClientOptions::initial_backoff`] up to
+//! [`ClientOptions::max_backoff`]) and the lane moves back as soon as it answers, again from
+//! its first index not yet delivered. Batches received and not handed out are kept (those in
+//! flight from the failed daemon are asked for again), so the caller sees the same sequence as
+//! without the failure. Batches already handed out stay valid, shared-memory ones included
+//! (their mapping lives as long as they do).
+//!
+//! While at least one daemon is up, the longest wait for a batch is thus about
+//! `batch_timeout` (a daemon that hangs) plus the time a healthy daemon takes for the batch; a
+//! daemon that dies is noticed when its connection breaks, at once on a local network. When
+//! every daemon is down, the lane tries them in turn with backoff and the stream fails after
+//! [`ClientOptions::max_attempts`] such rounds ([`ClientError::GaveUp`], code `Unavailable`).
+//! Refusals (`InvalidArgument`, `NotFound`, `Unauthenticated`, `PermissionDenied`,
+//! `ResourceExhausted`, `DataLoss`, ...), protocol violations and certificate failures are not
+//! failover material: they end the stream at once, as with one daemon. Failover needs every
+//! daemon to serve the same dataset (the same store, or copies of it) with the same options.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), patchflow_client::ClientError> {
@@ -45,6 +73,7 @@ mod link;
 mod shared;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use hyper_util::rt::TokioIo;
 use patchflow_proto::v1 as pb;
@@ -63,7 +92,7 @@ pub use patchflow_proto::v1::{
 };
 
 use auth::Credentials;
-use link::{Command, Event, Link};
+use link::{Command, Event, Health, Link, Target};
 
 /// The generated client over a channel that adds the credentials to every call.
 pub(crate) type Rpc = PatchflowClient<InterceptedService<Channel, Credentials>>;
@@ -88,6 +117,8 @@ struct Daemon {
 pub struct Client {
     daemons: Vec<Daemon>,
     options: ClientOptions,
+    /// Which daemons are known to be down, shared by the streams of this client.
+    health: Arc<Health>,
 }
 
 /// Builds a lazily connecting channel for `endpoint`: plaintext for `unix:` and `http://`,
@@ -234,7 +265,11 @@ impl Client {
         if daemons.is_empty() {
             return Err(ClientError::NoEndpoints);
         }
-        Ok(Client { daemons, options })
+        Ok(Client {
+            health: Arc::new(Health::new(daemons.len())),
+            daemons,
+            options,
+        })
     }
 
     /// The endpoints, in the order batches are spread over them.
@@ -303,7 +338,7 @@ impl Client {
                 reason: "must be at least 1".into(),
             });
         }
-        let links = self
+        let targets: Arc<[Target]> = self
             .daemons
             .iter()
             .map(|d| {
@@ -319,12 +354,21 @@ impl Client {
                         max => slots.min(max),
                     }
                 });
-                Link::spawn(
-                    d.endpoint.clone(),
-                    d.client.clone(),
-                    self.options.clone(),
+                Target {
+                    endpoint: d.endpoint.clone(),
+                    client: d.client.clone(),
                     window,
                     shared,
+                }
+            })
+            .collect();
+        let links = (0..targets.len())
+            .map(|lane| {
+                Link::spawn(
+                    lane,
+                    Arc::clone(&targets),
+                    Arc::clone(&self.health),
+                    self.options.clone(),
                 )
             })
             .collect();
