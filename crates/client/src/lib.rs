@@ -219,8 +219,12 @@ fn is_loopback_url(uri: &Uri) -> bool {
 }
 
 impl Client {
-    /// Connects to every endpoint and reads its limits. Unreachable daemons are retried with
-    /// the options' backoff; a daemon that stays unreachable fails the call.
+    /// Connects to every endpoint and reads its limits. With one endpoint, an unreachable
+    /// daemon is retried with the options' backoff and fails the call when it stays
+    /// unreachable. With several, the call succeeds as soon as one of them answers: the others
+    /// are tried once, and those that do not answer are taken for down (with the limits of the
+    /// first that answered) and probed by the streams, which give their batches to the others
+    /// meanwhile (see *Failover*). When none answers, all are retried with backoff.
     pub async fn connect<I, S>(endpoints: I, options: ClientOptions) -> Result<Client, ClientError>
     where
         I: IntoIterator<Item = S>,
@@ -234,17 +238,32 @@ impl Client {
         } else {
             None
         };
-        let mut daemons = Vec::new();
+        let mut clients = Vec::new();
         for endpoint in endpoints {
             let endpoint = endpoint.as_ref().to_owned();
             let channel = channel(&endpoint, &options, tls.as_ref())?;
-            let mut client = PatchflowClient::with_interceptor(channel, credentials.clone());
-            let listing = with_retries(&endpoint, &options, || {
-                let mut client = client.clone();
-                async move { client.list_datasets(pb::ListDatasetsRequest {}).await }
-            })
-            .await?;
-            let limits = listing.limits.unwrap_or_default();
+            let client = PatchflowClient::with_interceptor(channel, credentials.clone());
+            clients.push((endpoint, client));
+        }
+        if clients.is_empty() {
+            return Err(ClientError::NoEndpoints);
+        }
+        let listed = listings(&clients, &options).await?;
+        // A daemon that is down is taken to have the limits of the first that answered (they
+        // serve the same data, with the same options); its batches go to the others until it
+        // answers.
+        let known = listed.iter().flatten().next().copied().unwrap_or_default();
+        let health = Arc::new(Health::new(clients.len()));
+        let mut daemons = Vec::new();
+        for (i, ((endpoint, mut client), limits)) in clients.into_iter().zip(listed).enumerate() {
+            let limits = limits.unwrap_or_else(|| {
+                tracing::warn!(
+                    %endpoint,
+                    "daemon unreachable; its batches go to the others until it answers"
+                );
+                health.set_down(i, true);
+                known
+            });
             let max_message = usize::try_from(limits.max_message_bytes)
                 .ok()
                 .filter(|&m| m > 0)
@@ -262,11 +281,8 @@ impl Client {
                 shared,
             });
         }
-        if daemons.is_empty() {
-            return Err(ClientError::NoEndpoints);
-        }
         Ok(Client {
-            health: Arc::new(Health::new(daemons.len())),
+            health,
             daemons,
             options,
         })
@@ -277,7 +293,8 @@ impl Client {
         self.daemons.iter().map(|d| d.endpoint.as_str()).collect()
     }
 
-    /// The limits each daemon announced, in endpoint order.
+    /// The limits each daemon announced, in endpoint order (for a daemon that was down when the
+    /// client connected: those of the first daemon that answered).
     pub fn limits(&self) -> Vec<&ServerLimits> {
         self.daemons.iter().map(|d| &d.limits).collect()
     }
@@ -387,6 +404,44 @@ impl Client {
     fn first(&self) -> &Daemon {
         // `connect` refuses an empty endpoint list.
         &self.daemons[0]
+    }
+}
+
+/// The limits of each daemon, `None` for those that did not answer (see [`Client::connect`]).
+async fn listings(
+    clients: &[(String, Rpc)],
+    options: &ClientOptions,
+) -> Result<Vec<Option<pb::ServerLimits>>, ClientError> {
+    let list = |client: &Rpc| {
+        let mut client = client.clone();
+        async move { client.list_datasets(pb::ListDatasetsRequest {}).await }
+    };
+    if let [(endpoint, client)] = clients {
+        let listing = with_retries(endpoint, options, || list(client)).await?;
+        return Ok(vec![Some(listing.limits.unwrap_or_default())]);
+    }
+    let mut limits = vec![None; clients.len()];
+    let mut attempt = 0;
+    loop {
+        let mut last = None;
+        for ((endpoint, client), limits) in clients.iter().zip(limits.iter_mut()) {
+            match list(client).await {
+                Ok(response) => *limits = Some(response.into_inner().limits.unwrap_or_default()),
+                Err(status) if error::is_retryable(&status) => last = Some((endpoint, status)),
+                Err(status) => return Err(error::final_error(endpoint, status, attempt + 1)),
+            }
+        }
+        attempt += 1;
+        match last {
+            Some((endpoint, status)) if limits.iter().all(Option::is_none) => {
+                if attempt > options.max_attempts {
+                    return Err(error::final_error(endpoint, status, attempt));
+                }
+                tracing::debug!(%endpoint, attempt, %status, "no daemon answers; retrying");
+                tokio::time::sleep(options.backoff(attempt)).await;
+            }
+            _ => return Ok(limits),
+        }
     }
 }
 

@@ -73,7 +73,13 @@ impl Health {
         self.down[daemon].load(Ordering::Relaxed)
     }
 
-    fn set_down(&self, daemon: usize, down: bool) {
+    /// The first daemon not known to be down, in the order `first, first + 1, ...`.
+    fn first_up(&self, first: usize) -> Option<usize> {
+        let n = self.down.len();
+        (0..n).map(|i| (first + i) % n).find(|&d| !self.is_down(d))
+    }
+
+    pub fn set_down(&self, daemon: usize, down: bool) {
         self.down[daemon].store(down, Ordering::Relaxed);
     }
 }
@@ -100,11 +106,13 @@ impl Link {
         let (event_tx, events) = mpsc::unbounded_channel();
         let endpoint = targets[home].endpoint.clone();
         let shared = targets.iter().map(|t| t.shared).collect();
+        // A home daemon known to be down is probed; the lane starts elsewhere.
+        let current = health.first_up(home).unwrap_or(home);
         let task = LinkTask {
             targets,
             health,
             home,
-            current: home,
+            current,
             home_probes: 0,
             shared,
             options,
@@ -256,9 +264,7 @@ impl LinkTask {
         }
         let n = self.targets.len();
         self.health.set_down(self.current, true);
-        let healthy = (0..n)
-            .map(|i| (self.home + i) % n)
-            .find(|&d| !self.health.is_down(d));
+        let healthy = self.health.first_up(self.home);
         let next = match healthy {
             Some(d) => d,
             None => {

@@ -704,3 +704,45 @@ async fn refusals_are_not_failed_over_and_all_down_fails_with_unavailable() {
     assert!(matches!(err, ClientError::GaveUp { .. }), "{err}");
     assert_eq!(err.code(), Some(Code::Unavailable), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_down_when_the_client_connects_gets_its_batches_once_it_answers() {
+    let daemons = [
+        daemon(Behaviour::default()).await,
+        daemon(Behaviour::default()).await,
+    ];
+    daemons[0].down.store(true, Ordering::SeqCst);
+    let endpoints = || daemons.iter().map(|d| d.endpoint.clone());
+    let client = Client::connect(endpoints(), options()).await.unwrap();
+    assert_eq!(client.limits()[0].max_credits, 2, "borrowed from daemon 1");
+    let mut config = StreamConfig::new("mock", [1, 2, 2], 1);
+    config.seed = 6;
+    let mut stream = client.stream(config).await.unwrap();
+    for k in 0..10 {
+        let batch = next(&mut stream).await.unwrap();
+        assert_eq!(batch.index, k);
+        check(&batch, 6, [1, 2, 2], 1);
+    }
+    assert_eq!(daemons[0].served_count(), 0);
+    daemons[0].down.store(false, Ordering::SeqCst);
+    let since = Instant::now();
+    while daemons[0].served_count() == 0 {
+        assert!(since.elapsed() < GUARD, "daemon 0 never got its batches");
+        let k = stream.next_index();
+        let batch = next(&mut stream).await.unwrap();
+        assert_eq!(batch.index, k);
+        check(&batch, 6, [1, 2, 2], 1);
+    }
+    assert!(daemons[0].served_since(0).iter().all(|k| k % 2 == 0));
+
+    // Nobody answers: connecting fails with UNAVAILABLE after max_attempts rounds.
+    for d in &daemons {
+        d.down.store(true, Ordering::SeqCst);
+    }
+    let err = Client::connect(endpoints(), options()).await.err().unwrap();
+    assert!(
+        matches!(err, ClientError::GaveUp { attempts: 6, .. }),
+        "{err}"
+    );
+    assert_eq!(err.code(), Some(Code::Unavailable));
+}
