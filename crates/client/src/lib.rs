@@ -51,8 +51,13 @@
 //! [`ClientOptions::max_attempts`] such rounds ([`ClientError::GaveUp`], code `Unavailable`).
 //! Refusals (`InvalidArgument`, `NotFound`, `Unauthenticated`, `PermissionDenied`,
 //! `ResourceExhausted`, `DataLoss`, ...), protocol violations and certificate failures are not
-//! failover material: they end the stream at once, as with one daemon. Failover needs every
-//! daemon to serve the same dataset (the same store, or copies of it) with the same options.
+//! failover material: they end the stream at once, as with one daemon. A daemon that is down
+//! when the client connects is treated the same way from the first batch on (see
+//! [`Client::connect`]).
+//!
+//! Failover needs every daemon to serve the same dataset (the same store, or copies of it)
+//! with the same options; a daemon that has set a damaged case aside (`DataLoss`) draws from
+//! the other cases, and its batches then differ from those of the others.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), patchflow_client::ClientError> {
