@@ -119,14 +119,29 @@ pub struct ClientOptions {
     /// Batches requested ahead from each daemon (credits in flight); capped by the daemon's
     /// limit.
     pub prefetch: u32,
-    /// Consecutive failed attempts to reach a daemon before a stream gives up.
+    /// How often a stream retries while every daemon is down before it fails (with the last
+    /// status, usually `Unavailable`): each round waits the backoff and tries the next daemon
+    /// in turn. Failures while another daemon is up move the failed daemon's batches there
+    /// at once and count only as one attempt per daemon (a stream also fails after
+    /// `max_attempts` × endpoints failures in a row without a batch). [`Client::connect`] and
+    /// the unary calls retry an unreachable daemon this many times too.
+    ///
+    /// [`Client::connect`]: crate::Client::connect
     pub max_attempts: u32,
-    /// Wait before the first reconnection; doubles with every failed attempt.
+    /// Wait before the first retry; doubles with every failed attempt. Also the first wait
+    /// before a daemon that failed is probed again (its batches move back when it answers).
     pub initial_backoff: Duration,
-    /// Longest wait between attempts.
+    /// Longest wait between attempts (and between probes of a failed daemon).
     pub max_backoff: Duration,
-    /// Timeout of one connection attempt.
+    /// Timeout of one connection attempt (and of one probe of a failed daemon).
     pub connect_timeout: Duration,
+    /// A daemon that owes batches (credits granted) and sends nothing for this long is taken
+    /// for failed: its batches move to another daemon as if its connection had broken. The
+    /// longest wait for a batch while at least one daemon is up is thus about this timeout
+    /// plus the time a healthy daemon needs for the batch (a daemon that dies outright is
+    /// noticed at once, without waiting for it). Must exceed the time a daemon needs to
+    /// produce one batch.
+    pub batch_timeout: Duration,
     /// Largest batch accepted from a daemon (image + label bytes).
     pub max_batch_bytes: u64,
     /// Bearer token sent with every call (`authorization: Bearer <token>`), for daemons that
@@ -151,6 +166,7 @@ impl Default for ClientOptions {
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
+            batch_timeout: Duration::from_secs(60),
             max_batch_bytes: 4 << 30,
             token: None,
             tls: TlsOptions::default(),
@@ -176,6 +192,12 @@ impl ClientOptions {
             return Err(ClientError::Config {
                 field: "prefetch",
                 reason: "must be at least 1".into(),
+            });
+        }
+        if self.batch_timeout.is_zero() {
+            return Err(ClientError::Config {
+                field: "batch_timeout",
+                reason: "must be above zero".into(),
             });
         }
         Ok(())

@@ -17,14 +17,47 @@
 //!   are handed out in index order, each daemon is asked `prefetch` batches ahead;
 //! * [`BatchStream::reconfigure`] changes patch size, batch size, policy, ... from the next
 //!   batch handed out (the PGPS curriculum does this at every stage);
-//! * a daemon that fails or restarts is reconnected with exponential backoff and asked to
-//!   continue where it stopped: nothing is skipped or repeated, because batch `k` depends only
-//!   on the dataset, the configuration and `k`;
+//! * a daemon that fails does not stall the stream: batch `k` depends only on the dataset, the
+//!   configuration and `k`, so the indices of a failed daemon go to the others until it answers
+//!   again (see *Failover* below); nothing is skipped or repeated;
 //! * each [`Batch`] holds its image and label as contiguous [`bytes::Bytes`] buffers with their
 //!   shapes and element types, ready to become tensors;
 //! * from a daemon on the same host (`unix:` or loopback), batches arrive through shared memory:
 //!   the buffers are views of the daemon's slot file, mapped read-only, without a copy
 //!   ([`ClientOptions::shared_memory`]).
+//!
+//! # Failover
+//!
+//! The indices of a stream are split into one *lane* per endpoint: lane `j` holds the batches
+//! daemon `j` is given (`k ≡ j (mod N)` for a stream of stride 1), on one Sample stream opened
+//! with `start_index` and `index_stride = N × stride`. A lane's daemon has failed when its
+//! stream breaks with a status that reconnecting may cure (`Unavailable`, a broken connection,
+//! `Internal`, `Unknown`, `Aborted`, `Cancelled`), or when it owes batches and sends nothing for
+//! [`ClientOptions::batch_timeout`]. The lane then opens the same configuration (the one in
+//! force, with its config id), from its first index not yet delivered and with the same
+//! stride, on the next daemon not known to be down: at once, without a backoff wait. That
+//! daemon serves two lanes on two streams. The failed daemon is probed
+//! (`ListDatasets`, backoff from [`ClientOptions::initial_backoff`] up to
+//! [`ClientOptions::max_backoff`]) and the lane moves back as soon as it answers, again from
+//! its first index not yet delivered. Batches received and not handed out are kept (those in
+//! flight from the failed daemon are asked for again), so the caller sees the same sequence as
+//! without the failure. Batches already handed out stay valid, shared-memory ones included
+//! (their mapping lives as long as they do).
+//!
+//! While at least one daemon is up, the longest wait for a batch is thus about
+//! `batch_timeout` (a daemon that hangs) plus the time a healthy daemon takes for the batch; a
+//! daemon that dies is noticed when its connection breaks, at once on a local network. When
+//! every daemon is down, the lane tries them in turn with backoff and the stream fails after
+//! [`ClientOptions::max_attempts`] such rounds ([`ClientError::GaveUp`], code `Unavailable`).
+//! Refusals (`InvalidArgument`, `NotFound`, `Unauthenticated`, `PermissionDenied`,
+//! `ResourceExhausted`, `DataLoss`, ...), protocol violations and certificate failures are not
+//! failover material: they end the stream at once, as with one daemon. A daemon that is down
+//! when the client connects is treated the same way from the first batch on (see
+//! [`Client::connect`]).
+//!
+//! Failover needs every daemon to serve the same dataset (the same store, or copies of it)
+//! with the same options; a daemon that has set a damaged case aside (`DataLoss`) draws from
+//! the other cases, and its batches then differ from those of the others.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), patchflow_client::ClientError> {
@@ -45,6 +78,7 @@ mod link;
 mod shared;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use hyper_util::rt::TokioIo;
 use patchflow_proto::v1 as pb;
@@ -63,7 +97,7 @@ pub use patchflow_proto::v1::{
 };
 
 use auth::Credentials;
-use link::{Command, Event, Link};
+use link::{Command, Event, Health, Link, Target};
 
 /// The generated client over a channel that adds the credentials to every call.
 pub(crate) type Rpc = PatchflowClient<InterceptedService<Channel, Credentials>>;
@@ -88,6 +122,8 @@ struct Daemon {
 pub struct Client {
     daemons: Vec<Daemon>,
     options: ClientOptions,
+    /// Which daemons are known to be down, shared by the streams of this client.
+    health: Arc<Health>,
 }
 
 /// Builds a lazily connecting channel for `endpoint`: plaintext for `unix:` and `http://`,
@@ -188,8 +224,12 @@ fn is_loopback_url(uri: &Uri) -> bool {
 }
 
 impl Client {
-    /// Connects to every endpoint and reads its limits. Unreachable daemons are retried with
-    /// the options' backoff; a daemon that stays unreachable fails the call.
+    /// Connects to every endpoint and reads its limits. With one endpoint, an unreachable
+    /// daemon is retried with the options' backoff and fails the call when it stays
+    /// unreachable. With several, the call succeeds as soon as one of them answers: the others
+    /// are tried once, and those that do not answer are taken for down (with the limits of the
+    /// first that answered) and probed by the streams, which give their batches to the others
+    /// meanwhile (see *Failover*). When none answers, all are retried with backoff.
     pub async fn connect<I, S>(endpoints: I, options: ClientOptions) -> Result<Client, ClientError>
     where
         I: IntoIterator<Item = S>,
@@ -203,17 +243,32 @@ impl Client {
         } else {
             None
         };
-        let mut daemons = Vec::new();
+        let mut clients = Vec::new();
         for endpoint in endpoints {
             let endpoint = endpoint.as_ref().to_owned();
             let channel = channel(&endpoint, &options, tls.as_ref())?;
-            let mut client = PatchflowClient::with_interceptor(channel, credentials.clone());
-            let listing = with_retries(&endpoint, &options, || {
-                let mut client = client.clone();
-                async move { client.list_datasets(pb::ListDatasetsRequest {}).await }
-            })
-            .await?;
-            let limits = listing.limits.unwrap_or_default();
+            let client = PatchflowClient::with_interceptor(channel, credentials.clone());
+            clients.push((endpoint, client));
+        }
+        if clients.is_empty() {
+            return Err(ClientError::NoEndpoints);
+        }
+        let listed = listings(&clients, &options).await?;
+        // A daemon that is down is taken to have the limits of the first that answered (they
+        // serve the same data, with the same options); its batches go to the others until it
+        // answers.
+        let known = listed.iter().flatten().next().copied().unwrap_or_default();
+        let health = Arc::new(Health::new(clients.len()));
+        let mut daemons = Vec::new();
+        for (i, ((endpoint, mut client), limits)) in clients.into_iter().zip(listed).enumerate() {
+            let limits = limits.unwrap_or_else(|| {
+                tracing::warn!(
+                    %endpoint,
+                    "daemon unreachable; its batches go to the others until it answers"
+                );
+                health.set_down(i, true);
+                known
+            });
             let max_message = usize::try_from(limits.max_message_bytes)
                 .ok()
                 .filter(|&m| m > 0)
@@ -231,10 +286,11 @@ impl Client {
                 shared,
             });
         }
-        if daemons.is_empty() {
-            return Err(ClientError::NoEndpoints);
-        }
-        Ok(Client { daemons, options })
+        Ok(Client {
+            health,
+            daemons,
+            options,
+        })
     }
 
     /// The endpoints, in the order batches are spread over them.
@@ -242,7 +298,8 @@ impl Client {
         self.daemons.iter().map(|d| d.endpoint.as_str()).collect()
     }
 
-    /// The limits each daemon announced, in endpoint order.
+    /// The limits each daemon announced, in endpoint order (for a daemon that was down when the
+    /// client connected: those of the first daemon that answered).
     pub fn limits(&self) -> Vec<&ServerLimits> {
         self.daemons.iter().map(|d| &d.limits).collect()
     }
@@ -303,7 +360,7 @@ impl Client {
                 reason: "must be at least 1".into(),
             });
         }
-        let links = self
+        let targets: Arc<[Target]> = self
             .daemons
             .iter()
             .map(|d| {
@@ -319,12 +376,21 @@ impl Client {
                         max => slots.min(max),
                     }
                 });
-                Link::spawn(
-                    d.endpoint.clone(),
-                    d.client.clone(),
-                    self.options.clone(),
+                Target {
+                    endpoint: d.endpoint.clone(),
+                    client: d.client.clone(),
                     window,
                     shared,
+                }
+            })
+            .collect();
+        let links = (0..targets.len())
+            .map(|lane| {
+                Link::spawn(
+                    lane,
+                    Arc::clone(&targets),
+                    Arc::clone(&self.health),
+                    self.options.clone(),
                 )
             })
             .collect();
@@ -343,6 +409,44 @@ impl Client {
     fn first(&self) -> &Daemon {
         // `connect` refuses an empty endpoint list.
         &self.daemons[0]
+    }
+}
+
+/// The limits of each daemon, `None` for those that did not answer (see [`Client::connect`]).
+async fn listings(
+    clients: &[(String, Rpc)],
+    options: &ClientOptions,
+) -> Result<Vec<Option<pb::ServerLimits>>, ClientError> {
+    let list = |client: &Rpc| {
+        let mut client = client.clone();
+        async move { client.list_datasets(pb::ListDatasetsRequest {}).await }
+    };
+    if let [(endpoint, client)] = clients {
+        let listing = with_retries(endpoint, options, || list(client)).await?;
+        return Ok(vec![Some(listing.limits.unwrap_or_default())]);
+    }
+    let mut limits = vec![None; clients.len()];
+    let mut attempt = 0;
+    loop {
+        let mut last = None;
+        for ((endpoint, client), limits) in clients.iter().zip(limits.iter_mut()) {
+            match list(client).await {
+                Ok(response) => *limits = Some(response.into_inner().limits.unwrap_or_default()),
+                Err(status) if error::is_retryable(&status) => last = Some((endpoint, status)),
+                Err(status) => return Err(error::final_error(endpoint, status, attempt + 1)),
+            }
+        }
+        attempt += 1;
+        match last {
+            Some((endpoint, status)) if limits.iter().all(Option::is_none) => {
+                if attempt > options.max_attempts {
+                    return Err(error::final_error(endpoint, status, attempt));
+                }
+                tracing::debug!(%endpoint, attempt, %status, "no daemon answers; retrying");
+                tokio::time::sleep(options.backoff(attempt)).await;
+            }
+            _ => return Ok(limits),
+        }
     }
 }
 

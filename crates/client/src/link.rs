@@ -1,10 +1,25 @@
-//! The connection to one daemon of a stream: a background task that keeps the daemon's Sample
-//! stream open, grants credits as batches are consumed, reassembles batches and reconnects with
-//! exponential backoff, resuming at the next index it has not delivered.
+//! One lane of a stream: a background task that delivers one residue class of the stream's
+//! indices (those its home daemon is given), keeps a Sample stream open for it, grants credits as
+//! batches are consumed, reassembles batches and survives failures, resuming at the next index it
+//! has not delivered.
+//!
+//! Failover: batch `k` depends only on the dataset, the configuration and `k`, so any daemon can
+//! produce a lane's batches. When the lane's daemon fails (the stream breaks with a status that
+//! reconnecting may cure, or owes batches and sends nothing for
+//! [`crate::ClientOptions::batch_timeout`]), the lane opens the same configuration, start index
+//! and stride on the next daemon that is not known to be down, at once; its home daemon is then
+//! probed with backoff, and the lane moves back when it answers. When every daemon is down the
+//! lane retries them in turn with backoff and gives up after
+//! [`crate::ClientOptions::max_attempts`] rounds.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use patchflow_proto::v1 as pb;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::Status;
 
@@ -29,8 +44,49 @@ pub(crate) enum Event {
     Failed { config_id: u64, error: ClientError },
 }
 
-/// The consumer's handle on a link task.
+/// A daemon as a lane uses it.
+#[derive(Clone)]
+pub(crate) struct Target {
+    pub endpoint: String,
+    pub client: Rpc,
+    /// Credits in flight on one stream.
+    pub window: u32,
+    /// Shared-memory slots to ask for, or `None` for batches inside the messages.
+    pub shared: Option<u32>,
+}
+
+/// Which daemons are known to be down, shared by every lane of a client: a lane that sees a
+/// daemon fail marks it, one that receives a batch from it (or whose probe it answers) clears
+/// the mark. Lanes moving off a failed daemon skip the marked ones.
+pub(crate) struct Health {
+    down: Vec<AtomicBool>,
+}
+
+impl Health {
+    pub fn new(daemons: usize) -> Health {
+        Health {
+            down: (0..daemons).map(|_| AtomicBool::new(false)).collect(),
+        }
+    }
+
+    fn is_down(&self, daemon: usize) -> bool {
+        self.down[daemon].load(Ordering::Relaxed)
+    }
+
+    /// The first daemon not known to be down, in the order `first, first + 1, ...`.
+    fn first_up(&self, first: usize) -> Option<usize> {
+        let n = self.down.len();
+        (0..n).map(|i| (first + i) % n).find(|&d| !self.is_down(d))
+    }
+
+    pub fn set_down(&self, daemon: usize, down: bool) {
+        self.down[daemon].store(down, Ordering::Relaxed);
+    }
+}
+
+/// The consumer's handle on a lane task.
 pub(crate) struct Link {
+    /// The home daemon's endpoint.
     pub endpoint: String,
     pub events: mpsc::UnboundedReceiver<Event>,
     commands: mpsc::UnboundedSender<Command>,
@@ -38,28 +94,35 @@ pub(crate) struct Link {
 }
 
 impl Link {
-    /// Starts the task for one daemon; it waits for a configuration. `shared`: the number of
-    /// shared-memory slots to ask for, or `None` for batches inside the messages.
+    /// Starts the task of lane `home` (whose home daemon is `targets[home]`); it waits for a
+    /// configuration.
     pub fn spawn(
-        endpoint: String,
-        client: Rpc,
+        home: usize,
+        targets: Arc<[Target]>,
+        health: Arc<Health>,
         options: ClientOptions,
-        window: u32,
-        shared: Option<u32>,
     ) -> Link {
         let (commands, command_rx) = mpsc::unbounded_channel();
         let (event_tx, events) = mpsc::unbounded_channel();
+        let endpoint = targets[home].endpoint.clone();
+        let shared = targets.iter().map(|t| t.shared).collect();
+        // A home daemon known to be down is probed; the lane starts elsewhere.
+        let current = health.first_up(home).unwrap_or(home);
         let task = LinkTask {
-            endpoint: endpoint.clone(),
-            client,
+            targets,
+            health,
+            home,
+            current,
+            home_probes: 0,
+            shared,
             options,
-            window,
             commands: command_rx,
             events: event_tx,
             config: None,
             outstanding: 0,
             failures: 0,
-            shared,
+            rounds: 0,
+            delay: None,
         };
         Link {
             endpoint,
@@ -83,20 +146,34 @@ impl Drop for Link {
 }
 
 struct LinkTask {
-    endpoint: String,
-    client: Rpc,
+    /// Every daemon of the client, in endpoint order.
+    targets: Arc<[Target]>,
+    health: Arc<Health>,
+    /// The daemon this lane's indices are given to when it is up.
+    home: usize,
+    /// The daemon serving the lane now.
+    current: usize,
+    /// Probes of the home daemon since it last delivered a batch (failed ones, and successful
+    /// ones after which it failed again before a batch): the wait before the next probe
+    /// doubles with each, so a daemon that answers probes but fails streams is not hammered.
+    home_probes: u32,
+    /// Per daemon: shared-memory slots asked for; `None`: batches inside the messages (also
+    /// once a daemon's files turned out unusable).
+    shared: Vec<Option<u32>>,
     options: ClientOptions,
-    window: u32,
     commands: mpsc::UnboundedReceiver<Command>,
     events: mpsc::UnboundedSender<Event>,
     /// The configuration in force; its `start_index` is the next index to deliver.
     config: Option<pb::SampleConfig>,
     /// Batches the daemon owes: credits granted and not yet answered.
     outstanding: u32,
-    /// Consecutive failed attempts.
+    /// Failed connections since the last batch delivered.
     failures: u32,
-    /// Shared-memory slots asked for; `None`: batches inside the messages.
-    shared: Option<u32>,
+    /// Failures since the last batch delivered after which no daemon was left that was not
+    /// known to be down (each one is followed by a backoff wait).
+    rounds: u32,
+    /// Wait before the next connection.
+    delay: Option<Duration>,
 }
 
 /// How a connection ended.
@@ -109,6 +186,8 @@ enum End {
     Reported,
     /// Shared memory turned out unusable: open the stream again without it.
     WithoutSharedMemory,
+    /// The home daemon answers again: the lane moves back to it.
+    Home,
 }
 
 impl LinkTask {
@@ -123,11 +202,10 @@ impl LinkTask {
                     }
                 }
             }
-            if self.failures > 0 {
-                let delay = self.options.backoff(self.failures);
+            if let Some(delay) = self.delay.take() {
                 tracing::info!(
-                    endpoint = %self.endpoint,
-                    attempt = self.failures,
+                    endpoint = %self.endpoint(),
+                    attempt = self.rounds,
                     delay_ms = delay.as_millis() as u64,
                     "reconnecting"
                 );
@@ -148,10 +226,15 @@ impl LinkTask {
             }
             match self.connection().await {
                 End::Closed => return,
-                End::Reported | End::WithoutSharedMemory => {}
+                End::Reported | End::WithoutSharedMemory | End::Home => {}
                 End::Failed(status) => self.fail(status),
             }
         }
+    }
+
+    /// The endpoint of the daemon serving the lane now.
+    fn endpoint(&self) -> &str {
+        &self.targets[self.current].endpoint
     }
 
     /// Applies a command while no stream is open.
@@ -159,29 +242,73 @@ impl LinkTask {
         match command {
             Command::Configure(config) => {
                 self.config = Some(*config);
-                self.outstanding = self.window;
+                // Capped by the serving daemon's window when the stream opens.
+                self.outstanding = u32::MAX;
             }
             Command::Credit => self.outstanding = self.outstanding.saturating_add(1),
         }
     }
 
-    /// Records a failure: retry later, or report it and wait for a new configuration.
+    /// Records a failure of the current daemon: a status that reconnecting may cure moves the
+    /// lane to the next daemon not known to be down, at once, or, when every daemon is down, to
+    /// the next one in turn after a backoff wait; after `max_attempts` such rounds (or
+    /// `max_attempts` failures per daemon) the failure is reported. Any other status is
+    /// reported at once, and the lane waits for a new configuration.
     fn fail(&mut self, status: Status) {
         let config_id = self.config.as_ref().map_or(0, |c| c.config_id);
-        if is_retryable(&status) && self.failures < self.options.max_attempts {
-            self.failures += 1;
-            tracing::warn!(endpoint = %self.endpoint, %status, "stream failed");
+        self.failures = self.failures.saturating_add(1);
+        if !is_retryable(&status) {
+            let error = final_error(self.endpoint(), status, self.failures);
+            self.report(config_id, error);
             return;
         }
-        let error = final_error(&self.endpoint, status, self.failures + 1);
-        self.report(config_id, error);
+        let n = self.targets.len();
+        self.health.set_down(self.current, true);
+        let healthy = self.health.first_up(self.home);
+        let next = match healthy {
+            Some(d) => d,
+            None => {
+                self.rounds = self.rounds.saturating_add(1);
+                (self.current + 1) % n
+            }
+        };
+        let limit = u32::try_from(n)
+            .unwrap_or(u32::MAX)
+            .saturating_mul(self.options.max_attempts);
+        if self.rounds > self.options.max_attempts || self.failures > limit.max(1) {
+            let error = final_error(self.endpoint(), status, self.failures);
+            self.report(config_id, error);
+            return;
+        }
+        tracing::warn!(
+            endpoint = %self.endpoint(),
+            next = %self.targets[next].endpoint,
+            %status,
+            "stream failed"
+        );
+        if healthy.is_none() {
+            self.delay = Some(self.options.backoff(self.rounds));
+        }
+        self.current = next;
     }
 
     fn report(&mut self, config_id: u64, error: ClientError) {
-        tracing::warn!(endpoint = %self.endpoint, %error, "stream failed for good");
+        tracing::warn!(endpoint = %self.endpoint(), %error, "stream failed for good");
         let _ = self.events.send(Event::Failed { config_id, error });
         self.config = None;
         self.failures = 0;
+        self.rounds = 0;
+        self.delay = None;
+        self.current = self.home;
+    }
+
+    /// Asks the home daemon whether it answers (its listing, within the connection timeout).
+    async fn probe_home(target: Target, timeout: Duration) -> bool {
+        let mut client = target.client;
+        matches!(
+            tokio::time::timeout(timeout, client.list_datasets(pb::ListDatasetsRequest {})).await,
+            Ok(Ok(_))
+        )
     }
 
     /// Opens one Sample stream and pumps it until it ends.
@@ -189,26 +316,66 @@ impl LinkTask {
         let Some(config) = self.config.clone() else {
             return End::Reported;
         };
+        let target = self.targets[self.current].clone();
+        let shared = self.shared[self.current];
+        // Credits in flight: the window of the daemon serving the lane now.
+        self.outstanding = self.outstanding.min(target.window);
         let (requests, request_rx) = mpsc::unbounded_channel();
         let _ = requests.send(pb::SampleRequest {
             config: Some(config),
             credits: self.outstanding,
-            shared_memory: self.shared.map(|slots| pb::SharedMemoryRequest { slots }),
+            shared_memory: shared.map(|slots| pb::SharedMemoryRequest { slots }),
             released: Vec::new(),
         });
-        let mut client = self.client.clone();
-        let mut inbound = match client
-            .sample(UnboundedReceiverStream::new(request_rx))
-            .await
-        {
-            Ok(response) => response.into_inner(),
-            Err(status) => return End::Failed(status),
+        let mut client = target.client.clone();
+        let timeout = self.options.batch_timeout;
+        let opened = tokio::time::timeout(
+            timeout,
+            client.sample(UnboundedReceiverStream::new(request_rx)),
+        );
+        let mut inbound = match opened.await {
+            Ok(Ok(response)) => response.into_inner(),
+            Ok(Err(status)) => return End::Failed(status),
+            Err(_) => return End::Failed(stalled(timeout, self.outstanding)),
         };
         let mut assembler = Assembler::new(self.options.max_batch_bytes);
-        let mut slots = SharedSlots::new(self.shared.unwrap_or(0), self.options.max_batch_bytes);
+        let mut slots = SharedSlots::new(shared.unwrap_or(0), self.options.max_batch_bytes);
         let (releases, mut released) = mpsc::unbounded_channel::<u32>();
+        // No message for `batch_timeout` while batches are owed: the daemon is stuck.
+        let stall = tokio::time::sleep(timeout);
+        tokio::pin!(stall);
+        // Away from home: probe the home daemon with backoff.
+        let away = self.current != self.home;
+        let probe_wait =
+            tokio::time::sleep(self.options.backoff(self.home_probes.saturating_add(1)));
+        tokio::pin!(probe_wait);
+        let mut probe = None;
         loop {
+            let probing = probe.is_some();
             tokio::select! {
+                _ = &mut stall, if self.outstanding > 0 => {
+                    return End::Failed(stalled(timeout, self.outstanding));
+                }
+                _ = &mut probe_wait, if away && !probing => {
+                    let target = self.targets[self.home].clone();
+                    probe = Some(Box::pin(Self::probe_home(target, self.options.connect_timeout)));
+                }
+                answered = async { probe.as_mut().expect("armed").await }, if probing => {
+                    probe = None;
+                    self.home_probes = self.home_probes.saturating_add(1);
+                    if answered {
+                        tracing::info!(
+                            endpoint = %self.targets[self.home].endpoint,
+                            "daemon answers again; moving its batches back"
+                        );
+                        self.health.set_down(self.home, false);
+                        self.current = self.home;
+                        return End::Home;
+                    }
+                    probe_wait
+                        .as_mut()
+                        .reset(Instant::now() + self.options.backoff(self.home_probes.saturating_add(1)));
+                }
                 Some(slot) = released.recv() => {
                     let mut slots = vec![slot];
                     while let Ok(slot) = released.try_recv() {
@@ -222,6 +389,9 @@ impl LinkTask {
                 command = self.commands.recv() => match command {
                     None => return End::Closed,
                     Some(Command::Credit) => {
+                        if self.outstanding == 0 {
+                            stall.as_mut().reset(Instant::now() + timeout);
+                        }
                         self.outstanding = self.outstanding.saturating_add(1);
                         let _ = requests.send(pb::SampleRequest {
                             credits: 1,
@@ -229,17 +399,19 @@ impl LinkTask {
                         });
                     }
                     Some(Command::Configure(config)) => {
-                        self.outstanding = self.window;
+                        self.outstanding = target.window;
                         self.config = Some((*config).clone());
                         let _ = requests.send(pb::SampleRequest {
                             config: Some(*config),
-                            credits: self.window,
+                            credits: target.window,
                             ..pb::SampleRequest::default()
                         });
+                        stall.as_mut().reset(Instant::now() + timeout);
                     }
                 },
                 message = inbound.message() => match message {
                     Ok(Some(message)) => {
+                        stall.as_mut().reset(Instant::now() + timeout);
                         // A batch completes from one shared-memory message or from its parts.
                         let received = if message.shared.is_some() {
                             match slots.batch(message, &releases) {
@@ -279,7 +451,7 @@ impl LinkTask {
     /// Reports a protocol violation of the daemon for `config_id`.
     fn protocol_error(&mut self, config_id: u64, reason: String) -> End {
         let error = ClientError::Protocol {
-            endpoint: self.endpoint.clone(),
+            endpoint: self.endpoint().to_owned(),
             reason,
         };
         self.report(config_id, error);
@@ -329,13 +501,13 @@ impl LinkTask {
              host, user or container; connect with shared memory off)"
         );
         if self.options.shared_memory == crate::SharedMemory::Auto {
-            tracing::warn!(endpoint = %self.endpoint, "{explanation}; going on without shared memory");
-            self.shared = None;
+            tracing::warn!(endpoint = %self.endpoint(), "{explanation}; going on without shared memory");
+            self.shared[self.current] = None;
             return End::WithoutSharedMemory;
         }
         let config_id = self.config.as_ref().map_or(0, |c| c.config_id);
         let error = ClientError::SharedMemory {
-            endpoint: self.endpoint.clone(),
+            endpoint: self.endpoint().to_owned(),
             reason: explanation,
         };
         self.report(config_id, error);
@@ -361,7 +533,20 @@ impl LinkTask {
         config.start_index = Some(expected.saturating_add(config.index_stride.max(1)));
         self.outstanding = self.outstanding.saturating_sub(1);
         self.failures = 0;
+        self.rounds = 0;
+        if self.current == self.home {
+            self.home_probes = 0;
+        }
+        self.health.set_down(self.current, false);
         let _ = self.events.send(Event::Batch { config_id, batch });
         Ok(())
     }
+}
+
+/// The failure of a daemon that owes batches and sent nothing for `timeout`.
+fn stalled(timeout: Duration, owed: u32) -> Status {
+    Status::unavailable(format!(
+        "no message for {:.1} s while {owed} batches are owed (ClientOptions::batch_timeout)",
+        timeout.as_secs_f64()
+    ))
 }

@@ -1,11 +1,12 @@
 //! The client against in-process mock daemons whose batches are a pure function of the
 //! configuration and the index: ordering over several daemons, reconfiguration, reconnection
-//! after failures, protocol violations and refusals.
+//! after failures, failover to the other daemons while one is down or hangs, protocol
+//! violations and refusals.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use patchflow_client::{Batch, Client, ClientError, ClientOptions, SharedMemory, StreamConfig};
@@ -35,12 +36,28 @@ struct Behaviour {
     /// Offer shared memory, and answer streams that ask for it with slots no client can open
     /// (as a daemon on another host, user or container would).
     unusable_shared_memory: bool,
+    /// While set, the daemon is down: calls fail with UNAVAILABLE and open streams end with it
+    /// before their next batch.
+    down: Arc<AtomicBool>,
+    /// Stop sending (but keep the stream open) after this many batches of a stream.
+    hang_after: Option<u64>,
 }
 
 #[derive(Clone)]
 struct Mock {
     behaviour: Behaviour,
     opens: Arc<AtomicUsize>,
+    /// Indices of the batches sent, in order.
+    served: Arc<Mutex<Vec<u64>>>,
+}
+
+impl Mock {
+    fn check_up(&self) -> Result<(), Status> {
+        if self.behaviour.down.load(Ordering::SeqCst) {
+            return Err(Status::unavailable("mock daemon down"));
+        }
+        Ok(())
+    }
 }
 
 fn parts_of(config: &pb::SampleConfig, index: u64) -> Vec<pb::SampleResponse> {
@@ -114,6 +131,7 @@ impl Patchflow for Mock {
         &self,
         _: Request<pb::ListDatasetsRequest>,
     ) -> Result<Response<pb::ListDatasetsResponse>, Status> {
+        self.check_up()?;
         Ok(Response::new(pb::ListDatasetsResponse {
             datasets: vec![pb::DatasetSummary {
                 name: "mock".into(),
@@ -150,8 +168,10 @@ impl Patchflow for Mock {
         &self,
         request: Request<Streaming<pb::SampleRequest>>,
     ) -> Result<Response<Self::SampleStream>, Status> {
+        self.check_up()?;
         self.opens.fetch_add(1, Ordering::SeqCst);
         let behaviour = self.behaviour.clone();
+        let served = Arc::clone(&self.served);
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
@@ -185,6 +205,15 @@ impl Patchflow for Mock {
                         let _ = tx.send(Err(Status::unavailable("mock restart"))).await;
                         return;
                     }
+                    if behaviour.down.load(Ordering::SeqCst) {
+                        let _ = tx.send(Err(Status::unavailable("mock daemon down"))).await;
+                        return;
+                    }
+                    if behaviour.hang_after == Some(sent) {
+                        // Alive but silent until the client goes away.
+                        while let Ok(Some(_)) = inbound.message().await {}
+                        return;
+                    }
                     let index = next + u64::from(behaviour.wrong_index);
                     let mut parts = parts_of(c, index);
                     if shared == Some(true) && behaviour.unusable_shared_memory {
@@ -195,6 +224,7 @@ impl Patchflow for Mock {
                             return;
                         }
                     }
+                    served.lock().unwrap().push(index);
                     next += c.index_stride.max(1);
                     credits -= 1;
                     sent += 1;
@@ -208,6 +238,8 @@ impl Patchflow for Mock {
 struct Daemon {
     endpoint: String,
     opens: Arc<AtomicUsize>,
+    served: Arc<Mutex<Vec<u64>>>,
+    down: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -221,9 +253,12 @@ async fn daemon(behaviour: Behaviour) -> Daemon {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr: SocketAddr = listener.local_addr().unwrap();
     let opens = Arc::new(AtomicUsize::new(0));
+    let served = Arc::new(Mutex::new(Vec::new()));
+    let down = Arc::clone(&behaviour.down);
     let mock = Mock {
         behaviour,
         opens: Arc::clone(&opens),
+        served: Arc::clone(&served),
     };
     let task = tokio::spawn(async move {
         let _ = tonic::transport::Server::builder()
@@ -234,6 +269,8 @@ async fn daemon(behaviour: Behaviour) -> Daemon {
     Daemon {
         endpoint: format!("http://{addr}"),
         opens,
+        served,
+        down,
         task,
     }
 }
@@ -374,8 +411,10 @@ async fn failing_daemons_are_reconnected_without_skipping_or_repeating() {
         assert_eq!(batch.index, k);
         check(&batch, 9, [2, 2, 2], 1);
     }
-    assert!(daemons[0].opens.load(Ordering::SeqCst) >= 5);
-    assert!(daemons[1].opens.load(Ordering::SeqCst) >= 15);
+    // A stream of daemon 0 gives at most 3 batches, one of daemon 1 at most 1 (a failed
+    // stream's lane may move to the other daemon): at least 30 / 3 streams were opened.
+    let opens = daemons.each_ref().map(|d| d.opens.load(Ordering::SeqCst));
+    assert!(opens[0] + opens[1] >= 10, "{opens:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -482,4 +521,228 @@ async fn unusable_shared_memory_falls_back_to_messages_or_fails_when_required() 
     let mut stream = client.stream(config).await.unwrap();
     check(&next(&mut stream).await.unwrap(), 3, [2, 2, 3], 1);
     assert_eq!(d.opens.load(Ordering::SeqCst), opens + 1);
+}
+
+impl Daemon {
+    /// Indices this daemon sent, from position `from` of its log on.
+    fn served_since(&self, from: usize) -> Vec<u64> {
+        self.served.lock().unwrap()[from..].to_vec()
+    }
+
+    fn served_count(&self) -> usize {
+        self.served.lock().unwrap().len()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_down_daemon_s_batches_go_to_the_others_until_it_returns() {
+    let daemons = [
+        daemon(Behaviour::default()).await,
+        daemon(Behaviour::default()).await,
+        daemon(Behaviour::default()).await,
+    ];
+    let client = Client::connect(daemons.iter().map(|d| d.endpoint.clone()), options())
+        .await
+        .unwrap();
+    let mut config = StreamConfig::new("mock", [2, 2, 2], 1);
+    config.seed = 4;
+    // A rank's share (odd indices) resumed at 21: lane j holds the indices k with
+    // (k / 2) mod 3 == j.
+    let mut stream = client.stream_strided(config.clone(), 21, 2).await.unwrap();
+    let mut seed = 4;
+    // The next batch must be the next index of the share, with the seed in force.
+    async fn take(stream: &mut patchflow_client::BatchStream, seed: u64) {
+        let index = stream.next_index();
+        let batch = next(stream).await.unwrap();
+        assert_eq!(batch.index, index, "skipped or repeated");
+        check(&batch, seed, [2, 2, 2], 1);
+        assert_eq!(stream.next_index(), index + 2);
+    }
+    assert_eq!(stream.next_index(), 21);
+    for _ in 0..6 {
+        take(&mut stream, seed).await;
+    }
+    // Daemon 1 goes down: its lane moves to the others and the sequence goes on.
+    daemons[1].down.store(true, Ordering::SeqCst);
+    let mark = daemons.iter().map(Daemon::served_count).collect::<Vec<_>>();
+    for _ in 0..12 {
+        take(&mut stream, seed).await;
+    }
+    // A reconfiguration while it is down reaches the substitute stream too.
+    seed = 8;
+    config.seed = seed;
+    stream.reconfigure(config.clone()).unwrap();
+    for _ in 0..12 {
+        take(&mut stream, seed).await;
+    }
+    let lane1 = |k: &u64| (k / 2) % 3 == 1;
+    let moved: Vec<u64> = [0, 2]
+        .iter()
+        .flat_map(|&d| daemons[d].served_since(mark[d]))
+        .filter(lane1)
+        .collect();
+    assert!(
+        moved.len() >= 4,
+        "daemon 1's batches were served by the others: {moved:?}"
+    );
+    // Back up: the lane returns to it (probed with backoff; no sleep, the stream goes on).
+    let back = daemons[1].served_count();
+    daemons[1].down.store(false, Ordering::SeqCst);
+    let since = Instant::now();
+    while daemons[1].served_count() == back {
+        assert!(
+            since.elapsed() < GUARD,
+            "daemon 1 never got its batches back"
+        );
+        take(&mut stream, seed).await;
+    }
+    for _ in 0..12 {
+        take(&mut stream, seed).await;
+    }
+    let returned = daemons[1].served_since(back);
+    assert!(returned.iter().all(lane1), "{returned:?}");
+    assert!(returned.len() >= 2, "{returned:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_daemon_is_left_after_the_batch_timeout() {
+    let daemons = [
+        daemon(Behaviour::default()).await,
+        daemon(Behaviour {
+            hang_after: Some(3),
+            ..Behaviour::default()
+        })
+        .await,
+    ];
+    let timeout = Duration::from_millis(300);
+    let client = Client::connect(
+        daemons.iter().map(|d| d.endpoint.clone()),
+        ClientOptions {
+            batch_timeout: timeout,
+            max_backoff: Duration::from_secs(5),
+            initial_backoff: Duration::from_secs(5),
+            ..options()
+        },
+    )
+    .await
+    .unwrap();
+    let mut config = StreamConfig::new("mock", [2, 2, 2], 1);
+    config.seed = 2;
+    let mut stream = client.stream(config).await.unwrap();
+    let mut longest = Duration::ZERO;
+    for k in 0..40 {
+        let since = Instant::now();
+        let batch = next(&mut stream).await.unwrap();
+        longest = longest.max(since.elapsed());
+        assert_eq!(batch.index, k);
+        check(&batch, 2, [2, 2, 2], 1);
+    }
+    // The silent daemon sent 3 batches, its lane waited one timeout and went to daemon 0
+    // (the home probe waits 5 s, beyond this test).
+    assert_eq!(daemons[1].served_count(), 3);
+    assert!(longest >= timeout, "{longest:?}");
+    assert!(longest < timeout * 20, "waited {longest:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_are_not_failed_over_and_all_down_fails_with_unavailable() {
+    for code in [
+        Code::InvalidArgument,
+        Code::NotFound,
+        Code::Unauthenticated,
+        Code::DataLoss,
+    ] {
+        let ok = daemon(Behaviour::default()).await;
+        let refusing = daemon(Behaviour {
+            refuse: Some(code),
+            ..Behaviour::default()
+        })
+        .await;
+        let client = Client::connect([ok.endpoint.clone(), refusing.endpoint.clone()], options())
+            .await
+            .unwrap();
+        let mut stream = client
+            .stream(StreamConfig::new("mock", [1, 1, 1], 1))
+            .await
+            .unwrap();
+        // Batch 0 comes from the healthy daemon, batch 1's daemon refuses: that surfaces.
+        let mut failed = None;
+        for _ in 0..2 {
+            if let Err(e) = next(&mut stream).await {
+                failed = Some(e);
+                break;
+            }
+        }
+        let err = failed.expect("the refusal surfaces");
+        assert_eq!(err.code(), Some(code), "{err}");
+        assert!(matches!(err, ClientError::Server { .. }), "{err}");
+        assert_eq!(refusing.opens.load(Ordering::SeqCst), 1, "{code:?} retried");
+        assert_eq!(ok.opens.load(Ordering::SeqCst), 1, "{code:?} failed over");
+    }
+
+    // Every daemon down: the stream fails with UNAVAILABLE after max_attempts rounds.
+    let daemons = [
+        daemon(Behaviour::default()).await,
+        daemon(Behaviour::default()).await,
+    ];
+    let client = Client::connect(daemons.iter().map(|d| d.endpoint.clone()), options())
+        .await
+        .unwrap();
+    let mut stream = client
+        .stream(StreamConfig::new("mock", [1, 1, 1], 1))
+        .await
+        .unwrap();
+    next(&mut stream).await.unwrap();
+    for d in &daemons {
+        d.down.store(true, Ordering::SeqCst);
+    }
+    let err = loop {
+        if let Err(e) = next(&mut stream).await {
+            break e;
+        }
+    };
+    assert!(matches!(err, ClientError::GaveUp { .. }), "{err}");
+    assert_eq!(err.code(), Some(Code::Unavailable), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_down_when_the_client_connects_gets_its_batches_once_it_answers() {
+    let daemons = [
+        daemon(Behaviour::default()).await,
+        daemon(Behaviour::default()).await,
+    ];
+    daemons[0].down.store(true, Ordering::SeqCst);
+    let endpoints = || daemons.iter().map(|d| d.endpoint.clone());
+    let client = Client::connect(endpoints(), options()).await.unwrap();
+    assert_eq!(client.limits()[0].max_credits, 2, "borrowed from daemon 1");
+    let mut config = StreamConfig::new("mock", [1, 2, 2], 1);
+    config.seed = 6;
+    let mut stream = client.stream(config).await.unwrap();
+    for k in 0..10 {
+        let batch = next(&mut stream).await.unwrap();
+        assert_eq!(batch.index, k);
+        check(&batch, 6, [1, 2, 2], 1);
+    }
+    assert_eq!(daemons[0].served_count(), 0);
+    daemons[0].down.store(false, Ordering::SeqCst);
+    let since = Instant::now();
+    while daemons[0].served_count() == 0 {
+        assert!(since.elapsed() < GUARD, "daemon 0 never got its batches");
+        let k = stream.next_index();
+        let batch = next(&mut stream).await.unwrap();
+        assert_eq!(batch.index, k);
+        check(&batch, 6, [1, 2, 2], 1);
+    }
+    assert!(daemons[0].served_since(0).iter().all(|k| k % 2 == 0));
+
+    // Nobody answers: connecting fails with UNAVAILABLE after max_attempts rounds.
+    for d in &daemons {
+        d.down.store(true, Ordering::SeqCst);
+    }
+    let err = Client::connect(endpoints(), options()).await.err().unwrap();
+    assert!(
+        matches!(err, ClientError::GaveUp { attempts: 6, .. }),
+        "{err}"
+    );
+    assert_eq!(err.code(), Some(Code::Unavailable));
 }
