@@ -8,7 +8,8 @@ use anyhow::{Context, Result, bail};
 use patchflow_bench as bench;
 
 use crate::flags::bench::{
-    BenchArgs, BenchMode, LoadArgs, LoadTransport, PeerArgs, PeerAugment, PeerTransport, SuiteArgs,
+    BenchArgs, BenchMode, LoadArgs, LoadTransport, PeerArgs, PeerAugment, PeerTransport, RatioArgs,
+    SuiteArgs,
 };
 use crate::signals::stop_flag;
 
@@ -30,6 +31,7 @@ pub fn run(a: BenchArgs, progress: bool) -> Result<ExitCode> {
         None => suite(a.suite, progress),
         Some(BenchMode::Peer(p)) => peer(p),
         Some(BenchMode::Load(l)) => load(l, progress),
+        Some(BenchMode::Ratio(r)) => ratio(r),
     }
 }
 
@@ -165,6 +167,31 @@ fn peer(a: PeerArgs) -> Result<ExitCode> {
     let stop = stop_flag()?;
     let report = bench::run_peer(&cfg, &stop)?;
     println!("{}", serde_json::to_string(&report)?);
+    if let Some(path) = a.json {
+        bench::write_json(&path, &report)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn ratio(a: RatioArgs) -> Result<ExitCode> {
+    let cfg = bench::RatioConfig {
+        store: a.store,
+        edges: a.edges,
+        batch: a.batch,
+        foreground: a.foreground,
+        seconds: a.seconds,
+        rounds: a.rounds,
+        ring: a.ring,
+        grpc: a.grpc,
+        exe: exe()?,
+        log: std::env::temp_dir().join(format!("patchflow-ratio-{}.log", std::process::id())),
+        cache_mb: a.cache_mb,
+        daemon_args: a.daemon_arg,
+        command: command_line(),
+    };
+    let stop = stop_flag()?;
+    let report = bench::run_ratio(&cfg, &stop)?;
+    print!("{}", bench::render_ratio(&report));
     if let Some(path) = a.json {
         bench::write_json(&path, &report)?;
     }

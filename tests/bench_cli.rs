@@ -253,6 +253,68 @@ fn peer_mode_on_real_cases_in_process_and_over_grpc() {
 }
 
 #[test]
+fn ratio_mode_on_real_cases_reports_every_path_in_every_round() {
+    let Some(data) = shared_data("ratio_mode_on_real_cases_reports_every_path_in_every_round")
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = real_store(dir.path(), &data);
+    let out_json = dir.path().join("ratio.json");
+    let out = run_ok(&[
+        "bench",
+        "ratio",
+        "--store",
+        s(&store),
+        "--edges",
+        "16,24",
+        "--seconds",
+        "0.2",
+        "--rounds",
+        "2",
+        "--ring",
+        "3",
+        "--grpc",
+        "--json",
+        s(&out_json),
+    ]);
+    let report = json(&out_json);
+    let paths = ["in-process", "in-process ring 3", "gRPC+shm", "gRPC"];
+    // Every path at every edge in every round, in the order measured.
+    let runs = report["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2 * 2 * paths.len(), "{report}");
+    for (i, run) in runs.iter().enumerate() {
+        assert_eq!(run["round"].as_u64().unwrap() as usize, i / 8, "{run}");
+        assert_eq!(run["path"], paths[i % 4], "{run}");
+        let patches = run["patches"].as_u64().unwrap();
+        assert!(patches >= 2 && patches.is_multiple_of(2), "{run}");
+        assert!(run["cpu_s"].as_f64().unwrap() > 0.0, "{run}");
+    }
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2 * paths.len());
+    for row in rows {
+        let ratio = &row["wall_ratio"];
+        let (lo, mid, hi) = (
+            ratio["min"].as_f64().unwrap(),
+            ratio["median"].as_f64().unwrap(),
+            ratio["max"].as_f64().unwrap(),
+        );
+        assert!(0.0 < lo && lo <= mid && mid <= hi, "{row}");
+        if row["path"] == "in-process" {
+            assert_eq!((lo, hi), (1.0, 1.0), "the reference against itself: {row}");
+        }
+        assert!(
+            out.contains(&format!(
+                "| {}³ | {} |",
+                row["edge"],
+                row["path"].as_str().unwrap()
+            )),
+            "{out}"
+        );
+    }
+}
+
+#[test]
 fn load_mode_runs_many_changing_streams_without_errors() {
     let dir = tempfile::tempdir().unwrap();
     let work = dir.path().join("w");

@@ -25,6 +25,9 @@ pub enum BenchMode {
     Peer(PeerArgs),
     /// Many concurrent streams with changing patch sizes against one daemon for a set time.
     Load(LoadArgs),
+    /// The shared-memory path against the sampler in process (one reused buffer, and a ring
+    /// of buffers), alternately in one run, with the ratios.
+    Ratio(RatioArgs),
 }
 
 /// The suite: dataset → ingest → sampling by patch size, in process and over loopback gRPC,
@@ -183,6 +186,44 @@ pub struct PeerArgs {
     pub json: Option<PathBuf>,
     /// Further argument for the `patchflow serve` child (repeat for several, e.g.
     /// `--daemon-arg=--max-message-bytes --daemon-arg=4194304`).
+    #[arg(long, allow_hyphen_values = true)]
+    pub daemon_arg: Vec<String>,
+}
+
+/// `patchflow bench ratio`.
+#[derive(Args, Debug)]
+pub struct RatioArgs {
+    /// The store.
+    #[arg(long)]
+    pub store: PathBuf,
+    /// Cubic patch edges, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "64,128")]
+    pub edges: Vec<usize>,
+    /// Items per batch.
+    #[arg(long, default_value_t = 2)]
+    pub batch: usize,
+    /// Foreground-oversampled share.
+    #[arg(long, default_value_t = 0.33)]
+    pub foreground: f64,
+    /// Measured seconds of each path in each round (after a warm-up of a quarter of that).
+    #[arg(long, default_value_t = 4.0)]
+    pub seconds: f64,
+    /// Rounds (each measures every path at every edge, one after the other).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Buffers of the in-process ring reference (a loader's prefetch queue; at least 2).
+    #[arg(long, default_value_t = 4)]
+    pub ring: usize,
+    /// Also measure the path with the voxels inside the messages.
+    #[arg(long)]
+    pub grpc: bool,
+    /// Chunk cache of each side, MiB.
+    #[arg(long, default_value_t = 2048)]
+    pub cache_mb: u64,
+    /// Also write the JSON report here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Further argument for the `patchflow serve` child (repeat for several).
     #[arg(long, allow_hyphen_values = true)]
     pub daemon_arg: Vec<String>,
 }

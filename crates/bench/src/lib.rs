@@ -17,7 +17,8 @@
 //!
 //! and prints a table, writes a JSON report ([`SuiteReport`]) and a PNG plot, with a note of
 //! the machine. [`run_peer`] measures one configuration on one core for side-by-side tables
-//! with other loaders; [`run_load`] puts many changing streams on one daemon for a set time;
+//! with other loaders; [`run_ratio`] measures the same-host shared-memory path against the
+//! sampler in process, alternately in one run; [`run_load`] puts many changing streams on one daemon for a set time;
 //! [`run_object_store`] measures a store in S3-compatible object storage against a local copy,
 //! through a latency-adding proxy, and several daemons sharing it.
 
@@ -31,6 +32,7 @@ mod object;
 mod peer;
 mod plot;
 mod procstat;
+mod ratio;
 mod suite;
 
 pub use daemon::{Daemon, DaemonSpec};
@@ -46,6 +48,7 @@ pub use object::{
 pub use peer::{PeerConfig, PeerReport, run_peer};
 pub use plot::write_plot;
 pub use procstat::{ProcSample, sample as process_sample};
+pub use ratio::{RatioConfig, RatioReport, RatioRow, RatioRun, Spread, render_ratio, run_ratio};
 pub use suite::{
     IngestFigures, LoopbackRatio, StoreFigures, SuiteConfig, SuiteReport, render_table, run_suite,
 };

@@ -264,7 +264,8 @@ impl InProcess {
 
     /// Samples batches of `req` on every thread (thread `w` takes batch indices from a shared
     /// counter starting at `first_index`) until `until`; returns the counts and this process's
-    /// counters over the run.
+    /// counters over the run. Each batch reuses the buffers of the one before (the best case of
+    /// a loader: one warm buffer).
     pub fn run(
         &self,
         req: &BatchRequest,
@@ -272,6 +273,21 @@ impl InProcess {
         until: Until,
         stop: &AtomicBool,
     ) -> Result<(Counts, ProcSample, f64), BenchError> {
+        self.run_ring(req, first_index, until, 1, stop)
+    }
+
+    /// [`InProcess::run`] with `ring` batches held on each thread, as a loader with a prefetch
+    /// queue of `ring` batches holds them: each new batch reuses the buffers of the oldest one,
+    /// so the buffers are written in rotation (`ring` = 1: one buffer, always the same).
+    pub fn run_ring(
+        &self,
+        req: &BatchRequest,
+        first_index: u64,
+        until: Until,
+        ring: usize,
+        stop: &AtomicBool,
+    ) -> Result<(Counts, ProcSample, f64), BenchError> {
+        let ring = ring.max(1);
         self.sampler.validate(req, &unlimited())?;
         let next = AtomicU64::new(0);
         let before_cache = {
@@ -289,9 +305,9 @@ impl InProcess {
                     scope.spawn(move || {
                         pool.install(|| {
                             let mut counts = Counts::default();
-                            // Each batch reuses the previous one's buffers, as a loader in a
-                            // trainer's process would.
-                            let mut spare = (Vec::new(), Vec::new());
+                            // Each batch reuses the buffers of the oldest batch held, as a
+                            // loader in a trainer's process would.
+                            let mut held = std::collections::VecDeque::with_capacity(ring);
                             loop {
                                 if stop.load(Ordering::Relaxed) {
                                     return Err(BenchError::Interrupted);
@@ -303,7 +319,11 @@ impl InProcess {
                                     _ => {}
                                 }
                                 let t = Instant::now();
-                                let (image, label) = std::mem::take(&mut spare);
+                                let (image, label) = if held.len() >= ring {
+                                    held.pop_front().unwrap_or_default()
+                                } else {
+                                    (Vec::new(), Vec::new())
+                                };
                                 let batch =
                                     self.sampler
                                         .sample_into(req, first_index + k, image, label)?;
@@ -311,7 +331,7 @@ impl InProcess {
                                 counts.batches += 1;
                                 counts.patches += batch.items.len() as u64;
                                 counts.bytes += (batch.image.len() + batch.label.len()) as u64;
-                                spare = (batch.image, batch.label);
+                                held.push_back((batch.image, batch.label));
                             }
                             Ok(counts)
                         })

@@ -16,7 +16,7 @@ use crate::damage::{ServedRequest, SetAside, SetAsideCase, damaged_case, draws_f
 use crate::error::StreamError;
 use crate::metrics::Metrics;
 use crate::registry::Entry;
-use crate::shm::Slot;
+use crate::shm::SlotClaim;
 
 /// Everything one batch needs; moved onto a worker thread.
 pub(crate) struct Job {
@@ -29,8 +29,9 @@ pub(crate) struct Job {
     pub index: u64,
     /// How the stream's batches go on the wire.
     pub wire: WireFormat,
-    /// The slot to write into, on a shared-memory stream.
-    pub slot: Option<Slot>,
+    /// The place of the batch on a shared-memory stream; the slot it goes into is chosen when
+    /// the job starts (the one released last).
+    pub slot: Option<SlotClaim>,
     /// The daemon's counters.
     pub metrics: Arc<Metrics>,
     /// Buffers of sent batches, reused.
@@ -76,11 +77,15 @@ impl Job {
         })
     }
 
-    /// The batch written into `slot` (grown as needed) instead of a buffer.
-    fn sample_shared(&self, mut slot: Slot) -> Result<SharedOutcome, StreamError> {
+    /// The batch written into the slot `claim` binds (grown as needed) instead of a buffer.
+    fn sample_shared(&self, claim: SlotClaim) -> Result<SharedOutcome, StreamError> {
         let sampler = &self.entry.sampler;
         let base = self.request.base();
         let sizes = sampler.buffer_sizes(base)?;
+        let mut slot = match claim.bind() {
+            Ok(slot) => slot,
+            Err(e) => return Ok(SharedOutcome::SlotUnusable(e)),
+        };
         let (image, label) = match slot.buffers(sizes.0, sizes.1) {
             Ok(buffers) => buffers,
             Err(e) => return Ok(SharedOutcome::SlotUnusable(e)),

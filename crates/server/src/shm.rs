@@ -8,6 +8,14 @@
 //! maps the file read-only and hands out views of it. A slot is written again only after the
 //! client released it, so the bytes a client holds never change under it.
 //!
+//! Which slot a batch goes into is decided when a worker starts the batch, not when the stream
+//! submits it: the stream only reserves a place (a [`SlotClaim`]), and the worker takes the
+//! slot released most recently (last in, first out), creating one only when none is free. A
+//! slot written a moment ago is still in the CPU's caches; writing the slots in rotation costs
+//! about twice as much per batch on some machines (benches/RESULTS.md, "Sampling service"). With
+//! one worker and a client that keeps up, a stream so writes into two slots in turn, whatever
+//! its number of places.
+//!
 //! Files are created readable by the daemon's user only, named `patchflow-<pid>-<n>`, grown (never
 //! shrunk) when a larger batch needs them, and removed when their slot is dropped: when the stream
 //! ends, or with a job that was cancelled. Files left by a daemon that was killed are removed by
@@ -18,8 +26,8 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use memmap2::MmapMut;
 use tokio::sync::Notify;
@@ -165,6 +173,22 @@ pub(crate) struct Slot {
     /// Told when the slot is dropped (a cancelled job's slot goes on a worker thread, and the
     /// stream may be waiting for a slot).
     dropped: Arc<Notify>,
+    /// The stream's place this slot fills while it holds a batch (none while it is free).
+    place: Option<Place>,
+}
+
+/// One of a stream's places: held by a claim, then by the slot bound to it, until the batch
+/// in it was released or dropped. Gives the place back (and wakes the stream) when dropped.
+struct Place {
+    in_use: Arc<AtomicUsize>,
+    freed: Arc<Notify>,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.in_use.fetch_sub(1, Ordering::AcqRel);
+        self.freed.notify_one();
+    }
 }
 
 struct Mapped {
@@ -279,59 +303,128 @@ impl Drop for Slot {
             drop(mapped.file);
             remove(&mapped.path);
         }
-        self.alive.fetch_sub(1, Ordering::Relaxed);
+        self.alive.fetch_sub(1, Ordering::AcqRel);
         self.dropped.notify_one();
     }
 }
 
-/// The slots of one stream: free ones, ones lent to the client, and (counted only) ones a job
-/// is writing.
-pub(crate) struct SlotTable {
+/// What the slots of one stream share between the stream and its jobs.
+struct Shelf {
     dir: Arc<SharedDir>,
-    max: usize,
-    next_id: u32,
-    free: Vec<Slot>,
-    lent: HashMap<u32, Slot>,
+    /// Free slots, the one released last at the end (taken first).
+    free: Mutex<Vec<Slot>>,
+    /// Set when the stream closes its table: jobs bind no slot any more.
+    closed: std::sync::atomic::AtomicBool,
+    next_id: AtomicU32,
+    /// Slots in existence (free, lent or being written).
     alive: Arc<AtomicUsize>,
+    /// Places held by claims and by slots holding a batch.
+    in_use: Arc<AtomicUsize>,
+    /// Told when a slot is dropped or a place given back.
     dropped: Arc<Notify>,
+}
+
+impl Shelf {
+    fn free_slots(&self) -> std::sync::MutexGuard<'_, Vec<Slot>> {
+        // A panic while the list was held cannot leave it inconsistent (push and pop only).
+        self.free.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Puts `slot` back on the free list (its place goes back to the stream).
+    fn put_back(&self, mut slot: Slot) {
+        let place = slot.place.take();
+        if !self.closed.load(Ordering::Acquire) {
+            self.free_slots().push(slot);
+        }
+        drop(place);
+    }
+}
+
+/// A place reserved for one batch of a stream, bound to a concrete slot by the worker that
+/// writes the batch ([`SlotClaim::bind`]). Dropped unbound (a cancelled job), it gives the place
+/// back.
+pub(crate) struct SlotClaim {
+    shelf: Arc<Shelf>,
+    place: Place,
+}
+
+impl SlotClaim {
+    /// The slot for the batch: the free slot released last, else a new one (there is always
+    /// room for it: every slot not free holds a place, and this claim holds one without a
+    /// slot). Fails when the stream closed its table meanwhile.
+    pub(crate) fn bind(self) -> io::Result<Slot> {
+        let SlotClaim { shelf, place } = self;
+        // Under the free list's lock, so that closing the table and binding do not cross: a
+        // slot is either counted before the table waits for the slots alive, or not made.
+        let mut free = shelf.free_slots();
+        if shelf.closed.load(Ordering::Acquire) {
+            return Err(io::Error::other("the stream's slots are closed"));
+        }
+        let mut slot = free.pop().unwrap_or_else(|| {
+            shelf.alive.fetch_add(1, Ordering::AcqRel);
+            Slot {
+                id: shelf.next_id.fetch_add(1, Ordering::Relaxed),
+                dir: Arc::clone(&shelf.dir),
+                mapped: None,
+                alive: Arc::clone(&shelf.alive),
+                dropped: Arc::clone(&shelf.dropped),
+                place: None,
+            }
+        });
+        drop(free);
+        slot.place = Some(place);
+        Ok(slot)
+    }
+}
+
+/// The slots of one stream: at most `max` places, each a batch being written, ready, queued
+/// or lent to the client; the slots themselves, free or holding a batch; and the lent ones by
+/// number.
+pub(crate) struct SlotTable {
+    shelf: Arc<Shelf>,
+    max: usize,
+    lent: HashMap<u32, Slot>,
 }
 
 impl SlotTable {
     /// A table of at most `max` slots in `dir`.
     pub(crate) fn new(dir: Arc<SharedDir>, max: usize) -> SlotTable {
         SlotTable {
-            dir,
+            shelf: Arc::new(Shelf {
+                dir,
+                free: Mutex::new(Vec::new()),
+                closed: std::sync::atomic::AtomicBool::new(false),
+                next_id: AtomicU32::new(0),
+                alive: Arc::new(AtomicUsize::new(0)),
+                in_use: Arc::new(AtomicUsize::new(0)),
+                dropped: Arc::new(Notify::new()),
+            }),
             max,
-            next_id: 0,
-            free: Vec::new(),
             lent: HashMap::new(),
-            alive: Arc::new(AtomicUsize::new(0)),
-            dropped: Arc::new(Notify::new()),
         }
     }
 
-    /// Completes when a slot of the table was dropped since the last call (a place is free).
+    /// Completes when a slot of the table was dropped or a place given back since the last
+    /// call (a place may be free).
     pub(crate) fn slot_dropped(&self) -> Arc<Notify> {
-        Arc::clone(&self.dropped)
+        Arc::clone(&self.shelf.dropped)
     }
 
-    /// A slot for the next batch: a free one, or a new one while the table has room.
-    pub(crate) fn take(&mut self) -> Option<Slot> {
-        if let Some(slot) = self.free.pop() {
-            return Some(slot);
-        }
-        if self.alive.load(Ordering::Relaxed) >= self.max {
-            return None;
-        }
-        self.alive.fetch_add(1, Ordering::Relaxed);
-        let id = self.next_id;
-        self.next_id = self.next_id.wrapping_add(1);
-        Some(Slot {
-            id,
-            dir: Arc::clone(&self.dir),
-            mapped: None,
-            alive: Arc::clone(&self.alive),
-            dropped: Arc::clone(&self.dropped),
+    /// A place for the next batch, while the table has one.
+    pub(crate) fn take(&mut self) -> Option<SlotClaim> {
+        let shelf = &self.shelf;
+        shelf
+            .in_use
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .ok()?;
+        Some(SlotClaim {
+            shelf: Arc::clone(shelf),
+            place: Place {
+                in_use: Arc::clone(&shelf.in_use),
+                freed: Arc::clone(&shelf.dropped),
+            },
         })
     }
 
@@ -342,37 +435,42 @@ impl SlotTable {
 
     /// Takes back a slot whose batch was never sent (dropped by a reconfiguration).
     pub(crate) fn reuse(&mut self, slot: Slot) {
-        self.free.push(slot);
+        self.shelf.put_back(slot);
     }
 
     /// The client no longer reads slot `id`.
     pub(crate) fn release(&mut self, id: u32) {
         if let Some(slot) = self.lent.remove(&id) {
-            self.free.push(slot);
+            self.shelf.put_back(slot);
         }
     }
 
     /// Drops every slot of the table (removing their files) and waits until the slots still in
     /// jobs are dropped too.
     pub(crate) async fn close(self) {
-        let SlotTable {
-            free,
-            lent,
-            alive,
-            dropped,
-            ..
-        } = self;
+        let SlotTable { shelf, lent, .. } = self;
+        let free = {
+            let mut free = shelf.free_slots();
+            shelf.closed.store(true, Ordering::Release);
+            std::mem::take(&mut *free)
+        };
         drop(free);
         drop(lent);
-        while alive.load(Ordering::Relaxed) > 0 {
-            dropped.notified().await;
+        while shelf.alive.load(Ordering::Acquire) > 0 {
+            shelf.dropped.notified().await;
         }
     }
 
     /// Slots in existence (free, lent or being written).
     #[cfg(test)]
     fn alive(&self) -> usize {
-        self.alive.load(Ordering::Relaxed)
+        self.shelf.alive.load(Ordering::Relaxed)
+    }
+
+    /// Places in use.
+    #[cfg(test)]
+    fn in_use(&self) -> usize {
+        self.shelf.in_use.load(Ordering::Relaxed)
     }
 }
 
@@ -389,9 +487,13 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = SharedDir::open(tmp.path(), 1 << 30).unwrap();
         let mut table = SlotTable::new(Arc::clone(&dir), 2);
-        let mut a = table.take().unwrap();
-        let mut b = table.take().unwrap();
-        assert!(table.take().is_none(), "two slots at most");
+        let ca = table.take().unwrap();
+        let cb = table.take().unwrap();
+        assert!(table.take().is_none(), "two places at most");
+        assert_eq!(table.alive(), 0, "claims are not slots yet");
+        let mut a = ca.bind().unwrap();
+        let mut b = cb.bind().unwrap();
+        assert_eq!(table.alive(), 2);
         assert_eq!(files(tmp.path()), 0, "files come with the first batch");
         {
             let (img, lab) = a.buffers(10, 3).unwrap();
@@ -416,7 +518,7 @@ mod tests {
         table.release(99);
         assert!(table.take().is_none(), "an unknown slot changes nothing");
         table.release(ida);
-        let mut again = table.take().unwrap();
+        let mut again = table.take().unwrap().bind().unwrap();
         assert_eq!(again.id(), ida);
         // Growing keeps the file and its name.
         again.buffers(8192, 8192).unwrap();
@@ -428,8 +530,9 @@ mod tests {
         // A slot dropped (a cancelled job) frees its place and its file.
         drop(again);
         assert_eq!(table.alive(), 1);
+        assert_eq!(table.in_use(), 1, "the lent slot b keeps its place");
         assert_eq!(files(tmp.path()), 1);
-        let fresh = table.take().unwrap();
+        let fresh = table.take().unwrap().bind().unwrap();
         assert_ne!(fresh.id(), ida);
         assert_ne!(fresh.id(), idb);
         drop(fresh);
@@ -438,13 +541,94 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_goes_into_the_slot_released_last() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = SharedDir::open(tmp.path(), 1 << 30).unwrap();
+        let mut table = SlotTable::new(Arc::clone(&dir), 8);
+        // Four batches in flight: four slots.
+        let slots: Vec<Slot> = (0..4)
+            .map(|_| {
+                let mut s = table.take().unwrap().bind().unwrap();
+                s.buffers(100, 10).unwrap();
+                s
+            })
+            .collect();
+        let ids: Vec<u32> = slots.iter().map(Slot::id).collect();
+        for s in slots {
+            table.lend(s);
+        }
+        // Claims reserved while every slot is lent bind the slot released last before they
+        // were bound, not the one free when they were reserved.
+        table.release(ids[0]);
+        let early = table.take().unwrap();
+        let later = table.take().unwrap();
+        table.release(ids[2]);
+        table.release(ids[1]);
+        let first = early.bind().unwrap();
+        assert_eq!(
+            first.id(),
+            ids[1],
+            "the slot released last is written first"
+        );
+        let second = later.bind().unwrap();
+        assert_eq!(second.id(), ids[2]);
+        // One place left in use by the lent slot 3 and two by the bound ones; the free slot 0
+        // holds none.
+        assert_eq!(table.in_use(), 3);
+        assert_eq!(table.alive(), 4);
+        table.reuse(first);
+        table.reuse(second);
+        assert_eq!(table.in_use(), 1);
+        // A worker that keeps up with a client alternates between two slots, whatever the
+        // number of places.
+        let mut written = Vec::new();
+        let mut lent: Option<u32> = None;
+        for _ in 0..6 {
+            let slot = table.take().unwrap().bind().unwrap();
+            written.push(slot.id());
+            let id = slot.id();
+            table.lend(slot);
+            if let Some(previous) = lent.replace(id) {
+                table.release(previous);
+            }
+        }
+        let distinct: std::collections::BTreeSet<u32> = written.iter().copied().collect();
+        assert_eq!(distinct.len(), 2, "{written:?}");
+        assert_eq!(
+            table.alive(),
+            4,
+            "no slot was made while free ones were left"
+        );
+        assert_eq!(files(tmp.path()), 4);
+        drop(table);
+        assert_eq!(files(tmp.path()), 0);
+    }
+
+    #[tokio::test]
+    async fn an_unbound_claim_gives_its_place_back_and_closing_stops_binding() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = SharedDir::open(tmp.path(), 1 << 30).unwrap();
+        let mut table = SlotTable::new(Arc::clone(&dir), 1);
+        let claim = table.take().unwrap();
+        assert!(table.take().is_none());
+        let freed = table.slot_dropped();
+        // Dropped on a worker thread (a cancelled job): the stream is told.
+        std::thread::spawn(move || drop(claim)).join().unwrap();
+        freed.notified().await;
+        let late = table.take().expect("the place came back");
+        table.close().await;
+        assert!(late.bind().is_err(), "a closed table binds no slot");
+        assert_eq!(files(tmp.path()), 0);
+    }
+
+    #[test]
     fn the_budget_bounds_every_slot_file_together() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = SharedDir::open(tmp.path(), 40_000).unwrap();
         let mut a = SlotTable::new(Arc::clone(&dir), 4);
         let mut b = SlotTable::new(Arc::clone(&dir), 4);
-        let mut s1 = a.take().unwrap();
-        let mut s2 = b.take().unwrap();
+        let mut s1 = a.take().unwrap().bind().unwrap();
+        let mut s2 = b.take().unwrap().bind().unwrap();
         s1.buffers(20_000, 5_000).unwrap();
         let err = s2.buffers(20_000, 0).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::StorageFull);

@@ -331,8 +331,9 @@ impl Producer {
             return Ok(());
         };
         while self.credits > 0 && self.jobs.len() < ctx.limits.jobs_per_stream {
-            // On a shared-memory stream a batch needs a slot: with every slot lent to the client,
-            // production waits for a release.
+            // On a shared-memory stream a batch needs a place: with every place taken (batches
+            // lent to the client, queued or being written), production waits for a release. The
+            // slot itself is chosen when the job starts.
             let slot = match &mut self.slots {
                 Some(slots) => match slots.take() {
                     Some(slot) => Some(slot),
