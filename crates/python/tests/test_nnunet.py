@@ -3,7 +3,7 @@
 One session fixture makes a small nnU-Net dataset from the project's phantom (nnU-Net's raw
 layout, tests/nnunet/nnunet_fixture.py), runs nnU-Net's own `plan_and_preprocess`, ingests the
 preprocessed folder and serves it on a Unix socket. The test plan is nnU-Net's with a small patch
-(12×8×8, four PGPS stages) and a narrow network, so that a few epochs of two iterations run in
+(24×16×16, three poolings per axis: four PGPS stages) and a narrow network, so that a few epochs of two iterations run in
 seconds. The runs go through `python -m patchflow.nnunet train`; they check nnU-Net's checkpoint,
 training log and progress plot, the patch of every step against the schedule, the first batches
 against the daemon's for the seed, the live stream (one stream per run), and that `--c` continues
@@ -33,7 +33,7 @@ from patchflow.nnunet._targets import TargetMaker  # noqa: E402
 DATASET = "Dataset902_PhantomMR"
 PLANS = "nnUNetPlans_pftest"
 EPOCHS, ITERATIONS, SEED = 4, 2, 7
-TEST_PATCH = [12, 8, 8]
+TEST_PATCH = [24, 16, 16]
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +43,10 @@ def nnunet_env(patchflow_bin: Path, start_daemon, tmp_path_factory: pytest.TempP
     phantom, raw, pre = base / "phantom", base / "raw", base / "pre"
     run([patchflow_bin, "--quiet", "phantom", phantom, "--cases", "5", "--shape", "24,32,48", "--spacing", "1,1,2"])
     run([PYTHON, ROOT / "tests/nnunet/nnunet_fixture.py", "raw", phantom, raw / DATASET])
-    env = python_env() | {"nnUNet_raw": str(raw), "nnUNet_preprocessed": str(pre), "nnUNet_results": str(base / "res")}
+    # nnUNet_def_n_proc: one export process in nnU-Net's final validation (each spawned one
+    # imports torch and nnU-Net anew)
+    env = python_env() | {"nnUNet_raw": str(raw), "nnUNet_preprocessed": str(pre), "nnUNet_results": str(base / "res"),
+                          "nnUNet_def_n_proc": "1"}
     run(
         [PYTHON, "-c",
          "import sys\n"
@@ -57,7 +60,12 @@ def nnunet_env(patchflow_bin: Path, start_daemon, tmp_path_factory: pytest.TempP
     plans["plans_name"] = PLANS
     conf = plans["configurations"]["3d_fullres"]
     conf["patch_size"] = TEST_PATCH
-    conf["architecture"]["arch_kwargs"]["features_per_stage"] = [4, 8, 16, 32]
+    # three poolings per axis: four PGPS stages (16×8×8 to 24×16×16), and a patch large enough
+    # that nnU-Net's final sliding-window validation takes few windows
+    arch = conf["architecture"]["arch_kwargs"]
+    arch["features_per_stage"] = [4, 8, 16, 32]
+    arch["kernel_sizes"] = [[3, 3, 3]] * 4
+    arch["strides"] = [[1, 1, 1]] + [[2, 2, 2]] * 3
     (pre / DATASET / f"{PLANS}.json").write_text(json.dumps(plans, indent=1))
     # The store is named as nnU-Net names the dataset: the daemon serves it under that name.
     store = base / DATASET
@@ -91,7 +99,7 @@ def records(path: Path) -> list[dict]:
 
 
 def test_schedule(curriculum: str) -> patchflow.Schedule:
-    return patchflow.schedule(TEST_PATCH, (2, 2, 2), EPOCHS, 2, curriculum)
+    return patchflow.schedule(TEST_PATCH, (3, 3, 3), EPOCHS, 2, curriculum)
 
 
 test_schedule.__test__ = False  # a helper, not a test
