@@ -254,3 +254,19 @@ def test_targets_are_nnunets():
             assert torch.equal(mine_data[b, 0], image[b, 0])
             assert torch.equal(mine_data[b, 1], image[b, 1].masked_fill(pad, 0.0))
 
+
+
+def test_nnunetv2_train_finds_the_trainers(monkeypatch):
+    """`nnUNetv2_train -tr NAME` finds every class through `nnUNet_extTrainer`."""
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    import patchflow.nnunet as pfn
+    from patchflow.nnunet import trainers
+
+    out = run([PYTHON, "-m", "patchflow.nnunet", "trainer-path"], env=python_env()).stdout.strip()
+    assert out == pfn.trainer_path()
+    monkeypatch.setenv("nnUNet_extTrainer", out)
+    for mode, name in CLASS_NAMES.items():
+        cls = recursive_find_trainer_class_by_name(name)
+        assert cls is getattr(trainers, name)
+        assert cls.curriculum == mode
