@@ -7,40 +7,15 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
-use common::{phantom_store, s};
+use common::{Fingerprint, fingerprint, phantom_store, s, unix_daemon};
 use patchflow_client::{Batch, BatchStream, Client, ClientOptions, StreamConfig};
 
 /// `patchflow serve STORE` on the Unix socket `sock` only, its shared-memory slots in `shm`.
 fn daemon(store: &Path, sock: &Path, shm: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_patchflow"))
-        .args(["--quiet", "serve", s(store), "--no-tcp", "--unix", s(sock)])
-        .args(["--workers", "2", "--shm-dir", s(shm)])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("daemon starts")
-}
-
-/// What identifies a batch: its index, each item's case, origin and forced flag, and a hash of
-/// the bytes.
-type Fingerprint = (u64, Vec<(String, [i64; 3], bool)>, u64);
-
-fn fingerprint(b: &Batch) -> Fingerprint {
-    let items = b
-        .items
-        .iter()
-        .map(|i| (i.case_id.clone(), i.origin, i.forced_foreground))
-        .collect();
-    // FNV-1a over image and label bytes.
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    for byte in b.image.iter().chain(b.label.iter()) {
-        h = (h ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3);
-    }
-    (b.index, items, h)
+    unix_daemon(store, sock, &["--shm-dir", s(shm)])
 }
 
 /// A daemon that hangs is left after `batch_timeout`; one that dies is noticed at once.

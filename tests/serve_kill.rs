@@ -5,48 +5,15 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::Duration;
 
-use common::{phantom_store, s};
-use patchflow_client::{Batch, Client, ClientOptions, StreamConfig};
+use common::{fingerprint, phantom_store, unix_daemon};
+use patchflow_client::{Client, ClientOptions, StreamConfig};
 
 /// `patchflow serve STORE` on the Unix socket `sock` only.
 fn daemon(store: &Path, sock: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_patchflow"))
-        .args([
-            "--quiet",
-            "serve",
-            s(store),
-            "--no-tcp",
-            "--unix",
-            s(sock),
-            "--workers",
-            "2",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("daemon starts")
-}
-
-/// What identifies a batch: its index, each item's case, origin and forced flag, and a hash of
-/// the bytes.
-type Fingerprint = (u64, Vec<(String, [i64; 3], bool)>, u64);
-
-fn fingerprint(b: &Batch) -> Fingerprint {
-    let items = b
-        .items
-        .iter()
-        .map(|i| (i.case_id.clone(), i.origin, i.forced_foreground))
-        .collect();
-    // FNV-1a over image and label bytes.
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    for byte in b.image.iter().chain(b.label.iter()) {
-        h = (h ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3);
-    }
-    (b.index, items, h)
+    unix_daemon(store, sock, &[])
 }
 
 fn options() -> ClientOptions {

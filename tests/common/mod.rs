@@ -183,3 +183,42 @@ pub fn expected_label(
         patchflow_volume::LabelData::U16(v) => crop_ref(v, pre.shape, origin, patch, ignore),
     }
 }
+
+/// `patchflow serve STORE` on the Unix socket `sock` only, with 2 workers and the `extra`
+/// arguments; its stdout discarded, its stderr shown.
+pub fn unix_daemon(store: &Path, sock: &Path, extra: &[&str]) -> std::process::Child {
+    patchflow()
+        .args([
+            "serve",
+            s(store),
+            "--no-tcp",
+            "--unix",
+            s(sock),
+            "--workers",
+            "2",
+        ])
+        .args(extra)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("daemon starts")
+}
+
+/// What identifies a batch: its index, each item's case, origin and forced flag, and a hash of
+/// the bytes.
+pub type Fingerprint = (u64, Vec<(String, [i64; 3], bool)>, u64);
+
+/// The [`Fingerprint`] of a batch (FNV-1a over its image and label bytes).
+pub fn fingerprint(b: &patchflow_client::Batch) -> Fingerprint {
+    let items = b
+        .items
+        .iter()
+        .map(|i| (i.case_id.clone(), i.origin, i.forced_foreground))
+        .collect();
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for byte in b.image.iter().chain(b.label.iter()) {
+        h = (h ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3);
+    }
+    (b.index, items, h)
+}
