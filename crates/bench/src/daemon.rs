@@ -14,6 +14,28 @@ use patchflow_client::{Client, ClientOptions};
 use crate::BenchError;
 use crate::procstat::{self, ProcSample};
 
+/// A runtime on the calling thread, for a client driven by one measuring loop.
+pub(crate) fn current_thread_runtime() -> Result<tokio::runtime::Runtime, BenchError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(runtime_error)
+}
+
+/// A two-thread runtime for the benchmark's clients, its threads named `name`.
+pub(crate) fn client_runtime(name: &str) -> Result<tokio::runtime::Runtime, BenchError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name(name)
+        .build()
+        .map_err(runtime_error)
+}
+
+fn runtime_error(e: std::io::Error) -> BenchError {
+    BenchError::Task(format!("cannot start the async runtime: {e}"))
+}
+
 /// How to start the daemon.
 #[derive(Clone, Debug)]
 pub struct DaemonSpec {

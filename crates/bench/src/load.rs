@@ -182,12 +182,7 @@ pub fn run_load(cfg: &LoadConfig, stop: &AtomicBool) -> Result<LoadReport, Bench
         .store
         .file_name()
         .map_or_else(|| "store".into(), |n| n.to_string_lossy().into_owned());
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .thread_name("load-client")
-        .build()
-        .map_err(|e| BenchError::Task(format!("cannot start the async runtime: {e}")))?;
+    let runtime = crate::daemon::client_runtime("load-client")?;
     let secs = cfg.duration.as_secs().max(1);
     let bar = bar(cfg.progress, secs, "load (s)");
     runtime.block_on(async {

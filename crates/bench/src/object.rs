@@ -499,12 +499,7 @@ fn daemon_runs(
         return Ok(daemons);
     };
     let (sizes, _, _) = phases(cfg);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .thread_name("bench-client")
-        .build()
-        .map_err(|e| BenchError::Task(format!("cannot start the async runtime: {e}")))?;
+    let runtime = crate::daemon::client_runtime("bench-client")?;
     for &n in &cfg.daemons {
         for &patch in &sizes {
             let m = runtime.block_on(daemons_run(cfg, exe, name, n, patch, stop))?;

@@ -122,10 +122,7 @@ pub fn run_peer(cfg: &PeerConfig, stop: &AtomicBool) -> Result<PeerReport, Bench
                 shared_memory: true,
                 extra_args: cfg.daemon_args.clone(),
             };
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| BenchError::Task(format!("cannot start the async runtime: {e}")))?;
+            let runtime = crate::daemon::current_thread_runtime()?;
             runtime.block_on(async {
                 let mut daemon = Daemon::start(&spec).await?;
                 let mut config = StreamConfig::new(

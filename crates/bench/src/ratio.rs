@@ -193,10 +193,7 @@ pub fn run_ratio(cfg: &RatioConfig, stop: &AtomicBool) -> Result<RatioReport, Be
         shared_memory: true,
         extra_args: cfg.daemon_args.clone(),
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| BenchError::Task(format!("cannot start the async runtime: {e}")))?;
+    let runtime = crate::daemon::current_thread_runtime()?;
     let mut daemon = runtime.block_on(Daemon::start(&spec))?;
     let endpoint = daemon.endpoint();
     let mut runs = Vec::new();

@@ -388,12 +388,7 @@ impl SuiteRun<'_> {
             log: self.cfg.work_dir.join("daemon.log"),
             shared_memory: true,
         };
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .thread_name("bench-client")
-            .build()
-            .map_err(|e| BenchError::Task(format!("cannot start the async runtime: {e}")))?;
+        let runtime = crate::daemon::client_runtime("bench-client")?;
         runtime.block_on(async {
             let warm = self.daemon_warm(&spec).await?;
             let cold = if self.cfg.cold {
