@@ -3,6 +3,12 @@
 use bytes::Bytes;
 use patchflow_proto::v1 as pb;
 
+use std::sync::Arc;
+
+use patchflow_proto::buffers::BufferPool;
+
+use crate::compact::Received;
+
 pub use pb::{ImageDtype, LabelDtype};
 
 /// Placement of one item of a batch.
@@ -66,6 +72,49 @@ impl Batch {
     }
 }
 
+/// A complete batch as a lane hands it on: ready, or still in a compact wire form that the
+/// consumer converts ([`Delivery::into_batch`]).
+#[derive(Debug)]
+pub(crate) enum Delivery {
+    /// Buffers as served.
+    Ready(Batch),
+    /// Stored items or compressed labels to convert.
+    Compact(Received),
+}
+
+impl Delivery {
+    /// The batch index.
+    pub fn index(&self) -> u64 {
+        match self {
+            Delivery::Ready(b) => b.index,
+            Delivery::Compact(r) => r.index,
+        }
+    }
+
+    /// The batch with served buffers (a compact one converted into buffers from `pool`).
+    pub fn into_batch(self, pool: &Arc<BufferPool>) -> Result<Batch, String> {
+        match self {
+            Delivery::Ready(b) => Ok(b),
+            Delivery::Compact(r) => r.finish(pool),
+        }
+    }
+}
+
+/// The delivery of a complete batch: compact when its header says so, checked otherwise.
+fn complete(
+    index: u64,
+    header: pb::BatchHeader,
+    image: Bytes,
+    label: Bytes,
+) -> Result<Delivery, String> {
+    if Received::is_compact(&header) {
+        return Ok(Delivery::Compact(Received::new(
+            index, header, image, label,
+        )));
+    }
+    finish(index, header, image, label).map(Delivery::Ready)
+}
+
 /// Bytes per element of an image dtype.
 pub fn image_dtype_size(dtype: ImageDtype) -> Option<usize> {
     match dtype {
@@ -111,7 +160,7 @@ impl Assembler {
     }
 
     /// Takes one message; returns `(config_id, batch)` when it completes a batch.
-    pub fn push(&mut self, msg: pb::SampleResponse) -> Result<Option<(u64, Batch)>, String> {
+    pub fn push(&mut self, msg: pb::SampleResponse) -> Result<Option<(u64, Delivery)>, String> {
         if let Some(p) = &mut self.partial {
             if msg.index != p.index
                 || msg.config_id != p.config_id
@@ -141,7 +190,7 @@ impl Assembler {
             let Some(p) = self.partial.take() else {
                 return Ok(None);
             };
-            let batch = finish(
+            let batch = complete(
                 p.index,
                 p.header,
                 Bytes::from(p.image),
@@ -166,7 +215,7 @@ impl Assembler {
             ));
         }
         if msg.parts <= 1 {
-            let batch = finish(msg.index, header, msg.image, msg.label)?;
+            let batch = complete(msg.index, header, msg.image, msg.label)?;
             return Ok(Some((msg.config_id, batch)));
         }
         let mut image = Vec::with_capacity(usize::try_from(header.image_bytes).unwrap_or(0));
@@ -301,8 +350,10 @@ mod tests {
                     forced_foreground: i == 1,
                     class_value: (i == 1).then_some(3),
                     augment_json: String::new(),
+                    stored: None,
                 })
                 .collect(),
+            label_encoding: 0,
         }
     }
 
@@ -349,6 +400,7 @@ mod tests {
                 out = r.or(out);
             }
             let (cid, batch) = out.unwrap();
+            let batch = batch.into_batch(&BufferPool::new(1, 1 << 20)).unwrap();
             assert_eq!(cid, 1);
             assert_eq!(batch.image.as_ref(), image.as_slice());
             assert_eq!(batch.label.as_ref(), label.as_slice());

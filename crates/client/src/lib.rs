@@ -72,19 +72,19 @@
 
 mod auth;
 mod batch;
+mod compact;
 mod config;
 mod error;
 mod link;
 mod shared;
+mod transport;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
-use hyper_util::rt::TokioIo;
+use patchflow_proto::buffers::BufferPool;
 use patchflow_proto::v1 as pb;
 use patchflow_proto::v1::patchflow_client::PatchflowClient;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint, Uri};
 
 pub use auth::TlsOptions;
 pub use batch::{Batch, ImageDtype, Item, LabelDtype, image_dtype_size, label_dtype_size};
@@ -98,9 +98,10 @@ pub use patchflow_proto::v1::{
 
 use auth::Credentials;
 use link::{Command, Event, Health, Link, Target};
+use transport::{Transport, is_local};
 
-/// The generated client over a channel that adds the credentials to every call.
-pub(crate) type Rpc = PatchflowClient<InterceptedService<Channel, Credentials>>;
+/// The generated client over a connection that adds the credentials to every call.
+pub(crate) type Rpc = PatchflowClient<InterceptedService<Transport, Credentials>>;
 
 /// Largest message accepted when a daemon does not say (it always does).
 const DEFAULT_MAX_MESSAGE: usize = 64 << 20;
@@ -126,103 +127,6 @@ pub struct Client {
     health: Arc<Health>,
 }
 
-/// Builds a lazily connecting channel for `endpoint`: plaintext for `unix:` and `http://`,
-/// TLS for `https://`; without a scheme, TLS when `tls` is set.
-fn channel(
-    endpoint: &str,
-    options: &ClientOptions,
-    tls: Option<&ClientTlsConfig>,
-) -> Result<Channel, ClientError> {
-    let invalid = |reason: String| ClientError::InvalidEndpoint {
-        endpoint: endpoint.to_owned(),
-        reason,
-    };
-    if let Some(path) = endpoint.strip_prefix("unix:") {
-        let path = PathBuf::from(path.trim_start_matches("//"));
-        if !path.is_absolute() {
-            return Err(invalid("a Unix socket path must be absolute".into()));
-        }
-        // The authority is not used for Unix sockets but must form a valid URI.
-        let ep = Endpoint::from_static("http://localhost")
-            .connect_timeout(options.connect_timeout)
-            .http2_adaptive_window(true);
-        let connector = tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move {
-                let stream = tokio::net::UnixStream::connect(path).await?;
-                Ok::<_, std::io::Error>(TokioIo::new(stream))
-            }
-        });
-        return Ok(ep.connect_with_connector_lazy(connector));
-    }
-    let url = if endpoint.contains("://") {
-        endpoint.to_owned()
-    } else if tls.is_some() {
-        format!("https://{endpoint}")
-    } else {
-        format!("http://{endpoint}")
-    };
-    let https = url.starts_with("https://");
-    if tls.is_some() && !https {
-        return Err(invalid(
-            "TLS options are set but the endpoint is not https:// (use https:// or no scheme)"
-                .into(),
-        ));
-    }
-    let mut ep = Endpoint::from_shared(url)
-        .map_err(|e| invalid(e.to_string()))?
-        .connect_timeout(options.connect_timeout)
-        .tcp_nodelay(true)
-        .http2_adaptive_window(true);
-    if https {
-        let config = match tls {
-            Some(config) => config.clone(),
-            None => options.tls.load()?,
-        };
-        ep = ep
-            .tls_config(config)
-            .map_err(|e| ClientError::Credentials {
-                origin: options.tls.ca.as_ref().map_or_else(
-                    || "the system's trusted certificates".to_owned(),
-                    |ca| format!("TLS CA file {}", ca.display()),
-                ),
-                reason: error::chain(&e),
-            })?;
-    } else if options.token.is_some() && !is_loopback_url(ep.uri()) {
-        tracing::warn!(
-            %endpoint,
-            "the bearer token travels in clear text to a non-loopback address; use https://"
-        );
-    }
-    Ok(ep.connect_lazy())
-}
-
-/// Whether `endpoint` is a Unix socket or a loopback address (a daemon on this host).
-fn is_local(endpoint: &str) -> bool {
-    if endpoint.starts_with("unix:") {
-        return true;
-    }
-    let url = if endpoint.contains("://") {
-        endpoint.to_owned()
-    } else {
-        format!("http://{endpoint}")
-    };
-    url.parse::<Uri>().is_ok_and(|uri| is_loopback_url(&uri))
-}
-
-/// Whether `uri` names this host.
-fn is_loopback_url(uri: &Uri) -> bool {
-    match uri.host() {
-        Some("localhost") => true,
-        Some(host) => host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.to_canonical().is_loopback()),
-        None => false,
-    }
-}
-
 impl Client {
     /// Connects to every endpoint and reads its limits. With one endpoint, an unreachable
     /// daemon is retried with the options' backoff and fails the call when it stays
@@ -246,8 +150,11 @@ impl Client {
         let mut clients = Vec::new();
         for endpoint in endpoints {
             let endpoint = endpoint.as_ref().to_owned();
-            let channel = channel(&endpoint, &options, tls.as_ref())?;
-            let client = PatchflowClient::with_interceptor(channel, credentials.clone());
+            let (transport, origin) = transport::connect(&endpoint, &options, tls.as_ref())?;
+            let client = PatchflowClient::with_origin(
+                InterceptedService::new(transport, credentials.clone()),
+                origin,
+            );
             clients.push((endpoint, client));
         }
         if clients.is_empty() {
@@ -401,6 +308,7 @@ impl Client {
             config_id: 0,
             config: config.clone(),
             failed: None,
+            buffers: BufferPool::new(SPARE_BUFFERS, SPARE_BYTES),
         };
         stream.reconfigure(config)?;
         Ok(stream)
@@ -486,7 +394,14 @@ pub struct BatchStream {
     config_id: u64,
     config: StreamConfig,
     failed: Option<ClientError>,
+    /// Buffers of compact batches converted here, back from batches the caller dropped.
+    buffers: Arc<BufferPool>,
 }
+
+/// Spare buffers a stream keeps for the batches it converts (image and label of a few
+/// batches), and their bound in bytes.
+const SPARE_BUFFERS: usize = 8;
+const SPARE_BYTES: usize = 1 << 30;
 
 impl BatchStream {
     /// Index of the batch the next call to [`BatchStream::next`] returns.
@@ -533,12 +448,13 @@ impl BatchStream {
                 })?;
             match event {
                 Event::Batch { config_id, batch } if config_id == self.config_id => {
-                    if batch.index != self.next_index {
+                    if batch.index() != self.next_index {
                         let err = ClientError::Protocol {
                             endpoint: link.endpoint.clone(),
                             reason: format!(
                                 "expected batch {}, received batch {}",
-                                self.next_index, batch.index
+                                self.next_index,
+                                batch.index()
                             ),
                         };
                         self.failed = Some(err.clone());
@@ -546,7 +462,15 @@ impl BatchStream {
                     }
                     self.next_index = self.next_index.saturating_add(self.stride);
                     link.send(Command::Credit);
-                    return Ok(batch);
+                    // A compact batch is converted here, on the consumer's side.
+                    return batch.into_batch(&self.buffers).map_err(|reason| {
+                        let err = ClientError::Protocol {
+                            endpoint: link.endpoint.clone(),
+                            reason,
+                        };
+                        self.failed = Some(err.clone());
+                        err
+                    });
                 }
                 Event::Failed { config_id, error } if config_id == self.config_id => {
                     self.failed = Some(error.clone());

@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::Status;
 
-use crate::batch::{Assembler, Batch};
+use crate::batch::{Assembler, Delivery};
 use crate::error::{final_error, is_retryable};
 use crate::shared::{MapError, SharedSlots};
 use crate::{ClientError, ClientOptions, Rpc};
@@ -38,8 +38,8 @@ pub(crate) enum Command {
 
 /// What a link delivers.
 pub(crate) enum Event {
-    /// A batch of configuration `config_id`.
-    Batch { config_id: u64, batch: Batch },
+    /// A batch of configuration `config_id` (converted by the consumer when compact).
+    Batch { config_id: u64, batch: Delivery },
     /// Configuration `config_id` cannot be served.
     Failed { config_id: u64, error: ClientError },
 }
@@ -326,6 +326,10 @@ impl LinkTask {
             credits: self.outstanding,
             shared_memory: shared.map(|slots| pb::SharedMemoryRequest { slots }),
             released: Vec::new(),
+            wire: self.options.compact.then_some(pb::WireOptions {
+                stored_image: true,
+                zstd_labels: true,
+            }),
         });
         let mut client = target.client.clone();
         let timeout = self.options.batch_timeout;
@@ -415,7 +419,7 @@ impl LinkTask {
                         // A batch completes from one shared-memory message or from its parts.
                         let received = if message.shared.is_some() {
                             match slots.batch(message, &releases) {
-                                Ok(done) => Ok(Some(done)),
+                                Ok((config_id, batch)) => Ok(Some((config_id, Delivery::Ready(batch)))),
                                 Err(MapError::Protocol(reason)) => Err(reason),
                                 Err(MapError::Unusable { path, reason }) => {
                                     return self
@@ -515,7 +519,7 @@ impl LinkTask {
     }
 
     /// Hands a batch to the consumer if it belongs to the configuration in force.
-    fn deliver(&mut self, config_id: u64, batch: Batch) -> Result<(), String> {
+    fn deliver(&mut self, config_id: u64, batch: Delivery) -> Result<(), String> {
         let Some(config) = self.config.as_mut() else {
             return Ok(());
         };
@@ -524,10 +528,10 @@ impl LinkTask {
             return Ok(());
         }
         let expected = config.start_index.unwrap_or(0);
-        if batch.index != expected {
+        if batch.index() != expected {
             return Err(format!(
                 "expected batch {expected}, received batch {}",
-                batch.index
+                batch.index()
             ));
         }
         config.start_index = Some(expected.saturating_add(config.index_stride.max(1)));

@@ -243,6 +243,7 @@ mod tests {
                 ignore_label: 255,
                 image_bytes: 16,
                 label_bytes: 4,
+                label_encoding: pb::LabelEncoding::Raw as i32,
                 items: vec![pb::ItemInfo {
                     case_id: "c".into(),
                     origin: vec![0, 0, 0],

@@ -82,8 +82,10 @@ fn parts_of(config: &pb::SampleConfig, index: u64) -> Vec<pb::SampleResponse> {
                 forced_foreground: false,
                 class_value: None,
                 augment_json: String::new(),
+                stored: None,
             })
             .collect(),
+        label_encoding: pb::LabelEncoding::Raw as i32,
     };
     // Two parts: the image, then the label.
     vec![

@@ -2,12 +2,14 @@
 //! tonic client and server stubs, shared by the daemon and every Rust client so that both sides
 //! always agree on the protocol.
 //!
-//! It owns the wire contract and the bearer token's rule. It must not hold any behaviour of the
-//! daemon or of a client beyond the generated code and the token's checks.
+//! It owns the wire contract, the bearer token's rule and the pool of recycled batch buffers
+//! both ends fill. It must not hold any behaviour of the daemon or of a client beyond the
+//! generated code, the token's checks and the pool.
 //!
 //! Byte fields are [`bytes::Bytes`], so batch buffers move between the sampler, the transport
 //! and the caller without being copied.
 
+pub mod buffers;
 pub mod token;
 
 /// Package `patchflow.v1`: messages, enums, `patchflow_client` and `patchflow_server`.

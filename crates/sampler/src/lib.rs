@@ -24,6 +24,7 @@
 //!   change, so any thread count, machine or restart reproduces the same batches.
 
 mod augmented;
+mod compact;
 pub mod convert;
 mod dataset;
 mod error;
@@ -35,6 +36,7 @@ mod rng;
 mod sampler;
 mod visit;
 
+pub use compact::{CompactBatch, StoredItem};
 pub use convert::OutputDType;
 pub use dataset::{Dataset, IGNORE_U8, IGNORE_U16};
 pub use error::SamplerError;

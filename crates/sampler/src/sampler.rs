@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 use crate::SamplerError;
 use crate::augmented::{ItemTask, ScratchPool};
-use crate::convert::{ImageRuns, LabelRuns};
+use crate::convert::{ImageRuns, LabelRuns, StoredRuns};
 use crate::dataset::{CaseRef, Dataset};
 use crate::placement::{cases_per_batch, is_forced, slot_of_item};
 use crate::plan::{CaseView, place_item, present_weights};
@@ -37,10 +37,13 @@ pub struct Sampler {
 }
 
 /// One unit of parallel work: one image channel or the label of one item.
-struct FillTask<'a> {
-    item: usize,
-    array: ArrayId,
-    out: &'a mut [u8],
+pub(crate) struct FillTask<'a> {
+    pub item: usize,
+    pub array: ArrayId,
+    pub out: &'a mut [u8],
+    /// Image channels copied in their stored element type, not normalised (see
+    /// [`Sampler::sample_compact_into`]).
+    pub stored: bool,
 }
 
 impl Sampler {
@@ -239,6 +242,7 @@ impl Sampler {
                     item: k / channels.max(1),
                     array: ArrayId::Image(k % channels.max(1)),
                     out,
+                    stored: false,
                 });
             }
         }
@@ -248,6 +252,7 @@ impl Sampler {
                     item,
                     array: ArrayId::Label,
                     out,
+                    stored: false,
                 });
             }
         }
@@ -315,6 +320,7 @@ impl Sampler {
             .collect()
     }
 
+    /// The dataset's cases with their precomputed facts.
     pub(crate) fn case(&self, case: usize) -> Result<CaseRef<'_>, SamplerError> {
         self.dataset.view(case).ok_or_else(|| {
             SamplerError::invalid(
@@ -348,11 +354,23 @@ impl Sampler {
             .par_chunks_mut(item_image)
             .zip(label.par_chunks_mut(item_label))
             .zip(items.par_iter())
-            .for_each(|((image, label), meta)| {
-                if let Some(outside) = ds.view(meta.case).and_then(|v| v.info.outside.as_ref()) {
-                    outside.apply_served(image, elem, voxels, label, ds.label_dtype());
-                }
-            });
+            .for_each(|((image, label), meta)| self.clear_item_outside(req, meta, image, label));
+    }
+
+    /// [`Sampler::clear_outside_mask`] for one plain item: `image` its `C * Z * Y * X` served
+    /// elements, `label` its labels.
+    pub(crate) fn clear_item_outside(
+        &self,
+        req: &BatchRequest,
+        meta: &ItemMeta,
+        image: &mut [u8],
+        label: &mut [u8],
+    ) {
+        let ds = &*self.dataset;
+        if let Some(outside) = ds.view(meta.case).and_then(|v| v.info.outside.as_ref()) {
+            let voxels = usize::try_from(req.patch.voxels()).unwrap_or(0);
+            outside.apply_served(image, req.dtype.size(), voxels, label, ds.label_dtype());
+        }
     }
 
     /// Fills one augmented item with a pooled scratch.
@@ -366,7 +384,7 @@ impl Sampler {
 
     /// Fills one channel or label of one item through `visit_box`: each stored run is converted
     /// straight into the batch buffer.
-    fn fill(
+    pub(crate) fn fill(
         &self,
         req: &BatchRequest,
         items: &[ItemMeta],
@@ -386,6 +404,17 @@ impl Sampler {
                         reason: format!("no image channel {c}"),
                     });
                 };
+                if task.stored {
+                    let runs = StoredRuns {
+                        size: stored.size(),
+                    };
+                    return visit_into(reader, task.array, origin, patch, out, &runs)?.map_err(
+                        |reason| SamplerError::Case {
+                            case: meta.case_id.clone(),
+                            reason: format!("reading {}: {reason}", task.array),
+                        },
+                    );
+                }
                 macro_rules! image {
                     ($t:ty) => {
                         visit_into(
@@ -544,7 +573,7 @@ fn box_voxels(shape: [usize; 3]) -> u64 {
 }
 
 /// A batch whose size does not fit in this machine's address space.
-fn too_large(sampler: &Sampler, req: &BatchRequest) -> SamplerError {
+pub(crate) fn too_large(sampler: &Sampler, req: &BatchRequest) -> SamplerError {
     SamplerError::LimitExceeded {
         what: "batch bytes",
         value: sampler.batch_bytes(req),
@@ -555,7 +584,7 @@ fn too_large(sampler: &Sampler, req: &BatchRequest) -> SamplerError {
 /// `buf` resized to `len` bytes, keeping its allocation when it is large enough. With `clear`
 /// every byte is zero; without, bytes the buffer already held keep their old values (the caller
 /// overwrites them all) and only new ones are zero.
-fn sized(mut buf: Vec<u8>, len: usize, clear: bool) -> Vec<u8> {
+pub(crate) fn sized(mut buf: Vec<u8>, len: usize, clear: bool) -> Vec<u8> {
     if buf.capacity() < len {
         // Fresh zeroed memory comes from the kernel without a memset.
         return vec![0u8; len];

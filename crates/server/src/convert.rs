@@ -7,19 +7,23 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use patchflow_proto::v1 as pb;
-use patchflow_sampler::{AugmentSpec, Batch, BatchRequest, ItemMeta, OutputDType, Patch, Policy};
+use patchflow_sampler::{
+    AugmentSpec, Batch, BatchRequest, CompactBatch, ItemMeta, OutputDType, Patch, Policy,
+    StoredItem,
+};
 use patchflow_store::MAX_CASE_ID_LEN;
 use patchflow_volume::DType;
 use prost::Message;
 
 use crate::auth::check_name;
-use crate::buffers::BufferPool;
 use crate::damage::ServedRequest;
 use crate::error::StreamError;
-use crate::registry::{Entry, Registry, label_dtype};
+use crate::registry::{Entry, Registry, label_dtype, normalization};
 use crate::shm::Slot;
 use crate::{Limits, config::MIN_MESSAGE_BYTES};
+use patchflow_proto::buffers::BufferPool;
 
 /// Foreground fraction used when a configuration names no policy (nnU-Net's default).
 pub const DEFAULT_FOREGROUND_FRACTION: f64 = 0.33;
@@ -50,7 +54,38 @@ pub(crate) struct WireFormat {
     pub config_id: u64,
     /// Largest message; larger batches are split into parts.
     pub max_message_bytes: usize,
+    /// The compact forms the stream asked for (set per stream, not per configuration).
+    pub compact: Compact,
 }
+
+/// The compact wire forms of a stream (proto `WireOptions`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Compact {
+    /// Qualifying items travel in their stored type.
+    pub stored_image: bool,
+    /// Label buffers travel as one zstd frame.
+    pub zstd_labels: bool,
+}
+
+impl From<&pb::WireOptions> for Compact {
+    fn from(w: &pb::WireOptions) -> Compact {
+        Compact {
+            stored_image: w.stored_image,
+            zstd_labels: w.zstd_labels,
+        }
+    }
+}
+
+thread_local! {
+    /// A compression context per worker thread, reused: creating one (and its tables) costs
+    /// more than compressing a batch's labels.
+    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// zstd level of compressed label buffers: the fastest, which already shrinks real label maps
+/// a hundredfold and more.
+const LABEL_ZSTD_LEVEL: i32 = 1;
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> StreamError {
     StreamError::InvalidField {
@@ -136,6 +171,7 @@ pub(crate) fn stream_config(
             ignore_label: dataset.ignore_label(),
             config_id: config.config_id,
             max_message_bytes: limits.max_message_bytes,
+            compact: Compact::default(),
         },
     })
 }
@@ -192,7 +228,8 @@ fn check_message_room(
     let item_bound = if request.augment.is_some() {
         ITEM_HEADER_BOUND + AUGMENT_JSON_BOUND * channels.max(1)
     } else {
-        ITEM_HEADER_BOUND
+        // A plain item may travel in its stored type, described with its normalisations.
+        ITEM_HEADER_BOUND + STORED_IMAGE_BOUND + NORMALIZATION_BOUND * channels.max(1)
     };
     let header_bound = request.batch.saturating_mul(item_bound) + 2 * PART_OVERHEAD;
     let needed = header_bound.saturating_mul(2);
@@ -286,20 +323,68 @@ fn augment_spec(wire: Option<&pb::Augmentation>) -> Result<Option<AugmentSpec>, 
 /// `MAX_CASE_ID_LEN` bytes, three origins, flags, tags and lengths).
 const ITEM_HEADER_BOUND: usize = MAX_CASE_ID_LEN + 64;
 
+/// Upper bound of the encoded size of an item's `StoredImage` without its normalisations (a
+/// dtype name of at most 3 bytes, three shape values, tags and lengths).
+const STORED_IMAGE_BOUND: usize = 48;
+
+/// Upper bound of the encoded size of one channel's `Normalization` (a scheme name of at most 6
+/// bytes, a flag, four floats, tags and lengths).
+const NORMALIZATION_BOUND: usize = 40;
+
 /// Room reserved in every message for the fields around the payload (index, part numbers,
 /// field tags and lengths).
 const PART_OVERHEAD: usize = 64;
 
 /// Splits `batch` into messages of at most `wire.max_message_bytes` each (buffers are shared,
-/// not copied).
+/// not copied; labels compressed when the stream asked for it).
 pub(crate) fn encode_batch(
     batch: Batch,
     wire: &WireFormat,
     buffers: &Arc<BufferPool>,
 ) -> EncodedBatch {
+    encode_parts(batch, None, wire, buffers)
+}
+
+/// [`encode_batch`] for a batch in compact form: its stored items are described in the header.
+pub(crate) fn encode_compact(
+    compact: CompactBatch,
+    wire: &WireFormat,
+    buffers: &Arc<BufferPool>,
+) -> EncodedBatch {
+    encode_parts(compact.batch, Some(compact.stored), wire, buffers)
+}
+
+/// The label buffer as it travels: compressed into one zstd frame when the stream asked for it
+/// (the raw buffer goes back to the pool), shared as it is otherwise.
+fn wire_label(label: Vec<u8>, wire: &WireFormat, buffers: &Arc<BufferPool>) -> (Bytes, bool) {
+    if wire.compact.zstd_labels {
+        let compressed = COMPRESSOR.with_borrow_mut(|c| {
+            let c = match c {
+                Some(c) => c,
+                None => c.insert(zstd::bulk::Compressor::new(LABEL_ZSTD_LEVEL)?),
+            };
+            c.compress(&label)
+        });
+        match compressed {
+            Ok(frame) => {
+                drop(buffers.share(label));
+                return (Bytes::from(frame), true);
+            }
+            Err(e) => tracing::warn!(error = %e, "label compression failed; sent raw"),
+        }
+    }
+    (buffers.share(label), false)
+}
+
+fn encode_parts(
+    batch: Batch,
+    stored: Option<Vec<Option<StoredItem>>>,
+    wire: &WireFormat,
+    buffers: &Arc<BufferPool>,
+) -> EncodedBatch {
     let image = buffers.share(batch.image);
-    let label = buffers.share(batch.label);
-    let header = batch_header(
+    let (label, zstd) = wire_label(batch.label, wire, buffers);
+    let mut header = batch_header(
         batch.patch,
         batch.dtype,
         batch.label_dtype,
@@ -307,6 +392,16 @@ pub(crate) fn encode_batch(
         (image.len(), label.len()),
         wire,
     );
+    if zstd {
+        header.label_encoding = pb::LabelEncoding::Zstd as i32;
+    }
+    for (info, form) in header.items.iter_mut().zip(stored.into_iter().flatten()) {
+        info.stored = form.map(|f| pb::StoredImage {
+            dtype: f.dtype.name().to_owned(),
+            normalization: f.norms.iter().map(normalization).collect(),
+            shape: f.shape.iter().map(|&s| s as u64).collect(),
+        });
+    }
     // The header travels in part 0 only, but sizing every part with it keeps the split simple.
     let room = wire
         .max_message_bytes
@@ -362,6 +457,7 @@ pub(crate) fn batch_header(
         ignore_label: u32::from(wire.ignore_label),
         image_bytes: sizes.0 as u64,
         label_bytes: sizes.1 as u64,
+        label_encoding: pb::LabelEncoding::Raw as i32,
         items: items
             .into_iter()
             .map(|item| pb::ItemInfo {
@@ -375,6 +471,7 @@ pub(crate) fn batch_header(
                     .as_ref()
                     .and_then(|p| serde_json::to_string(p).ok())
                     .unwrap_or_default(),
+                stored: None,
             })
             .collect(),
     }
@@ -442,6 +539,7 @@ mod tests {
             ignore_label: 255,
             config_id,
             max_message_bytes,
+            compact: Compact::default(),
         }
     }
 
@@ -482,7 +580,23 @@ mod tests {
             forced_foreground: true,
             class_value: Some(u32::from(u16::MAX)),
             augment_json: String::new(),
+            stored: None,
         };
+        let stored = pb::StoredImage {
+            dtype: "u16".into(),
+            normalization: Vec::new(),
+            shape: vec![u64::MAX; 3],
+        };
+        assert!(stored.encoded_len() + 3 <= STORED_IMAGE_BOUND);
+        let norm = pb::Normalization {
+            scheme: "zscore".into(),
+            has_clip: true,
+            clip_lo: f32::MIN,
+            clip_hi: f32::MAX,
+            mean: f32::MAX,
+            inv_std: f32::MAX,
+        };
+        assert!(norm.encoded_len() + 3 <= NORMALIZATION_BOUND);
         let header = pb::BatchHeader {
             patch_size: vec![u64::MAX; 3],
             batch_size: u32::MAX,
@@ -493,6 +607,7 @@ mod tests {
             image_bytes: u64::MAX,
             label_bytes: u64::MAX,
             items: vec![item.clone(); 10],
+            label_encoding: pb::LabelEncoding::Zstd as i32,
         };
         // Repeated message field: tag + length prefix + body.
         assert!(item.encoded_len() + 3 <= ITEM_HEADER_BOUND);

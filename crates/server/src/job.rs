@@ -8,15 +8,17 @@
 
 use std::sync::Arc;
 
-use patchflow_sampler::{Batch, BatchRequest, SamplerError};
+use patchflow_sampler::{Batch, BatchRequest, CompactBatch, SamplerError};
 
-use crate::buffers::BufferPool;
-use crate::convert::{EncodedBatch, WireFormat, batch_header, encode_batch, encode_shared};
+use crate::convert::{
+    EncodedBatch, WireFormat, batch_header, encode_batch, encode_compact, encode_shared,
+};
 use crate::damage::{ServedRequest, SetAside, SetAsideCase, damaged_case, draws_from};
 use crate::error::StreamError;
 use crate::metrics::Metrics;
 use crate::registry::Entry;
 use crate::shm::SlotClaim;
+use patchflow_proto::buffers::BufferPool;
 
 /// Everything one batch needs; moved onto a worker thread.
 pub(crate) struct Job {
@@ -61,8 +63,24 @@ impl Job {
                 SharedOutcome::SlotUnusable(e) => self.metrics.shared_memory_fallback(&e),
             }
         }
+        if self.wire.compact.stored_image {
+            let compact = self.sample_compact()?;
+            return Ok(encode_compact(compact, &self.wire, &self.buffers));
+        }
         let batch = self.sample_batch()?;
         Ok(encode_batch(batch, &self.wire, &self.buffers))
+    }
+
+    /// The batch in compact form (qualifying items in their stored type), in pooled buffers.
+    fn sample_compact(&self) -> Result<CompactBatch, StreamError> {
+        let sampler = &self.entry.sampler;
+        // The served sizes bound the compact ones.
+        let (image_len, label_len) = sampler.buffer_sizes(self.request.base())?;
+        self.served(|req| {
+            let image = self.buffers.take(image_len);
+            let label = self.buffers.take(label_len);
+            sampler.sample_compact_into(req, self.index, image, label)
+        })
     }
 
     /// The batch in buffers taken from the pool.

@@ -39,7 +39,6 @@
 //! ```
 
 mod auth;
-mod buffers;
 mod config;
 mod convert;
 mod damage;
@@ -316,7 +315,7 @@ async fn open_context(
         metrics,
         shutdown: shutdown.clone(),
         // Room for the batches a few streams have in flight; beyond that, buffers are freed.
-        buffers: buffers::BufferPool::new(
+        buffers: patchflow_proto::buffers::BufferPool::new(
             4 * workers.max(1),
             usize::try_from(config.limits.max_batch_bytes)
                 .unwrap_or(usize::MAX)

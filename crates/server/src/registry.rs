@@ -225,7 +225,8 @@ fn scheme_name(scheme: NormScheme) -> &'static str {
     }
 }
 
-fn normalization(norm: &Normalization) -> pb::Normalization {
+/// Wire form of a channel's normalisation.
+pub(crate) fn normalization(norm: &Normalization) -> pb::Normalization {
     let [clip_lo, clip_hi] = norm.clip.unwrap_or([0.0, 0.0]);
     pb::Normalization {
         scheme: scheme_name(norm.scheme).to_owned(),

@@ -25,14 +25,14 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 
 use crate::Limits;
-use crate::buffers::BufferPool;
-use crate::convert::{EncodedBatch, StreamConfig, stream_config};
+use crate::convert::{Compact, EncodedBatch, StreamConfig, WireFormat, stream_config};
 use crate::error::StreamError;
 use crate::job::Job;
 use crate::metrics::{Metrics, StreamGuard, StreamStats, dec};
 use crate::pool::{JobHandle, Panicked, WorkerPool};
 use crate::registry::Registry;
 use crate::shm::{SharedDir, SlotTable};
+use patchflow_proto::buffers::BufferPool;
 
 /// What every stream shares.
 pub(crate) struct StreamContext {
@@ -101,6 +101,8 @@ struct Producer {
     first_message: bool,
     /// The stream's shared-memory slots, when it asked for shared memory.
     slots: Option<SlotTable>,
+    /// The compact wire forms the client asked for in its first message.
+    compact: Compact,
 }
 
 /// What woke the producer up.
@@ -165,6 +167,7 @@ async fn run(
         inbound_done: false,
         first_message: true,
         slots: None,
+        compact: Compact::default(),
     };
     let result = producer.drive(&ctx, &mut inbound, &tx).await;
     producer.cancel_jobs();
@@ -267,11 +270,15 @@ impl Producer {
 
     /// Applies a client message: configuration first, then slot releases, then credits.
     fn apply(&mut self, msg: pb::SampleRequest, ctx: &StreamContext) -> Result<(), StreamError> {
-        if std::mem::take(&mut self.first_message)
-            && let Some(request) = &msg.shared_memory
-        {
-            self.slots = Some(shared_slots(request, msg.credits, ctx)?);
-            tracing::debug!(stream = self.stats.id, "stream uses shared memory");
+        if std::mem::take(&mut self.first_message) {
+            if let Some(request) = &msg.shared_memory {
+                self.slots = Some(shared_slots(request, msg.credits, ctx)?);
+                tracing::debug!(stream = self.stats.id, "stream uses shared memory");
+            }
+            if let Some(options) = &msg.wire {
+                self.compact = Compact::from(options);
+                tracing::debug!(stream = self.stats.id, compact = ?self.compact, "compact wire forms");
+            }
         }
         if let Some(config) = msg.config {
             let config = stream_config(&config, &ctx.registry, &ctx.limits)?;
@@ -346,7 +353,10 @@ impl Producer {
                 entry: Arc::clone(&active.entry),
                 request: Arc::clone(&active.request),
                 index,
-                wire: active.wire,
+                wire: WireFormat {
+                    compact: self.compact,
+                    ..active.wire
+                },
                 slot,
                 metrics: Arc::clone(&ctx.metrics),
                 buffers: Arc::clone(&ctx.buffers),

@@ -19,6 +19,7 @@
 //!   ([`mask_for_norm_applies`], [`relative_size_after_cropping`]).
 //! * [`phantom`], [`write_phantom_dataset`]: a deterministic synthetic CT dataset.
 
+pub mod convert;
 mod error;
 mod label;
 mod locations;

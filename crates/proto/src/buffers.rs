@@ -1,4 +1,5 @@
-//! Recycled batch buffers.
+//! Recycled batch buffers, used on both ends of a stream: the daemon samples into them, a
+//! client converts compact batches into them.
 //!
 //! A 128³ batch of two `f32` patches is ~21 MB. Allocated fresh for every batch and freed on
 //! another thread once sent, such buffers come from and go back to the kernel each time: every
@@ -12,7 +13,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use bytes::Bytes;
 
 /// A bounded stack of spare buffers.
-pub(crate) struct BufferPool {
+pub struct BufferPool {
     free: Mutex<Spare>,
     max_buffers: usize,
     max_bytes: usize,
@@ -26,7 +27,7 @@ struct Spare {
 
 impl BufferPool {
     /// A pool keeping at most `max_buffers` spare buffers of at most `max_bytes` in total.
-    pub(crate) fn new(max_buffers: usize, max_bytes: usize) -> Arc<BufferPool> {
+    pub fn new(max_buffers: usize, max_bytes: usize) -> Arc<BufferPool> {
         Arc::new(BufferPool {
             free: Mutex::new(Spare::default()),
             max_buffers,
@@ -35,7 +36,7 @@ impl BufferPool {
     }
 
     /// A spare buffer with room for at least `len` bytes, or an empty one.
-    pub(crate) fn take(&self, len: usize) -> Vec<u8> {
+    pub fn take(&self, len: usize) -> Vec<u8> {
         let mut spare = self.free.lock().unwrap_or_else(PoisonError::into_inner);
         // The smallest buffer that fits, so that large buffers stay for large batches.
         let pick = spare
@@ -70,7 +71,7 @@ impl BufferPool {
 
     /// `buf` as shared bytes whose allocation comes back to the pool when the last reference
     /// is dropped.
-    pub(crate) fn share(self: &Arc<BufferPool>, buf: Vec<u8>) -> Bytes {
+    pub fn share(self: &Arc<BufferPool>, buf: Vec<u8>) -> Bytes {
         Bytes::from_owner(Recycled {
             buf,
             pool: Arc::clone(self),

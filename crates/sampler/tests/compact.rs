@@ -1,0 +1,158 @@
+//! Compact batches (items in their stored integer type) normalised by the receiver's code give
+//! the bits the sampler serves, for every output type, with padding and mixed forms.
+
+use std::sync::Arc;
+
+use patchflow_sampler::{BatchRequest, Dataset, OutputDType, Patch, Policy, Sampler};
+use patchflow_store::ChunkCache;
+use patchflow_testkit::synthetic::{MemCase, make_case, write_store};
+use patchflow_volume::convert::{convert_box, inside};
+use patchflow_volume::{DType, VoxelData};
+
+/// One channel of `case` kept, stored as `dtype` (values folded into its range).
+fn one_channel(mut case: MemCase, dtype: DType) -> MemCase {
+    let VoxelData::I16(values) = &case.channels[0] else {
+        panic!("channel 0 of a synthetic case is i16");
+    };
+    let data = match dtype {
+        DType::I16 => VoxelData::I16(values.clone()),
+        DType::U8 => VoxelData::U8(values.iter().map(|&v| (v.rem_euclid(256)) as u8).collect()),
+        DType::F32 => VoxelData::F32(values.iter().map(|&v| f32::from(v) * 0.25).collect()),
+        other => panic!("no such case type {other:?}"),
+    };
+    case.channels = vec![data];
+    case.meta.channels.truncate(1);
+    case.meta.channels[0].dtype = dtype;
+    case
+}
+
+#[test]
+fn compact_batches_convert_to_the_served_bits() {
+    let cases = vec![
+        one_channel(make_case("i16", [12, 20, 17], 1, Some(2)), DType::I16),
+        one_channel(make_case("u8", [9, 14, 22], 2, Some(2)), DType::U8),
+        one_channel(make_case("f32", [16, 11, 13], 3, None), DType::F32),
+    ];
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_store(dir.path(), &cases);
+    let ds = Dataset::open("compact", dir.path(), ChunkCache::new(1 << 20)).expect("open");
+    let sampler = Sampler::new(Arc::new(ds));
+    let mut forms_seen = std::collections::HashSet::new();
+    for dtype in [OutputDType::F32, OutputDType::F16, OutputDType::BF16] {
+        // Patches larger than some volumes: padding on every side.
+        for patch in [[8, 8, 8], [14, 24, 9]] {
+            let req = BatchRequest {
+                patch: Patch::new(patch).expect("patch"),
+                batch: 4,
+                policy: Policy::ForegroundOversample { fraction: 0.5 },
+                crops_per_case: 1,
+                dtype,
+                seed: 99,
+                cases: None,
+                augment: None,
+            };
+            for index in 0..6 {
+                let served = sampler.sample(&req, index).expect("sample");
+                let compact = sampler
+                    .sample_compact_into(&req, index, Vec::new(), Vec::new())
+                    .expect("compact");
+                assert_eq!(compact.batch.items, served.items);
+                assert_eq!(compact.batch.label, served.label);
+                let voxels: usize = patch.iter().product();
+                let mut offset = 0;
+                let mut rebuilt = Vec::new();
+                for (item, form) in compact.stored.iter().enumerate() {
+                    let case = &served.items[item].case_id;
+                    let expect_stored = match case.as_str() {
+                        "i16" => dtype == OutputDType::F32,
+                        "u8" => true,
+                        _ => false,
+                    };
+                    assert_eq!(form.is_some(), expect_stored, "{case} as {dtype}");
+                    forms_seen.insert((case.clone(), form.as_ref().map(|f| f.dtype)));
+                    let Some(form) = form else {
+                        let len = voxels * dtype.size();
+                        rebuilt.extend_from_slice(&compact.batch.image[offset..offset + len]);
+                        offset += len;
+                        continue;
+                    };
+                    let len = voxels * form.dtype.size();
+                    let src = &compact.batch.image[offset..offset + len];
+                    offset += len;
+                    let region = inside(served.items[item].origin, patch, form.shape);
+                    let mut out = vec![0xAAu8; voxels * dtype.size()];
+                    convert_box(
+                        form.dtype,
+                        src,
+                        &form.norms[0],
+                        dtype,
+                        patch,
+                        &region,
+                        &mut out,
+                    )
+                    .expect("convert");
+                    rebuilt.extend_from_slice(&out);
+                }
+                assert_eq!(offset, compact.batch.image.len());
+                assert!(rebuilt == served.image, "batch {index} {patch:?} {dtype}");
+            }
+        }
+    }
+    assert!(forms_seen.contains(&("i16".to_owned(), Some(DType::I16))));
+    assert!(forms_seen.contains(&("u8".to_owned(), Some(DType::U8))));
+    assert!(forms_seen.contains(&("f32".to_owned(), None)));
+}
+
+#[test]
+fn augmented_requests_have_no_stored_items() {
+    let cases = vec![one_channel(
+        make_case("i16", [12, 20, 17], 1, Some(2)),
+        DType::I16,
+    )];
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_store(dir.path(), &cases);
+    let ds = Dataset::open("compact", dir.path(), ChunkCache::new(1 << 20)).expect("open");
+    let sampler = Sampler::new(Arc::new(ds));
+    let mut req = BatchRequest {
+        patch: Patch::new([8, 8, 8]).expect("patch"),
+        batch: 2,
+        policy: Policy::Uniform,
+        crops_per_case: 1,
+        dtype: OutputDType::F32,
+        seed: 5,
+        cases: None,
+        augment: None,
+    };
+    assert!(sampler.stored_form(&req, 0).is_some());
+    req.augment = Some(patchflow_sampler::AugmentSpec::nnunet_default());
+    assert!(sampler.stored_form(&req, 0).is_none());
+}
+
+#[test]
+fn augmented_compact_batches_are_the_served_ones() {
+    let cases = vec![one_channel(
+        make_case("i16", [12, 20, 17], 1, Some(2)),
+        DType::I16,
+    )];
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_store(dir.path(), &cases);
+    let ds = Dataset::open("compact", dir.path(), ChunkCache::new(1 << 20)).expect("open");
+    let sampler = Sampler::new(Arc::new(ds));
+    let req = BatchRequest {
+        patch: Patch::new([8, 8, 8]).expect("patch"),
+        batch: 2,
+        policy: Policy::Uniform,
+        crops_per_case: 1,
+        dtype: OutputDType::F32,
+        seed: 5,
+        cases: None,
+        augment: Some(patchflow_sampler::AugmentSpec::nnunet_default()),
+    };
+    for index in 0..4 {
+        let compact = sampler
+            .sample_compact_into(&req, index, Vec::new(), Vec::new())
+            .expect("compact");
+        assert!(compact.stored.iter().all(Option::is_none));
+        assert_eq!(compact.batch, sampler.sample(&req, index).expect("sample"));
+    }
+}
