@@ -155,6 +155,7 @@ fn peer(a: PeerArgs) -> Result<ExitCode> {
         transport: match a.transport {
             PeerTransport::Inproc => bench::Transport::InProcess,
             PeerTransport::Grpc => bench::Transport::Grpc,
+            PeerTransport::GrpcPlain => bench::Transport::GrpcPlain,
             PeerTransport::GrpcShm => bench::Transport::GrpcShared,
         },
         augment: a.augment == PeerAugment::Nnunet,

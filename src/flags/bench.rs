@@ -127,8 +127,11 @@ pub struct SuiteArgs {
 pub enum PeerTransport {
     /// The sampler in this process.
     Inproc,
-    /// A daemon child process over loopback gRPC, voxels inside the messages.
+    /// A daemon child process over loopback gRPC, voxels inside the messages (in the client's
+    /// default compact form).
     Grpc,
+    /// The same with the compact form off: every voxel as served.
+    GrpcPlain,
     /// The same, voxels through shared memory.
     GrpcShm,
 }
@@ -214,7 +217,8 @@ pub struct RatioArgs {
     /// Buffers of the in-process ring reference (a loader's prefetch queue; at least 2).
     #[arg(long, default_value_t = 4)]
     pub ring: usize,
-    /// Also measure the path with the voxels inside the messages.
+    /// Also measure the path with the voxels inside the messages, as served ("gRPC plain") and
+    /// in the compact form ("gRPC"), over loopback TCP.
     #[arg(long)]
     pub grpc: bool,
     /// Chunk cache of each side, MiB.

@@ -258,7 +258,7 @@ fn daemon_spec(cfg: &LoadConfig) -> Result<(DaemonSpec, bool), BenchError> {
     }
     let shared = match cfg.transport {
         Transport::GrpcShared => true,
-        Transport::Grpc => false,
+        Transport::Grpc | Transport::GrpcPlain => false,
         Transport::InProcess => {
             return Err(BenchError::Config {
                 field: "--transport",

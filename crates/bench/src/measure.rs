@@ -19,8 +19,12 @@ use crate::procstat::{self, ProcSample};
 pub enum Transport {
     /// The sampler called in this process.
     InProcess,
-    /// A `patchflow serve` process over loopback gRPC, voxels inside the messages.
+    /// A `patchflow serve` process over loopback gRPC, voxels inside the messages in the
+    /// client's default compact form (stored integer items, zstd labels).
     Grpc,
+    /// The same with the compact form off: every voxel as served (the message path as it was
+    /// before the compact form).
+    GrpcPlain,
     /// The same daemon and stream, voxels through shared memory (the default for a client on
     /// the daemon's host).
     GrpcShared,
@@ -32,6 +36,7 @@ impl Transport {
         match self {
             Transport::InProcess => "in-process",
             Transport::Grpc => "gRPC",
+            Transport::GrpcPlain => "gRPC plain",
             Transport::GrpcShared => "gRPC+shm",
         }
     }
@@ -391,6 +396,7 @@ pub async fn run_remote(
         } else {
             SharedMemory::Off
         },
+        compact: transport != Transport::GrpcPlain,
         ..ClientOptions::default()
     };
     let mut streams = Vec::with_capacity(clients);

@@ -107,7 +107,7 @@ pub fn run_peer(cfg: &PeerConfig, stop: &AtomicBool) -> Result<PeerReport, Bench
             let (counts, me, _) = local.run(&req, 0, Until::Elapsed(seconds), stop)?;
             (counts, me.cpu_s)
         }
-        Transport::Grpc | Transport::GrpcShared => {
+        Transport::Grpc | Transport::GrpcPlain | Transport::GrpcShared => {
             let exe = cfg.exe.clone().ok_or(BenchError::Config {
                 field: "--transport",
                 reason: "grpc needs the patchflow binary".into(),

@@ -180,6 +180,7 @@ pub fn run_ratio(cfg: &RatioConfig, stop: &AtomicBool) -> Result<RatioReport, Be
         Path::Remote(Transport::GrpcShared),
     ];
     if cfg.grpc {
+        paths.push(Path::Remote(Transport::GrpcPlain));
         paths.push(Path::Remote(Transport::Grpc));
     }
     let local = InProcess::open(&name, &cfg.store, cfg.cache_mb, 1)?;

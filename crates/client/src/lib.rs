@@ -211,21 +211,22 @@ impl Client {
         self.daemons.iter().map(|d| &d.limits).collect()
     }
 
-    /// The datasets served by the first daemon, with its limits.
+    /// The datasets served, with the daemon's limits, as the first daemon that answers lists
+    /// them (see [`Client::describe`] for the order).
     pub async fn list_datasets(&self) -> Result<ListDatasetsResponse, ClientError> {
-        let daemon = self.first();
-        with_retries(&daemon.endpoint, &self.options, || {
-            let mut client = daemon.client.clone();
-            async move { client.list_datasets(pb::ListDatasetsRequest {}).await }
-        })
+        self.discover(
+            |mut client| async move { client.list_datasets(pb::ListDatasetsRequest {}).await },
+        )
         .await
     }
 
-    /// Describes `dataset` as the first daemon serves it.
+    /// Describes `dataset` as the first daemon that answers serves it: the daemons are asked in
+    /// endpoint order, those known to be down last; a failure that reconnecting may cure moves
+    /// the call to the next daemon, and after a round without an answer the round is retried
+    /// with backoff, [`ClientOptions::max_attempts`] times. A refusal (an unknown dataset, say)
+    /// is final.
     pub async fn describe(&self, dataset: &str) -> Result<DatasetDescription, ClientError> {
-        let daemon = self.first();
-        with_retries(&daemon.endpoint, &self.options, || {
-            let mut client = daemon.client.clone();
+        self.discover(|mut client| {
             let dataset = dataset.to_owned();
             async move {
                 client
@@ -234,6 +235,52 @@ impl Client {
             }
         })
         .await
+    }
+
+    /// Runs a unary call on the first daemon that answers (see [`Client::describe`]).
+    async fn discover<T, F, Fut>(&self, mut call: F) -> Result<T, ClientError>
+    where
+        F: FnMut(Rpc) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        if let [daemon] = self.daemons.as_slice() {
+            return with_retries(&daemon.endpoint, &self.options, || {
+                call(daemon.client.clone())
+            })
+            .await;
+        }
+        let n = self.daemons.len();
+        // Daemons not known to be down first, in endpoint order.
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by_key(|&i| self.health.is_down(i));
+        let mut round = 0;
+        loop {
+            let mut last = None;
+            for &i in &order {
+                let daemon = &self.daemons[i];
+                match call(daemon.client.clone()).await {
+                    Ok(response) => {
+                        self.health.set_down(i, false);
+                        return Ok(response.into_inner());
+                    }
+                    Err(status) if error::is_retryable(&status) => {
+                        tracing::debug!(endpoint = %daemon.endpoint, %status, "call failed; asking the next daemon");
+                        self.health.set_down(i, true);
+                        last = Some((i, status));
+                    }
+                    Err(status) => {
+                        return Err(error::final_error(&daemon.endpoint, status, round + 1));
+                    }
+                }
+            }
+            round += 1;
+            if let Some((i, status)) = last
+                && round > self.options.max_attempts
+            {
+                return Err(error::final_error(&self.daemons[i].endpoint, status, round));
+            }
+            tokio::time::sleep(self.options.backoff(round)).await;
+        }
     }
 
     /// Opens a stream of batches `0, 1, 2, ...` with `config`.
@@ -312,11 +359,6 @@ impl Client {
         };
         stream.reconfigure(config)?;
         Ok(stream)
-    }
-
-    fn first(&self) -> &Daemon {
-        // `connect` refuses an empty endpoint list.
-        &self.daemons[0]
     }
 }
 

@@ -69,7 +69,7 @@ impl Health {
         }
     }
 
-    fn is_down(&self, daemon: usize) -> bool {
+    pub fn is_down(&self, daemon: usize) -> bool {
         self.down[daemon].load(Ordering::Relaxed)
     }
 

@@ -158,10 +158,17 @@ impl Patchflow for Mock {
         &self,
         request: Request<pb::DescribeDatasetRequest>,
     ) -> Result<Response<pb::DatasetDescription>, Status> {
-        Err(Status::not_found(format!(
-            "unknown dataset {:?}",
-            request.get_ref().dataset
-        )))
+        self.check_up()?;
+        if request.get_ref().dataset != "mock" {
+            return Err(Status::not_found(format!(
+                "unknown dataset {:?}",
+                request.get_ref().dataset
+            )));
+        }
+        Ok(Response::new(pb::DatasetDescription {
+            name: "mock".into(),
+            ..Default::default()
+        }))
     }
 
     type SampleStream = ReceiverStream<Result<pb::SampleResponse, Status>>;
@@ -747,4 +754,30 @@ async fn a_daemon_down_when_the_client_connects_gets_its_batches_once_it_answers
         "{err}"
     );
     assert_eq!(err.code(), Some(Code::Unavailable));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_asks_the_next_daemon_when_one_is_down() {
+    let daemons = [
+        daemon(Behaviour::default()).await,
+        daemon(Behaviour::default()).await,
+    ];
+    let endpoints = || daemons.iter().map(|d| d.endpoint.clone());
+    let client = Client::connect(endpoints(), options()).await.unwrap();
+    daemons[0].down.store(true, Ordering::SeqCst);
+    assert_eq!(
+        client.list_datasets().await.unwrap().datasets[0].name,
+        "mock"
+    );
+    assert_eq!(client.describe("mock").await.unwrap().name, "mock");
+    // A refusal is final: not asked of the next daemon.
+    let err = client.describe("other").await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::NotFound), "{err}");
+    daemons[0].down.store(false, Ordering::SeqCst);
+    daemons[1].down.store(true, Ordering::SeqCst);
+    assert_eq!(client.describe("mock").await.unwrap().name, "mock");
+    // Nobody answers: UNAVAILABLE after max_attempts rounds.
+    daemons[0].down.store(true, Ordering::SeqCst);
+    let err = client.list_datasets().await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::Unavailable), "{err}");
 }

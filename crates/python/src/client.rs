@@ -67,7 +67,7 @@ impl NativeClient {
     #[new]
     #[pyo3(signature = (endpoints, token=None, token_file=None, tls_ca=None, tls_cert=None,
         tls_key=None, tls_domain=None, shared_memory="auto", prefetch=4, held_batches=4,
-        max_attempts=10, connect_timeout=10.0))]
+        max_attempts=10, connect_timeout=10.0, compact=true))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         endpoints: Vec<String>,
@@ -82,6 +82,7 @@ impl NativeClient {
         held_batches: u32,
         max_attempts: u32,
         connect_timeout: f64,
+        compact: bool,
     ) -> PyResult<NativeClient> {
         if endpoints.is_empty() {
             return Err(invalid("endpoints", "no endpoint given"));
@@ -138,6 +139,7 @@ impl NativeClient {
             token,
             tls,
             shared_memory,
+            compact,
             ..ClientOptions::default()
         };
         Ok(NativeClient {

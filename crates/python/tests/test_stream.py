@@ -192,3 +192,24 @@ def test_discovery_and_info_command(client, daemon):
     data = json.loads(subprocess.run([PYTHON, "-m", "patchflow", "info", daemon.endpoint, "--json"],
                                      capture_output=True, text=True, check=True).stdout)
     assert data["datasets"][0]["name"] == "phantom" and data["limits"] == limits
+
+
+def test_compact_and_plain_messages_give_the_same_arrays(client):
+    """Over messages (no shared memory), the compact wire form (stored integer items normalised
+    by the client, zstd labels) hands out the arrays the plain form does, bit for bit, and its
+    recycled buffers stay valid while a batch is held."""
+    compact = patchflow.Client(client.endpoints, shared_memory="off")
+    plain = patchflow.Client(client.endpoints, shared_memory="off", compact=False)
+    kept = []
+    for dtype in ("f32", "f16"):
+        with compact.stream("phantom", patch=(40, 24, 56), batch=3, seed=11, dtype=dtype) as a, \
+                plain.stream("phantom", patch=(40, 24, 56), batch=3, seed=11, dtype=dtype) as b:
+            for _ in range(6):
+                x, y = next(a), next(b)
+                assert x.image.dtype == y.image.dtype
+                assert x.image.tobytes() == y.image.tobytes()
+                assert np.array_equal(x.label, y.label)
+                kept.append((x, x.image.copy(), x.label.copy()))
+    for batch, image, label in kept:
+        assert batch.image.tobytes() == image.tobytes()
+        assert np.array_equal(batch.label, label)

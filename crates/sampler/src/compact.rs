@@ -5,15 +5,17 @@
 //! the `i16` a CT is stored in (2 MiB as `u8`). An item qualifies when the request has no
 //! augmentation, its case has no outside-mask marker, and every channel of the case is stored
 //! in one integer type narrower than the requested output. Such an item's channels are copied as
-//! stored (the bytes where the patch leaves the volume are 0 and carry no meaning); the receiver
+//! stored, and only the part of the patch inside the volume ([`patchflow_volume::convert::inside`]
+//! of the item's origin and the case's shape), its label too: padding does not travel. The receiver
 //! applies the case's normalisation with [`patchflow_volume::convert::convert_box`], the code the
-//! sampler itself converts with, and so gets the bits [`Sampler::sample`] would have served.
-//! Other items are served as usual. Labels are always served as usual.
+//! sampler itself converts with, and so gets the bits [`Sampler::sample`] would have served;
+//! it fills the rest of the label with the ignore label. Other items are served as usual.
 //!
 //! It owns the choice of form and the compact fill; it must not encode messages (the server
 //! does).
 
 use patchflow_store::ArrayId;
+use patchflow_volume::convert::{inside, region_voxels};
 use patchflow_volume::{DType, Normalization};
 use rayon::prelude::*;
 
@@ -37,12 +39,19 @@ pub struct StoredItem {
 /// A batch whose items are either served (as [`Sampler::sample`] gives them) or stored.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CompactBatch {
-    /// The batch. Its image holds the items one after the other, item `i` taking
-    /// `C * Z * Y * X` elements of `stored[i].dtype` when it is stored and of `batch.dtype`
-    /// otherwise; its label is as served.
+    /// The batch. The first [`CompactBatch::image_len`] bytes of its image hold the items one
+    /// after the other, item `i` taking, when it is stored, `C` times the voxels of its region inside the volume in `stored[i].dtype`
+    /// (channel after channel, each region row-major), and `C * Z * Y * X` elements of
+    /// `batch.dtype` otherwise. The first [`CompactBatch::label_len`] bytes of its label
+    /// likewise: a stored item's region only (the rest of the patch is the ignore label), a
+    /// served item's whole patch.
     pub batch: Batch,
     /// Per item: how it is stored, `None` when it is served.
     pub stored: Vec<Option<StoredItem>>,
+    /// Bytes of `batch.image` the items take (a prefix: the buffer may be longer).
+    pub image_len: usize,
+    /// Bytes of `batch.label` the items take (a prefix).
+    pub label_len: usize,
 }
 
 impl Sampler {
@@ -85,7 +94,13 @@ impl Sampler {
             // Augmented items are never stored: the batch is the served one.
             let batch = self.sample_into(req, index, image, label)?;
             let stored = vec![None; batch.items.len()];
-            return Ok(CompactBatch { batch, stored });
+            let (image_len, label_len) = (batch.image.len(), batch.label.len());
+            return Ok(CompactBatch {
+                batch,
+                stored,
+                image_len,
+                label_len,
+            });
         }
         let items = self.plan(req, index)?;
         let stored: Vec<Option<StoredItem>> = items
@@ -95,40 +110,53 @@ impl Sampler {
         let ds = self.dataset();
         let voxels = usize::try_from(req.patch.voxels()).map_err(|_| too_large(self, req))?;
         let channels = ds.num_channels();
-        let item_bytes = |form: &Option<StoredItem>| {
-            let elem = form.as_ref().map_or(req.dtype.size(), |s| s.dtype.size());
-            voxels * elem * channels
-        };
-        let image_bytes = stored.iter().map(item_bytes).sum::<usize>();
-        let label_item = voxels * ds.label_dtype().size();
-        // Every byte is written by a run or a pad, as for plain crops.
-        let mut image = sized(image, image_bytes, false);
-        let mut label = sized(label, label_item * req.batch, false);
+        let label_size = ds.label_dtype().size();
+        // Per item: (image bytes, label bytes). A stored item carries its region inside the
+        // volume only, in both buffers.
+        let sizes: Vec<(usize, usize)> = stored
+            .iter()
+            .zip(&items)
+            .map(|(form, meta)| match form {
+                Some(s) => {
+                    let inside = region_voxels(&inside(meta.origin, req.patch.axes(), s.shape));
+                    (inside * s.dtype.size() * channels, inside * label_size)
+                }
+                None => (voxels * req.dtype.size() * channels, voxels * label_size),
+            })
+            .collect();
+        let image_len = sizes.iter().map(|s| s.0).sum::<usize>();
+        let label_len = sizes.iter().map(|s| s.1).sum::<usize>();
+        // The buffers keep the served sizes (which bound the compact ones), so that recycled
+        // buffers are never extended, and cleared, batch after batch; the compact bytes are a
+        // prefix, every byte of which is written by a run or a pad.
+        let (served_image, served_label) = self.buffer_sizes(req)?;
+        let mut image = sized(image, served_image.max(image_len), false);
+        let mut label = sized(label, served_label.max(label_len), false);
         let mut tasks: Vec<FillTask<'_>> = Vec::with_capacity(req.batch * (channels + 1));
-        let mut rest: &mut [u8] = &mut image;
-        for (item, form) in stored.iter().enumerate() {
-            let (this, tail) = rest.split_at_mut(item_bytes(form));
-            rest = tail;
+        let (mut images, mut labels): (&mut [u8], &mut [u8]) =
+            (&mut image[..image_len], &mut label[..label_len]);
+        for (item, (form, &(image_len, label_len))) in stored.iter().zip(&sizes).enumerate() {
+            let (this, tail) = std::mem::take(&mut images).split_at_mut(image_len);
+            images = tail;
             let channel_bytes = this.len() / channels.max(1);
-            if channel_bytes == 0 {
-                continue;
+            if channel_bytes > 0 {
+                for (c, out) in this.chunks_mut(channel_bytes).enumerate() {
+                    tasks.push(FillTask {
+                        item,
+                        array: ArrayId::Image(c),
+                        out,
+                        stored: form.is_some(),
+                    });
+                }
             }
-            for (c, out) in this.chunks_mut(channel_bytes).enumerate() {
-                tasks.push(FillTask {
-                    item,
-                    array: ArrayId::Image(c),
-                    out,
-                    stored: form.is_some(),
-                });
-            }
-        }
-        if label_item > 0 {
-            for (item, out) in label.chunks_mut(label_item).enumerate() {
+            let (out, tail) = std::mem::take(&mut labels).split_at_mut(label_len);
+            labels = tail;
+            if !out.is_empty() {
                 tasks.push(FillTask {
                     item,
                     array: ArrayId::Label,
                     out,
-                    stored: false,
+                    stored: form.is_some(),
                 });
             }
         }
@@ -137,19 +165,18 @@ impl Sampler {
             .try_for_each(|task| self.fill(req, &items, task))?;
         if ds.any_outside_mask() {
             // Only served items can have a marker (stored ones never do).
-            let mut offset = 0;
-            for (item, form) in stored.iter().enumerate() {
-                let len = item_bytes(form);
+            let (mut image_at, mut label_at) = (0, 0);
+            for (item, (form, &(image_len, label_len))) in stored.iter().zip(&sizes).enumerate() {
                 if form.is_none() {
-                    let label = &mut label[item * label_item..(item + 1) * label_item];
                     self.clear_item_outside(
                         req,
                         &items[item],
-                        &mut image[offset..offset + len],
-                        label,
+                        &mut image[image_at..image_at + image_len],
+                        &mut label[label_at..label_at + label_len],
                     );
                 }
-                offset += len;
+                image_at += image_len;
+                label_at += label_len;
             }
         }
         Ok(CompactBatch {
@@ -163,6 +190,8 @@ impl Sampler {
                 items,
             },
             stored,
+            image_len,
+            label_len,
         })
     }
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use patchflow_store::ArrayId;
 use patchflow_volume::DType;
+use patchflow_volume::convert::inside;
 use rayon::prelude::*;
 
 use crate::SamplerError;
@@ -405,10 +406,12 @@ impl Sampler {
                     });
                 };
                 if task.stored {
+                    // Only the part inside the volume travels (see the compact module).
+                    let (start, lens) = inside_box(origin, patch, view.shape());
                     let runs = StoredRuns {
                         size: stored.size(),
                     };
-                    return visit_into(reader, task.array, origin, patch, out, &runs)?.map_err(
+                    return visit_into(reader, task.array, start, lens, out, &runs)?.map_err(
                         |reason| SamplerError::Case {
                             case: meta.case_id.clone(),
                             reason: format!("reading {}: {reason}", task.array),
@@ -444,7 +447,12 @@ impl Sampler {
                     out: self.dataset.label_dtype(),
                     remap: view.info.label_remap,
                 };
-                visit_into(reader, task.array, origin, patch, out, &runs)
+                if task.stored {
+                    let (start, lens) = inside_box(origin, patch, view.shape());
+                    visit_into(reader, task.array, start, lens, out, &runs)
+                } else {
+                    visit_into(reader, task.array, origin, patch, out, &runs)
+                }
             }
         };
         result?.map_err(|reason| SamplerError::Case {
@@ -562,6 +570,13 @@ impl Sampler {
         }
         Ok(())
     }
+}
+
+/// Origin and size of the part of a patch at `origin` inside a volume of `shape`.
+fn inside_box(origin: [i64; 3], patch: [usize; 3], shape: [usize; 3]) -> ([i64; 3], [usize; 3]) {
+    let region = inside(origin, patch, shape);
+    let start = std::array::from_fn(|a| origin[a] + region[a].start as i64);
+    (start, region.map(|r| r.len()))
 }
 
 /// `shape[0] * shape[1] * shape[2]`, saturating (for augmentation source regions, which may

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use patchflow_sampler::{BatchRequest, Dataset, OutputDType, Patch, Policy, Sampler};
 use patchflow_store::ChunkCache;
 use patchflow_testkit::synthetic::{MemCase, make_case, write_store};
-use patchflow_volume::convert::{convert_box, inside};
+use patchflow_volume::convert::{convert_box, expand_box, inside, region_voxels};
 use patchflow_volume::{DType, VoxelData};
 
 /// One channel of `case` kept, stored as `dtype` (values folded into its range).
@@ -57,10 +57,10 @@ fn compact_batches_convert_to_the_served_bits() {
                     .sample_compact_into(&req, index, Vec::new(), Vec::new())
                     .expect("compact");
                 assert_eq!(compact.batch.items, served.items);
-                assert_eq!(compact.batch.label, served.label);
                 let voxels: usize = patch.iter().product();
                 let mut offset = 0;
                 let mut rebuilt = Vec::new();
+                let (mut label_at, mut labels) = (0, Vec::new());
                 for (item, form) in compact.stored.iter().enumerate() {
                     let case = &served.items[item].case_id;
                     let expect_stored = match case.as_str() {
@@ -74,12 +74,14 @@ fn compact_batches_convert_to_the_served_bits() {
                         let len = voxels * dtype.size();
                         rebuilt.extend_from_slice(&compact.batch.image[offset..offset + len]);
                         offset += len;
+                        labels.extend_from_slice(&compact.batch.label[label_at..label_at + voxels]);
+                        label_at += voxels;
                         continue;
                     };
-                    let len = voxels * form.dtype.size();
+                    let region = inside(served.items[item].origin, patch, form.shape);
+                    let len = region_voxels(&region) * form.dtype.size();
                     let src = &compact.batch.image[offset..offset + len];
                     offset += len;
-                    let region = inside(served.items[item].origin, patch, form.shape);
                     let mut out = vec![0xAAu8; voxels * dtype.size()];
                     convert_box(
                         form.dtype,
@@ -92,8 +94,16 @@ fn compact_batches_convert_to_the_served_bits() {
                     )
                     .expect("convert");
                     rebuilt.extend_from_slice(&out);
+                    let inside_labels = region_voxels(&region);
+                    let mut full = vec![0u8; voxels];
+                    let src = &compact.batch.label[label_at..label_at + inside_labels];
+                    expand_box(1, src, patch, &region, 0xFF, &mut full).expect("expand");
+                    label_at += inside_labels;
+                    labels.extend_from_slice(&full);
                 }
-                assert_eq!(offset, compact.batch.image.len());
+                assert_eq!(label_at, compact.label_len);
+                assert_eq!(labels, served.label, "labels of batch {index}");
+                assert_eq!(offset, compact.image_len);
                 assert!(rebuilt == served.image, "batch {index} {patch:?} {dtype}");
             }
         }

@@ -342,7 +342,8 @@ pub(crate) fn encode_batch(
     wire: &WireFormat,
     buffers: &Arc<BufferPool>,
 ) -> EncodedBatch {
-    encode_parts(batch, None, wire, buffers)
+    let lens = (batch.image.len(), batch.label.len());
+    encode_parts(batch, None, lens, wire, buffers)
 }
 
 /// [`encode_batch`] for a batch in compact form: its stored items are described in the header.
@@ -351,19 +352,25 @@ pub(crate) fn encode_compact(
     wire: &WireFormat,
     buffers: &Arc<BufferPool>,
 ) -> EncodedBatch {
-    encode_parts(compact.batch, Some(compact.stored), wire, buffers)
+    let lens = (compact.image_len, compact.label_len);
+    encode_parts(compact.batch, Some(compact.stored), lens, wire, buffers)
 }
 
-/// The label buffer as it travels: compressed into one zstd frame when the stream asked for it
-/// (the raw buffer goes back to the pool), shared as it is otherwise.
-fn wire_label(label: Vec<u8>, wire: &WireFormat, buffers: &Arc<BufferPool>) -> (Bytes, bool) {
+/// The first `len` bytes of the label buffer as they travel: compressed into one zstd frame when
+/// the stream asked for it (the raw buffer goes back to the pool), shared as they are otherwise.
+fn wire_label(
+    label: Vec<u8>,
+    len: usize,
+    wire: &WireFormat,
+    buffers: &Arc<BufferPool>,
+) -> (Bytes, bool) {
     if wire.compact.zstd_labels {
         let compressed = COMPRESSOR.with_borrow_mut(|c| {
             let c = match c {
                 Some(c) => c,
                 None => c.insert(zstd::bulk::Compressor::new(LABEL_ZSTD_LEVEL)?),
             };
-            c.compress(&label)
+            c.compress(&label[..len])
         });
         match compressed {
             Ok(frame) => {
@@ -373,17 +380,19 @@ fn wire_label(label: Vec<u8>, wire: &WireFormat, buffers: &Arc<BufferPool>) -> (
             Err(e) => tracing::warn!(error = %e, "label compression failed; sent raw"),
         }
     }
-    (buffers.share(label), false)
+    (buffers.share(label).slice(..len), false)
 }
 
+/// Encodes the first `lens.0` bytes of the image and `lens.1` of the label of `batch`.
 fn encode_parts(
     batch: Batch,
     stored: Option<Vec<Option<StoredItem>>>,
+    lens: (usize, usize),
     wire: &WireFormat,
     buffers: &Arc<BufferPool>,
 ) -> EncodedBatch {
-    let image = buffers.share(batch.image);
-    let (label, zstd) = wire_label(batch.label, wire, buffers);
+    let image = buffers.share(batch.image).slice(..lens.0);
+    let (label, zstd) = wire_label(batch.label, lens.1, wire, buffers);
     let mut header = batch_header(
         batch.patch,
         batch.dtype,

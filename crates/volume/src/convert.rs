@@ -220,9 +220,56 @@ pub fn inside(origin: [i64; 3], patch: [usize; 3], shape: [usize; 3]) -> [Range<
     })
 }
 
-/// Converts one image box stored as `stored` (`patch` voxels, row-major, x fastest) into `dst`
-/// (`patch` voxels of `out`): voxels in `inside` (see [`inside`]) are normalised with `norm`,
-/// the others are padding (0). The stored bytes outside `inside` are not read.
+/// Voxels of a region given as ranges per axis.
+pub fn region_voxels(region: &[Range<usize>; 3]) -> usize {
+    region.iter().map(ExactSizeIterator::len).product()
+}
+
+/// Copies the region `inside` of a patch (held alone in `src`: `elem`-byte elements, row-major)
+/// into the whole patch `dst`, every other byte set to `pad` (labels: `0xFF` is the ignore label
+/// in both label widths).
+pub fn expand_box(
+    elem: usize,
+    src: &[u8],
+    patch: [usize; 3],
+    inside: &[Range<usize>; 3],
+    pad: u8,
+    dst: &mut [u8],
+) -> Result<(), RunMismatch> {
+    let voxels = patch.iter().product::<usize>();
+    let expected = region_voxels(inside) * elem;
+    let fits = inside.iter().zip(patch).all(|(r, p)| r.end <= p);
+    if src.len() != expected || dst.len() != voxels * elem || !fits {
+        return Err(RunMismatch {
+            expected,
+            got: src.len(),
+        });
+    }
+    let [_, py, px] = patch;
+    let [rz, ry, rx] = inside;
+    let row_in = rx.len();
+    for z in 0..patch[0] {
+        for y in 0..py {
+            let row = (z * py + y) * px;
+            let drow = &mut dst[row * elem..(row + px) * elem];
+            if !rz.contains(&z) || !ry.contains(&y) || row_in == 0 {
+                drow.fill(pad);
+                continue;
+            }
+            drow[..rx.start * elem].fill(pad);
+            drow[rx.end * elem..].fill(pad);
+            let srow = ((z - rz.start) * ry.len() + (y - ry.start)) * row_in;
+            drow[rx.start * elem..rx.end * elem]
+                .copy_from_slice(&src[srow * elem..(srow + row_in) * elem]);
+        }
+    }
+    Ok(())
+}
+
+/// Converts the part of one image patch inside the volume into the whole patch: `src` holds the
+/// stored values (`stored`) of the region `inside` (see [`inside`]) only, row-major, x fastest;
+/// `dst` receives the `patch` voxels as `out`, the region normalised with `norm`, the rest
+/// padding (0).
 pub fn convert_box(
     stored: DType,
     src: &[u8],
@@ -233,14 +280,16 @@ pub fn convert_box(
     dst: &mut [u8],
 ) -> Result<(), RunMismatch> {
     let voxels = patch.iter().product::<usize>();
-    if src.len() != voxels * stored.size() || dst.len() != voxels * out.size() {
+    let (isz, osz) = (stored.size(), out.size());
+    let expected = region_voxels(inside) * isz;
+    let fits = inside.iter().zip(patch).all(|(r, p)| r.end <= p);
+    if src.len() != expected || dst.len() != voxels * osz || !fits {
         return Err(RunMismatch {
-            expected: voxels * stored.size(),
+            expected,
             got: src.len(),
         });
     }
     let [_, py, px] = patch;
-    let (isz, osz) = (stored.size(), out.size());
     let [rz, ry, rx] = inside;
     let row_in = rx.len();
     for z in 0..patch[0] {
@@ -253,7 +302,8 @@ pub fn convert_box(
             }
             pad_image(&mut drow[..rx.start * osz]);
             pad_image(&mut drow[rx.end * osz..]);
-            let s = &src[(row + rx.start) * isz..(row + rx.end) * isz];
+            let srow = ((z - rz.start) * ry.len() + (y - ry.start)) * row_in;
+            let s = &src[srow * isz..(srow + row_in) * isz];
             convert_image_run(
                 s,
                 stored,
@@ -401,5 +451,87 @@ mod tests {
         assert!(
             convert_image_run(&[0u8; 3], DType::I16, &ct(), OutputDType::F32, &mut dst).is_err()
         );
+    }
+
+    #[test]
+    fn inside_clips_the_patch_to_the_volume() {
+        assert_eq!(
+            inside([0, 0, 0], [4, 4, 4], [10, 10, 10]),
+            [0..4, 0..4, 0..4]
+        );
+        assert_eq!(
+            inside([-2, 8, 3], [4, 4, 4], [10, 10, 5]),
+            [2..4, 0..2, 0..2]
+        );
+        // Larger than the volume on an axis: both ends padded.
+        assert_eq!(
+            inside([-3, 0, 0], [10, 1, 1], [4, 1, 1]),
+            [3..7, 0..1, 0..1]
+        );
+    }
+
+    #[test]
+    fn convert_box_pads_around_the_inside_region() {
+        let norm = ct();
+        let patch = [2, 3, 4];
+        let region = inside([0, -1, 1], patch, [5, 5, 3]);
+        assert_eq!(region, [0..2, 1..3, 0..2]);
+        let values: Vec<i16> = (0..region_voxels(&region) as i16)
+            .map(|v| v * 50 - 90)
+            .collect();
+        let src: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut dst = vec![0xAAu8; 24 * 4];
+        convert_box(
+            DType::I16,
+            &src,
+            &norm,
+            OutputDType::F32,
+            patch,
+            &region,
+            &mut dst,
+        )
+        .unwrap();
+        let got: Vec<f32> = dst
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let mut k = 0;
+        for z in 0..2 {
+            for y in 0..3 {
+                for x in 0..4 {
+                    let i = (z * 3 + y) * 4 + x;
+                    let want = if (1..3).contains(&y) && x < 2 {
+                        k += 1;
+                        norm.apply(f32::from(values[k - 1]))
+                    } else {
+                        0.0
+                    };
+                    assert_eq!(got[i].to_bits(), want.to_bits(), "voxel {i}");
+                }
+            }
+        }
+        assert!(
+            convert_box(
+                DType::I16,
+                &src[2..],
+                &norm,
+                OutputDType::F32,
+                patch,
+                &region,
+                &mut dst
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn expand_box_pads_labels_around_the_region() {
+        let patch = [1, 2, 3];
+        let region = [0..1, 1..2, 1..3];
+        let src = [7u8, 0, 9, 0];
+        let mut dst = vec![0u8; 12];
+        expand_box(2, &src, patch, &region, 0xFF, &mut dst).unwrap();
+        assert_eq!(dst, [255, 255, 255, 255, 255, 255, 255, 255, 7, 0, 9, 0]);
+        assert!(expand_box(2, &src[1..], patch, &region, 0xFF, &mut dst).is_err());
     }
 }

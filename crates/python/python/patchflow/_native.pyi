@@ -58,6 +58,7 @@ class NativeClient:
         held_batches: int = 4,
         max_attempts: int = 10,
         connect_timeout: float = 10.0,
+        compact: bool = True,
     ) -> None: ...
     @property
     def endpoints(self) -> list[str]: ...
