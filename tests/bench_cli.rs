@@ -279,13 +279,20 @@ fn ratio_mode_on_real_cases_reports_every_path_in_every_round() {
         s(&out_json),
     ]);
     let report = json(&out_json);
-    let paths = ["in-process", "in-process ring 3", "gRPC+shm", "gRPC"];
+    let paths = [
+        "in-process",
+        "in-process ring 3",
+        "gRPC+shm",
+        "gRPC plain",
+        "gRPC",
+    ];
     // Every path at every edge in every round, in the order measured.
     let runs = report["runs"].as_array().unwrap();
     assert_eq!(runs.len(), 2 * 2 * paths.len(), "{report}");
     for (i, run) in runs.iter().enumerate() {
-        assert_eq!(run["round"].as_u64().unwrap() as usize, i / 8, "{run}");
-        assert_eq!(run["path"], paths[i % 4], "{run}");
+        let round = i / (2 * paths.len());
+        assert_eq!(run["round"].as_u64().unwrap() as usize, round, "{run}");
+        assert_eq!(run["path"], paths[i % paths.len()], "{run}");
         let patches = run["patches"].as_u64().unwrap();
         assert!(patches >= 2 && patches.is_multiple_of(2), "{run}");
         assert!(run["cpu_s"].as_f64().unwrap() > 0.0, "{run}");

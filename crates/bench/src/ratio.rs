@@ -195,8 +195,18 @@ pub fn run_ratio(cfg: &RatioConfig, stop: &AtomicBool) -> Result<RatioReport, Be
         extra_args: cfg.daemon_args.clone(),
     };
     let runtime = crate::daemon::current_thread_runtime()?;
-    let mut daemon = runtime.block_on(Daemon::start(&spec))?;
-    let endpoint = daemon.endpoint();
+    let daemon = runtime.block_on(Daemon::start(&spec))?;
+    let mut ctx = Context {
+        cfg,
+        endpoint: daemon.endpoint(),
+        name,
+        local,
+        runtime,
+        daemon,
+        warmup,
+        seconds,
+        stop,
+    };
     let mut runs = Vec::new();
     for round in 0..cfg.rounds {
         for &edge in &cfg.edges {
@@ -205,61 +215,7 @@ pub fn run_ratio(cfg: &RatioConfig, stop: &AtomicBool) -> Result<RatioReport, Be
                 reason: e.to_string(),
             })?;
             for &path in &paths {
-                let (patches, wall_s, cpu_s) = match path {
-                    Path::InProcess { ring } => {
-                        let req = BatchRequest {
-                            patch,
-                            batch: cfg.batch,
-                            policy: Policy::ForegroundOversample {
-                                fraction: cfg.foreground,
-                            },
-                            crops_per_case: 1,
-                            dtype: OutputDType::F32,
-                            seed: 0,
-                            cases: None,
-                            augment: None,
-                        };
-                        local.run_ring(&req, 1 << 40, Until::Elapsed(warmup), ring, stop)?;
-                        let (counts, me, _) =
-                            local.run_ring(&req, 0, Until::Elapsed(seconds), ring, stop)?;
-                        (counts.patches, counts.wall_s, me.cpu_s)
-                    }
-                    Path::Remote(transport) => runtime.block_on(async {
-                        let mut config = StreamConfig::new(
-                            name.as_str(),
-                            patch.to_i64(),
-                            u32::try_from(cfg.batch).unwrap_or(u32::MAX),
-                        );
-                        config.policy = patchflow_client::Policy::ForegroundOversample {
-                            fraction: cfg.foreground,
-                        };
-                        run_remote(
-                            &endpoint,
-                            &config,
-                            1,
-                            transport,
-                            warmup,
-                            Until::Batches(0),
-                            stop,
-                        )
-                        .await?;
-                        let d0 = daemon.sample()?;
-                        let c0 = procstat::sample(None)?;
-                        let counts = run_remote(
-                            &endpoint,
-                            &config,
-                            1,
-                            transport,
-                            Duration::ZERO,
-                            Until::Elapsed(seconds),
-                            stop,
-                        )
-                        .await?;
-                        let d = daemon.sample()?.since(&d0);
-                        let c = procstat::sample(None)?.since(&c0);
-                        Ok::<_, BenchError>((counts.patches, counts.wall_s, d.cpu_s + c.cpu_s))
-                    })?,
-                };
+                let (patches, wall_s, cpu_s) = measure(&mut ctx, path, patch)?;
                 let run = RatioRun {
                     round,
                     edge,
@@ -282,7 +238,7 @@ pub fn run_ratio(cfg: &RatioConfig, stop: &AtomicBool) -> Result<RatioReport, Be
             }
         }
     }
-    daemon.stop()?;
+    ctx.daemon.stop()?;
     let names: Vec<String> = paths.iter().map(|p| p.name()).collect();
     Ok(RatioReport {
         command: cfg.command.clone(),
@@ -372,6 +328,78 @@ pub fn render_ratio(report: &RatioReport) -> String {
         ));
     }
     out
+}
+
+/// What every measurement of one run shares.
+struct Context<'a> {
+    cfg: &'a RatioConfig,
+    endpoint: String,
+    name: String,
+    local: InProcess,
+    runtime: tokio::runtime::Runtime,
+    daemon: Daemon,
+    warmup: Duration,
+    seconds: Duration,
+    stop: &'a AtomicBool,
+}
+
+/// One path at one patch size, after its warm-up: patches, wall seconds and CPU seconds (this
+/// process in process; the daemon and this process over gRPC).
+fn measure(ctx: &mut Context<'_>, path: Path, patch: Patch) -> Result<(u64, f64, f64), BenchError> {
+    let (cfg, stop) = (ctx.cfg, ctx.stop);
+    match path {
+        Path::InProcess { ring } => {
+            let req = BatchRequest {
+                patch,
+                batch: cfg.batch,
+                policy: Policy::ForegroundOversample {
+                    fraction: cfg.foreground,
+                },
+                crops_per_case: 1,
+                dtype: OutputDType::F32,
+                seed: 0,
+                cases: None,
+                augment: None,
+            };
+            let local = &ctx.local;
+            local.run_ring(&req, 1 << 40, Until::Elapsed(ctx.warmup), ring, stop)?;
+            let (counts, me, _) =
+                local.run_ring(&req, 0, Until::Elapsed(ctx.seconds), ring, stop)?;
+            Ok((counts.patches, counts.wall_s, me.cpu_s))
+        }
+        Path::Remote(transport) => {
+            let Context {
+                runtime,
+                daemon,
+                endpoint,
+                name,
+                warmup,
+                seconds,
+                ..
+            } = ctx;
+            runtime.block_on(async {
+                let mut config = StreamConfig::new(
+                    name.as_str(),
+                    patch.to_i64(),
+                    u32::try_from(cfg.batch).unwrap_or(u32::MAX),
+                );
+                config.policy = patchflow_client::Policy::ForegroundOversample {
+                    fraction: cfg.foreground,
+                };
+                let warm = Until::Batches(0);
+                run_remote(endpoint, &config, 1, transport, *warmup, warm, stop).await?;
+                let d0 = daemon.sample()?;
+                let c0 = procstat::sample(None)?;
+                let until = Until::Elapsed(*seconds);
+                let counts =
+                    run_remote(endpoint, &config, 1, transport, Duration::ZERO, until, stop)
+                        .await?;
+                let d = daemon.sample()?.since(&d0);
+                let c = procstat::sample(None)?.since(&c0);
+                Ok::<_, BenchError>((counts.patches, counts.wall_s, d.cpu_s + c.cpu_s))
+            })
+        }
+    }
 }
 
 #[cfg(test)]

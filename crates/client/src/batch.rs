@@ -95,7 +95,10 @@ impl Delivery {
     pub fn into_batch(self, pool: &Arc<BufferPool>) -> Result<Batch, String> {
         match self {
             Delivery::Ready(b) => Ok(b),
-            Delivery::Compact(r) => r.finish(pool),
+            Delivery::Compact(r) => {
+                let (index, header, image, label) = r.convert(pool)?;
+                finish(index, header, image, label)
+            }
         }
     }
 }

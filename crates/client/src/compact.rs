@@ -19,8 +19,6 @@ use patchflow_proto::v1 as pb;
 use patchflow_volume::convert::{OutputDType, convert_box, expand_box, inside, region_voxels};
 use patchflow_volume::{DType, NormScheme, Normalization};
 
-use crate::batch::{Batch, ImageDtype, LabelDtype, finish, label_dtype_size};
-
 /// A complete batch as it arrived: buffers in their wire form.
 pub(crate) struct Received {
     /// Batch index.
@@ -58,8 +56,12 @@ impl Received {
     }
 
     /// Converts the batch into served buffers (taken from `pool`, to which they return when the
-    /// caller drops the batch) and checks it as any batch is checked.
-    pub fn finish(self, pool: &Arc<BufferPool>) -> Result<Batch, String> {
+    /// caller drops the batch): its index, the header of the served batch, image and label, for
+    /// the checks every batch goes through.
+    pub fn convert(
+        self,
+        pool: &Arc<BufferPool>,
+    ) -> Result<(u64, pb::BatchHeader, Bytes, Bytes), String> {
         let Received {
             index,
             mut header,
@@ -75,7 +77,7 @@ impl Received {
         for item in &mut header.items {
             item.stored = None;
         }
-        finish(index, header, image, label)
+        Ok((index, header, image, label))
     }
 }
 
@@ -118,10 +120,10 @@ impl Layout {
             }
         };
         let (batch, channels) = (header.batch_size as usize, header.channels as usize);
-        let out = match ImageDtype::try_from(header.dtype) {
-            Ok(ImageDtype::F32) => OutputDType::F32,
-            Ok(ImageDtype::F16) => OutputDType::F16,
-            Ok(ImageDtype::Bf16) => OutputDType::BF16,
+        let out = match pb::ImageDtype::try_from(header.dtype) {
+            Ok(pb::ImageDtype::F32) => OutputDType::F32,
+            Ok(pb::ImageDtype::F16) => OutputDType::F16,
+            Ok(pb::ImageDtype::Bf16) => OutputDType::BF16,
             _ => {
                 return Err(format!(
                     "batch {index}: image dtype {} is not f32, f16 or bf16",
@@ -129,10 +131,16 @@ impl Layout {
                 ));
             }
         };
-        let label_size = LabelDtype::try_from(header.label_dtype)
-            .ok()
-            .and_then(label_dtype_size)
-            .ok_or_else(|| format!("batch {index}: unknown label dtype {}", header.label_dtype))?;
+        let label_size = match pb::LabelDtype::try_from(header.label_dtype) {
+            Ok(pb::LabelDtype::U8) => 1,
+            Ok(pb::LabelDtype::U16) => 2,
+            _ => {
+                return Err(format!(
+                    "batch {index}: unknown label dtype {}",
+                    header.label_dtype
+                ));
+            }
+        };
         if header.items.len() != batch {
             return Err(format!(
                 "batch {index}: {} item descriptions for {batch} items",
@@ -410,8 +418,8 @@ mod tests {
             patch_size: PATCH.iter().map(|&p| p as u64).collect(),
             batch_size: 2,
             channels: 1,
-            dtype: ImageDtype::F32 as i32,
-            label_dtype: LabelDtype::U8 as i32,
+            dtype: pb::ImageDtype::F32 as i32,
+            label_dtype: pb::LabelDtype::U8 as i32,
             ignore_label: 255,
             image_bytes: image.len() as u64,
             label_bytes: label.len() as u64,
@@ -447,9 +455,10 @@ mod tests {
         image.extend(served.iter().flat_map(|v| v.to_le_bytes()));
         let frame = zstd::bulk::compress(&labels, 1).unwrap();
         let pool = BufferPool::new(4, 1 << 20);
-        let batch = received("u8", image, Bytes::from(frame))
-            .finish(&pool)
+        let (index, header, image, label) = received("u8", image, Bytes::from(frame))
+            .convert(&pool)
             .unwrap();
+        let batch = crate::batch::finish(index, header, image, label).unwrap();
         let values: Vec<f32> = batch
             .image
             .chunks_exact(4)
@@ -490,23 +499,23 @@ mod tests {
         let frame = Bytes::from(zstd::bulk::compress(&labels, 1).unwrap());
         let pool = BufferPool::new(4, 1 << 20);
         let err = received("f32", image.clone(), frame.clone())
-            .finish(&pool)
+            .convert(&pool)
             .unwrap_err();
         assert!(err.contains("is not one of u8"), "{err}");
         let err = received("u8", image[..100].to_vec(), frame.clone())
-            .finish(&pool)
+            .convert(&pool)
             .unwrap_err();
         assert!(err.contains("the image buffer has 100 bytes"), "{err}");
         let mut longer = image.clone();
         longer.push(0);
-        let err = received("u8", longer, frame).finish(&pool).unwrap_err();
+        let err = received("u8", longer, frame).convert(&pool).unwrap_err();
         assert!(err.contains("its items take 108"), "{err}");
         let err = received("u8", image.clone(), Bytes::from_static(b"not zstd"))
-            .finish(&pool)
+            .convert(&pool)
             .unwrap_err();
         assert!(err.contains("does not decompress"), "{err}");
         let short = Bytes::from(zstd::bulk::compress(&labels[..30], 1).unwrap());
-        let err = received("u8", image, short).finish(&pool).unwrap_err();
+        let err = received("u8", image, short).convert(&pool).unwrap_err();
         assert!(err.contains("holds 30 bytes, expected 36"), "{err}");
     }
 }

@@ -392,25 +392,10 @@ impl LinkTask {
                 }
                 command = self.commands.recv() => match command {
                     None => return End::Closed,
-                    Some(Command::Credit) => {
-                        if self.outstanding == 0 {
+                    Some(command) => {
+                        if self.on_command(command, &requests, target.window) {
                             stall.as_mut().reset(Instant::now() + timeout);
                         }
-                        self.outstanding = self.outstanding.saturating_add(1);
-                        let _ = requests.send(pb::SampleRequest {
-                            credits: 1,
-                            ..pb::SampleRequest::default()
-                        });
-                    }
-                    Some(Command::Configure(config)) => {
-                        self.outstanding = target.window;
-                        self.config = Some((*config).clone());
-                        let _ = requests.send(pb::SampleRequest {
-                            config: Some(*config),
-                            credits: target.window,
-                            ..pb::SampleRequest::default()
-                        });
-                        stall.as_mut().reset(Instant::now() + timeout);
                     }
                 },
                 message = inbound.message() => match message {
@@ -430,17 +415,8 @@ impl LinkTask {
                         } else {
                             assembler.push(message)
                         };
-                        match received {
-                            Ok(None) => {}
-                            Ok(Some((config_id, batch))) => {
-                                if let Err(reason) = self.deliver(config_id, batch) {
-                                    return self.protocol_error(config_id, reason);
-                                }
-                            }
-                            Err(reason) => {
-                                let config_id = self.config.as_ref().map_or(0, |c| c.config_id);
-                                return self.protocol_error(config_id, reason);
-                            }
+                        if let Some(end) = self.on_received(received) {
+                            return end;
                         }
                     }
                     Ok(None) => {
@@ -448,6 +424,52 @@ impl LinkTask {
                     }
                     Err(status) => return End::Failed(status),
                 },
+            }
+        }
+    }
+
+    /// Passes a consumer's command on to the open stream; true when the daemon now owes batches
+    /// it did not owe before (the stall timer starts again).
+    fn on_command(
+        &mut self,
+        command: Command,
+        requests: &mpsc::UnboundedSender<pb::SampleRequest>,
+        window: u32,
+    ) -> bool {
+        match command {
+            Command::Credit => {
+                let was_idle = self.outstanding == 0;
+                self.outstanding = self.outstanding.saturating_add(1);
+                let _ = requests.send(pb::SampleRequest {
+                    credits: 1,
+                    ..pb::SampleRequest::default()
+                });
+                was_idle
+            }
+            Command::Configure(config) => {
+                self.outstanding = window;
+                self.config = Some((*config).clone());
+                let _ = requests.send(pb::SampleRequest {
+                    config: Some(*config),
+                    credits: window,
+                    ..pb::SampleRequest::default()
+                });
+                true
+            }
+        }
+    }
+
+    /// Hands a completed batch on; a protocol violation ends the connection.
+    fn on_received(&mut self, received: Result<Option<(u64, Delivery)>, String>) -> Option<End> {
+        match received {
+            Ok(None) => None,
+            Ok(Some((config_id, batch))) => match self.deliver(config_id, batch) {
+                Ok(()) => None,
+                Err(reason) => Some(self.protocol_error(config_id, reason)),
+            },
+            Err(reason) => {
+                let config_id = self.config.as_ref().map_or(0, |c| c.config_id);
+                Some(self.protocol_error(config_id, reason))
             }
         }
     }
