@@ -62,14 +62,7 @@ fn every_pair_ingests_and_inspect_reports_true_counts() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("store");
-    run_ok(&[
-        "ingest",
-        s(&data.join("pairs.tsv")),
-        "--out",
-        s(&store),
-        "--keep-spacing",
-    ]);
+    let store = common::ingest_pairs(&data, dir.path(), "store");
     let report = inspect_json(&store);
     let cases = report["cases"].as_array().unwrap();
     let pairs = pairs(&data);

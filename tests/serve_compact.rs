@@ -8,7 +8,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{run_ok, s, shared_data};
+use common::shared_data;
 use patchflow_client::{
     Augmentation, Client, ClientOptions, ImageDtype, SharedMemory, StreamConfig,
 };
@@ -18,18 +18,6 @@ use patchflow_store::ChunkCache;
 
 const PATCH: [usize; 3] = [40, 48, 56];
 const SEED: u64 = 7;
-
-fn ingest(data: &std::path::Path, dir: &std::path::Path) -> std::path::PathBuf {
-    let store = dir.join("pairs");
-    run_ok(&[
-        "ingest",
-        s(&data.join("pairs.tsv")),
-        "--out",
-        s(&store),
-        "--keep-spacing",
-    ]);
-    store
-}
 
 /// The sampler's request for the stream `config` describes (the daemon's defaults: nnU-Net's
 /// oversampling, one crop per case).
@@ -53,7 +41,7 @@ async fn compact_batches_equal_the_in_process_sampler_on_real_data() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let store = ingest(&data, dir.path());
+    let store = common::ingest_pairs(&data, dir.path(), "pairs");
     let (server, _) = common::serve_and_connect(vec![store.clone()], 64).await;
     let endpoint = server.endpoint().unwrap();
     let dataset = Dataset::open("pairs", &store, ChunkCache::new(64 << 20)).unwrap();
@@ -114,7 +102,7 @@ async fn the_daemon_sends_the_compact_form_when_asked() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let store = ingest(&data, dir.path());
+    let store = common::ingest_pairs(&data, dir.path(), "pairs");
     let (server, _) = common::serve_and_connect(vec![store], 64).await;
     let mut raw = pb::patchflow_client::PatchflowClient::connect(server.endpoint().unwrap())
         .await

@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{case_id, crop_ref, pairs, preprocess_in_memory, run_ok, s, shared_data};
+use common::{case_id, crop_ref, pairs, preprocess_in_memory, shared_data};
 use patchflow_client::{Client, ClientOptions, SharedMemory, StreamConfig};
 use patchflow_ingest::DatasetPlan;
 use patchflow_store::Manifest;
@@ -38,14 +38,7 @@ async fn two_hundred_batches_with_size_changes_equal_the_preprocessed_volumes() 
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("pairs");
-    run_ok(&[
-        "ingest",
-        s(&data.join("pairs.tsv")),
-        "--out",
-        s(&store),
-        "--keep-spacing",
-    ]);
+    let store = common::ingest_pairs(&data, dir.path(), "pairs");
     let manifest = Manifest::load(&store).unwrap().unwrap();
     let plan: DatasetPlan = serde_json::from_value(manifest.plan.clone()).unwrap();
     let reference: HashMap<String, PreprocessedCase> = pairs(&data)

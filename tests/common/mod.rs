@@ -120,6 +120,20 @@ pub fn preprocess_in_memory(
 #[allow(unused_imports)]
 pub use patchflow_testkit::synthetic::crop_ref;
 
+/// The pairs of `../shared/data` (`data`) ingested at their own spacing into `dir/name`.
+#[allow(dead_code)]
+pub fn ingest_pairs(data: &Path, dir: &Path, name: &str) -> PathBuf {
+    let store = dir.join(name);
+    run_ok(&[
+        "ingest",
+        s(&data.join("pairs.tsv")),
+        "--out",
+        s(&store),
+        "--keep-spacing",
+    ]);
+    store
+}
+
 /// A daemon serving `stores` on a free loopback port with two sampling workers and a chunk cache
 /// of `cache_mb`, and a client connected to it with the default options.
 pub async fn serve_and_connect(

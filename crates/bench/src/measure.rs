@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use patchflow_client::{Client, ClientOptions, SharedMemory, StreamConfig};
-use patchflow_sampler::{BatchRequest, Dataset, Sampler};
+use patchflow_sampler::{BatchRequest, Dataset, OutputDType, Patch, Policy, Sampler};
 use patchflow_store::{ArrayId, ChunkCache};
 use serde::Serialize;
 
@@ -39,6 +39,21 @@ impl Transport {
             Transport::GrpcPlain => "gRPC plain",
             Transport::GrpcShared => "gRPC+shm",
         }
+    }
+}
+
+/// The benchmarks' request: plain `f32` crops of `patch`, `batch` items, nnU-Net's oversampling
+/// with `fraction`, one crop per case, every case.
+pub(crate) fn crop_request(patch: Patch, batch: usize, fraction: f64, seed: u64) -> BatchRequest {
+    BatchRequest {
+        patch,
+        batch,
+        policy: Policy::ForegroundOversample { fraction },
+        crops_per_case: 1,
+        dtype: OutputDType::F32,
+        seed,
+        cases: None,
+        augment: None,
     }
 }
 

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use patchflow_client::StreamConfig;
-use patchflow_sampler::{BatchRequest, OutputDType, Policy};
+use patchflow_sampler::BatchRequest;
 use patchflow_store::{Manifest, RemoteStats, StoreLocation, bucket_stats};
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -146,18 +146,12 @@ fn request(
         field: "--edges",
         reason: e.to_string(),
     })?;
-    Ok(BatchRequest {
+    Ok(crate::measure::crop_request(
         patch,
-        batch: cfg.batch,
-        policy: Policy::ForegroundOversample {
-            fraction: cfg.foreground,
-        },
-        crops_per_case: 1,
-        dtype: OutputDType::F32,
+        cfg.batch,
+        cfg.foreground,
         seed,
-        cases: None,
-        augment: None,
-    })
+    ))
 }
 
 /// Copies the store at `store` (manifest and case files) into `dir`; returns the manifest.

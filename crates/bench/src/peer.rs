@@ -6,11 +6,11 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use patchflow_client::StreamConfig;
-use patchflow_sampler::{AugmentSpec, BatchRequest, OutputDType, Patch, Policy};
+use patchflow_sampler::{AugmentSpec, BatchRequest, Patch};
 use serde::Serialize;
 
 use crate::daemon::{Daemon, DaemonSpec};
-use crate::measure::{Counts, InProcess, Until, run_remote};
+use crate::measure::{Counts, InProcess, Until, crop_request, run_remote};
 use crate::procstat;
 use crate::{BenchError, Transport};
 
@@ -92,16 +92,8 @@ pub fn run_peer(cfg: &PeerConfig, stop: &AtomicBool) -> Result<PeerReport, Bench
         Transport::InProcess => {
             let local = InProcess::open(&name, &cfg.store, cfg.cache_mb, cfg.workers)?;
             let req = BatchRequest {
-                patch: cfg.patch,
-                batch: cfg.batch,
-                policy: Policy::ForegroundOversample {
-                    fraction: cfg.foreground,
-                },
-                crops_per_case: 1,
-                dtype: OutputDType::F32,
-                seed: 0,
-                cases: None,
                 augment: cfg.augment.then(AugmentSpec::nnunet_default),
+                ..crop_request(cfg.patch, cfg.batch, cfg.foreground, 0)
             };
             local.run(&req, 1 << 40, Until::Elapsed(warmup), stop)?;
             let (counts, me, _) = local.run(&req, 0, Until::Elapsed(seconds), stop)?;

@@ -13,13 +13,13 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use patchflow_client::StreamConfig;
-use patchflow_sampler::{BatchRequest, OutputDType, Patch, Policy};
+use patchflow_sampler::Patch;
 use serde::Serialize;
 
 use crate::BenchError;
 use crate::daemon::{Daemon, DaemonSpec};
 use crate::machine::Machine;
-use crate::measure::{InProcess, Transport, Until, run_remote};
+use crate::measure::{InProcess, Transport, Until, crop_request, run_remote};
 use crate::procstat;
 
 /// Settings of [`run_ratio`].
@@ -349,18 +349,7 @@ fn measure(ctx: &mut Context<'_>, path: Path, patch: Patch) -> Result<(u64, f64,
     let (cfg, stop) = (ctx.cfg, ctx.stop);
     match path {
         Path::InProcess { ring } => {
-            let req = BatchRequest {
-                patch,
-                batch: cfg.batch,
-                policy: Policy::ForegroundOversample {
-                    fraction: cfg.foreground,
-                },
-                crops_per_case: 1,
-                dtype: OutputDType::F32,
-                seed: 0,
-                cases: None,
-                augment: None,
-            };
+            let req = crop_request(patch, cfg.batch, cfg.foreground, 0);
             let local = &ctx.local;
             local.run_ring(&req, 1 << 40, Until::Elapsed(ctx.warmup), ring, stop)?;
             let (counts, me, _) =

@@ -9,7 +9,7 @@ use indicatif::ProgressBar;
 use patchflow_client::StreamConfig;
 use patchflow_grid::Patch;
 use patchflow_ingest::{IngestOptions, ingest};
-use patchflow_sampler::{BatchRequest, OutputDType, Policy};
+use patchflow_sampler::BatchRequest;
 use serde::Serialize;
 
 use crate::daemon::{Daemon, DaemonSpec};
@@ -534,18 +534,7 @@ fn ingest_fresh(
 /// The sampler request of one measurement (seeds differ per size so that runs do not replay
 /// each other's crops).
 fn request(patch: Patch, cfg: &SuiteConfig, seed: u64) -> BatchRequest {
-    BatchRequest {
-        patch,
-        batch: cfg.batch,
-        policy: Policy::ForegroundOversample {
-            fraction: cfg.foreground,
-        },
-        crops_per_case: 1,
-        dtype: OutputDType::F32,
-        seed,
-        cases: None,
-        augment: None,
-    }
+    crate::measure::crop_request(patch, cfg.batch, cfg.foreground, seed)
 }
 
 /// The stream configuration matching [`request`].

@@ -26,6 +26,28 @@ fn one_channel(mut case: MemCase, dtype: DType) -> MemCase {
     case
 }
 
+/// A store of `cases` in a temporary folder and a sampler over it.
+fn sampler_of(cases: &[MemCase]) -> (tempfile::TempDir, Sampler) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_store(dir.path(), cases);
+    let ds = Dataset::open("compact", dir.path(), ChunkCache::new(1 << 20)).expect("open");
+    (dir, Sampler::new(Arc::new(ds)))
+}
+
+/// A plain request over every case.
+fn request(patch: [usize; 3], batch: usize, policy: Policy, dtype: OutputDType) -> BatchRequest {
+    BatchRequest {
+        patch: Patch::new(patch).expect("patch"),
+        batch,
+        policy,
+        crops_per_case: 1,
+        dtype,
+        seed: 5,
+        cases: None,
+        augment: None,
+    }
+}
+
 #[test]
 fn compact_batches_convert_to_the_served_bits() {
     let cases = vec![
@@ -33,24 +55,13 @@ fn compact_batches_convert_to_the_served_bits() {
         one_channel(make_case("u8", [9, 14, 22], 2, Some(2)), DType::U8),
         one_channel(make_case("f32", [16, 11, 13], 3, None), DType::F32),
     ];
-    let dir = tempfile::tempdir().expect("tempdir");
-    write_store(dir.path(), &cases);
-    let ds = Dataset::open("compact", dir.path(), ChunkCache::new(1 << 20)).expect("open");
-    let sampler = Sampler::new(Arc::new(ds));
+    let (_dir, sampler) = sampler_of(&cases);
     let mut forms_seen = std::collections::HashSet::new();
     for dtype in [OutputDType::F32, OutputDType::F16, OutputDType::BF16] {
         // Patches larger than some volumes: padding on every side.
         for patch in [[8, 8, 8], [14, 24, 9]] {
-            let req = BatchRequest {
-                patch: Patch::new(patch).expect("patch"),
-                batch: 4,
-                policy: Policy::ForegroundOversample { fraction: 0.5 },
-                crops_per_case: 1,
-                dtype,
-                seed: 99,
-                cases: None,
-                augment: None,
-            };
+            let fraction = Policy::ForegroundOversample { fraction: 0.5 };
+            let req = request(patch, 4, fraction, dtype);
             for index in 0..6 {
                 let served = sampler.sample(&req, index).expect("sample");
                 let compact = sampler
@@ -119,20 +130,8 @@ fn augmented_requests_have_no_stored_items() {
         make_case("i16", [12, 20, 17], 1, Some(2)),
         DType::I16,
     )];
-    let dir = tempfile::tempdir().expect("tempdir");
-    write_store(dir.path(), &cases);
-    let ds = Dataset::open("compact", dir.path(), ChunkCache::new(1 << 20)).expect("open");
-    let sampler = Sampler::new(Arc::new(ds));
-    let mut req = BatchRequest {
-        patch: Patch::new([8, 8, 8]).expect("patch"),
-        batch: 2,
-        policy: Policy::Uniform,
-        crops_per_case: 1,
-        dtype: OutputDType::F32,
-        seed: 5,
-        cases: None,
-        augment: None,
-    };
+    let (_dir, sampler) = sampler_of(&cases);
+    let mut req = request([8, 8, 8], 2, Policy::Uniform, OutputDType::F32);
     assert!(sampler.stored_form(&req, 0).is_some());
     req.augment = Some(patchflow_sampler::AugmentSpec::nnunet_default());
     assert!(sampler.stored_form(&req, 0).is_none());
@@ -144,19 +143,10 @@ fn augmented_compact_batches_are_the_served_ones() {
         make_case("i16", [12, 20, 17], 1, Some(2)),
         DType::I16,
     )];
-    let dir = tempfile::tempdir().expect("tempdir");
-    write_store(dir.path(), &cases);
-    let ds = Dataset::open("compact", dir.path(), ChunkCache::new(1 << 20)).expect("open");
-    let sampler = Sampler::new(Arc::new(ds));
+    let (_dir, sampler) = sampler_of(&cases);
     let req = BatchRequest {
-        patch: Patch::new([8, 8, 8]).expect("patch"),
-        batch: 2,
-        policy: Policy::Uniform,
-        crops_per_case: 1,
-        dtype: OutputDType::F32,
-        seed: 5,
-        cases: None,
         augment: Some(patchflow_sampler::AugmentSpec::nnunet_default()),
+        ..request([8, 8, 8], 2, Policy::Uniform, OutputDType::F32)
     };
     for index in 0..4 {
         let compact = sampler

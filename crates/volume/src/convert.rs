@@ -225,6 +225,43 @@ pub fn region_voxels(region: &[Range<usize>; 3]) -> usize {
     region.iter().map(ExactSizeIterator::len).product()
 }
 
+/// Checks that `src` holds the region `inside` of a patch (`in_size`-byte elements) and `dst`
+/// the whole patch (`out_size`-byte elements).
+fn check_box(
+    src: usize,
+    in_size: usize,
+    dst: usize,
+    out_size: usize,
+    patch: [usize; 3],
+    inside: &[Range<usize>; 3],
+) -> Result<(), RunMismatch> {
+    let expected = region_voxels(inside) * in_size;
+    let fits = inside.iter().zip(patch).all(|(r, p)| r.end <= p);
+    if src != expected || dst != patch.iter().product::<usize>() * out_size || !fits {
+        return Err(RunMismatch { expected, got: src });
+    }
+    Ok(())
+}
+
+/// Calls `row(start, src_row)` for every row of a patch, `start` its first voxel in the patch and
+/// `src_row` its row index in the region `inside` when the row crosses the region.
+fn each_row(
+    patch: [usize; 3],
+    inside: &[Range<usize>; 3],
+    mut row: impl FnMut(usize, Option<usize>) -> Result<(), RunMismatch>,
+) -> Result<(), RunMismatch> {
+    let [pz, py, px] = patch;
+    let [rz, ry, rx] = inside;
+    for z in 0..pz {
+        for y in 0..py {
+            let crosses = rz.contains(&z) && ry.contains(&y) && !rx.is_empty();
+            let src = crosses.then(|| (z - rz.start) * ry.len() + (y - ry.start));
+            row((z * py + y) * px, src)?;
+        }
+    }
+    Ok(())
+}
+
 /// Copies the region `inside` of a patch (held alone in `src`: `elem`-byte elements, row-major)
 /// into the whole patch `dst`, every other byte set to `pad` (labels: `0xFF` is the ignore label
 /// in both label widths).
@@ -236,34 +273,21 @@ pub fn expand_box(
     pad: u8,
     dst: &mut [u8],
 ) -> Result<(), RunMismatch> {
-    let voxels = patch.iter().product::<usize>();
-    let expected = region_voxels(inside) * elem;
-    let fits = inside.iter().zip(patch).all(|(r, p)| r.end <= p);
-    if src.len() != expected || dst.len() != voxels * elem || !fits {
-        return Err(RunMismatch {
-            expected,
-            got: src.len(),
-        });
-    }
-    let [_, py, px] = patch;
-    let [rz, ry, rx] = inside;
-    let row_in = rx.len();
-    for z in 0..patch[0] {
-        for y in 0..py {
-            let row = (z * py + y) * px;
-            let drow = &mut dst[row * elem..(row + px) * elem];
-            if !rz.contains(&z) || !ry.contains(&y) || row_in == 0 {
-                drow.fill(pad);
-                continue;
-            }
-            drow[..rx.start * elem].fill(pad);
-            drow[rx.end * elem..].fill(pad);
-            let srow = ((z - rz.start) * ry.len() + (y - ry.start)) * row_in;
-            drow[rx.start * elem..rx.end * elem]
-                .copy_from_slice(&src[srow * elem..(srow + row_in) * elem]);
-        }
-    }
-    Ok(())
+    check_box(src.len(), elem, dst.len(), elem, patch, inside)?;
+    let (px, rx) = (patch[2], &inside[2]);
+    each_row(patch, inside, |start, src_row| {
+        let drow = &mut dst[start * elem..(start + px) * elem];
+        let Some(k) = src_row else {
+            drow.fill(pad);
+            return Ok(());
+        };
+        drow[..rx.start * elem].fill(pad);
+        drow[rx.end * elem..].fill(pad);
+        let n = rx.len();
+        drow[rx.start * elem..rx.end * elem]
+            .copy_from_slice(&src[k * n * elem..(k + 1) * n * elem]);
+        Ok(())
+    })
 }
 
 /// Converts the part of one image patch inside the volume into the whole patch: `src` holds the
@@ -279,41 +303,27 @@ pub fn convert_box(
     inside: &[Range<usize>; 3],
     dst: &mut [u8],
 ) -> Result<(), RunMismatch> {
-    let voxels = patch.iter().product::<usize>();
     let (isz, osz) = (stored.size(), out.size());
-    let expected = region_voxels(inside) * isz;
-    let fits = inside.iter().zip(patch).all(|(r, p)| r.end <= p);
-    if src.len() != expected || dst.len() != voxels * osz || !fits {
-        return Err(RunMismatch {
-            expected,
-            got: src.len(),
-        });
-    }
-    let [_, py, px] = patch;
-    let [rz, ry, rx] = inside;
-    let row_in = rx.len();
-    for z in 0..patch[0] {
-        for y in 0..py {
-            let row = (z * py + y) * px;
-            let drow = &mut dst[row * osz..(row + px) * osz];
-            if !rz.contains(&z) || !ry.contains(&y) || row_in == 0 {
-                pad_image(drow);
-                continue;
-            }
-            pad_image(&mut drow[..rx.start * osz]);
-            pad_image(&mut drow[rx.end * osz..]);
-            let srow = ((z - rz.start) * ry.len() + (y - ry.start)) * row_in;
-            let s = &src[srow * isz..(srow + row_in) * isz];
-            convert_image_run(
-                s,
-                stored,
-                norm,
-                out,
-                &mut drow[rx.start * osz..rx.end * osz],
-            )?;
-        }
-    }
-    Ok(())
+    check_box(src.len(), isz, dst.len(), osz, patch, inside)?;
+    let (px, rx) = (patch[2], &inside[2]);
+    each_row(patch, inside, |start, src_row| {
+        let drow = &mut dst[start * osz..(start + px) * osz];
+        let Some(k) = src_row else {
+            pad_image(drow);
+            return Ok(());
+        };
+        pad_image(&mut drow[..rx.start * osz]);
+        pad_image(&mut drow[rx.end * osz..]);
+        let n = rx.len();
+        let s = &src[k * n * isz..(k + 1) * n * isz];
+        convert_image_run(
+            s,
+            stored,
+            norm,
+            out,
+            &mut drow[rx.start * osz..rx.end * osz],
+        )
+    })
 }
 
 #[cfg(test)]
