@@ -1,8 +1,9 @@
 //! The compact wire form (proto `WireOptions`: items in their stored integer type normalised by
 //! the client, zstd labels) over loopback TCP without shared memory, on the real pairs of
 //! `../shared/data`: every batch a client hands out equals, bit for bit, what the in-process
-//! sampler gives for the same request, for `f32`, `f16` and `bf16`, plain and augmented; and
-//! the daemon really sends the compact form when asked.
+//! sampler gives for the same request, for `f32`, `f16` and `bf16`, plain and augmented, in one
+//! message per batch and split into many; and the daemon really sends the compact form when
+//! asked.
 
 mod common;
 
@@ -43,7 +44,20 @@ async fn compact_batches_equal_the_in_process_sampler_on_real_data() {
     let dir = tempfile::tempdir().unwrap();
     let store = common::ingest_pairs(&data, dir.path(), "pairs");
     let (server, _) = common::serve_and_connect(vec![store.clone()], 64).await;
-    let endpoint = server.endpoint().unwrap();
+    // A second daemon whose smallest messages split every batch into parts.
+    let split = patchflow_server::start(patchflow_server::ServerConfig {
+        stores: vec![store.clone()],
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        workers: 2,
+        cache_mb: 64,
+        limits: patchflow_server::Limits {
+            max_message_bytes: patchflow_server::MIN_MESSAGE_BYTES,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let dataset = Dataset::open("pairs", &store, ChunkCache::new(64 << 20)).unwrap();
     let sampler = Sampler::new(Arc::new(dataset));
     let options = ClientOptions {
@@ -51,7 +65,11 @@ async fn compact_batches_equal_the_in_process_sampler_on_real_data() {
         compact: true,
         ..ClientOptions::default()
     };
-    let client = Client::connect([endpoint.clone()], options).await.unwrap();
+    let mut clients = Vec::new();
+    for daemon in [&server, &split] {
+        let endpoint = daemon.endpoint().unwrap();
+        clients.push(Client::connect([endpoint], options.clone()).await.unwrap());
+    }
     let kinds = [
         (ImageDtype::F32, OutputDType::F32, false),
         (ImageDtype::F16, OutputDType::F16, false),
@@ -59,6 +77,7 @@ async fn compact_batches_equal_the_in_process_sampler_on_real_data() {
         (ImageDtype::F32, OutputDType::F32, true),
         (ImageDtype::Bf16, OutputDType::BF16, true),
     ];
+    let mut stream = None;
     for (wire_dtype, dtype, augment) in kinds {
         let mut config = StreamConfig::new("pairs", PATCH.map(|v| v as i64), 2);
         config.seed = SEED;
@@ -69,10 +88,12 @@ async fn compact_batches_equal_the_in_process_sampler_on_real_data() {
                 ..Augmentation::default()
             });
         }
-        let mut stream = client.stream(config).await.unwrap();
         let req = request(dtype, augment);
-        for index in 0..10u64 {
-            let got = stream.next().await.unwrap();
+        for (client, index) in clients.iter().flat_map(|c| (0..8u64).map(move |i| (c, i))) {
+            if index == 0 {
+                stream = Some(client.stream(config.clone()).await.unwrap());
+            }
+            let got = stream.as_mut().unwrap().next().await.unwrap();
             let want = sampler.sample(&req, index).unwrap();
             assert_eq!(got.index, index);
             let origins: Vec<_> = got.items.iter().map(|i| i.origin).collect();
@@ -91,7 +112,9 @@ async fn compact_batches_equal_the_in_process_sampler_on_real_data() {
             );
         }
     }
+    drop(stream);
     server.shutdown().await.unwrap();
+    split.shutdown().await.unwrap();
 }
 
 /// A raw stream asking for the compact form: the headers announce stored items (the CT pairs are

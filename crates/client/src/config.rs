@@ -159,8 +159,8 @@ pub struct ClientOptions {
     /// Ask daemons for the compact wire form (proto `WireOptions`): items of plain crops whose
     /// cases are stored in a narrow integer type travel in it and are normalised here, label
     /// buffers travel zstd-compressed. The batches handed out are the same to the bit; the
-    /// bytes on the network shrink (a CT patch requested as `f32` to a half, labels a
-    /// hundredfold) at the price of the conversion on this side. On by default; batches
+    /// bytes on the network shrink (a CT patch requested as `f32` to a half or less, labels
+    /// many times over) at the price of the conversion on this side. On by default; batches
     /// written into shared memory are never compact.
     pub compact: bool,
 }

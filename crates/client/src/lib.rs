@@ -1,7 +1,8 @@
 //! Rust client of the patchflow daemon: the training side of the pipeline.
 //!
-//! It owns the training side of the contract: connections, ordering, prefetch and reconnection.
-//! It must not link a tensor library or sample stores itself.
+//! It owns the training side of the contract: connections, ordering, prefetch, reconnection and
+//! the conversion of compact batches (with the sampler's conversion from `patchflow-volume`). It
+//! must not link a tensor library or sample stores itself.
 //!
 //! A trainer wants an endless, reproducible sequence of batches, delivered faster than the GPU
 //! eats them, from one or several storage nodes, surviving restarts of any of them. This crate

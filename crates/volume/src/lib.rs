@@ -18,6 +18,8 @@
 //! * [`mask`]: nnU-Net's non-zero mask and its `use_mask_for_norm` rule
 //!   ([`mask_for_norm_applies`], [`relative_size_after_cropping`]).
 //! * [`phantom`], [`write_phantom_dataset`]: a deterministic synthetic CT dataset.
+//! * [`convert`]: stored values to served image elements, the one conversion the sampler and a
+//!   client receiving batches in their stored type both use.
 
 pub mod convert;
 mod error;
