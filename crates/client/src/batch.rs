@@ -210,7 +210,11 @@ impl Assembler {
         let header = msg
             .header
             .ok_or_else(|| format!("part 0 of batch {} has no header", msg.index))?;
-        let total = header.image_bytes.saturating_add(header.label_bytes);
+        // The bytes on the wire, and for a compact batch the buffers it becomes.
+        let total = header
+            .image_bytes
+            .saturating_add(header.label_bytes)
+            .max(served_bytes(&header));
         if total > self.max_batch_bytes {
             return Err(format!(
                 "batch {} announces {total} bytes, above the client's limit of {}",
@@ -236,6 +240,29 @@ impl Assembler {
         });
         Ok(None)
     }
+}
+
+/// Bytes of the image and label buffers a batch with `header` is handed out in (saturating;
+/// unknown element types count 0, and the batch is refused later for them).
+fn served_bytes(header: &pb::BatchHeader) -> u64 {
+    let isize = ImageDtype::try_from(header.dtype)
+        .ok()
+        .and_then(image_dtype_size)
+        .unwrap_or(0) as u64;
+    let lsize = LabelDtype::try_from(header.label_dtype)
+        .ok()
+        .and_then(label_dtype_size)
+        .unwrap_or(0) as u64;
+    let voxels = header
+        .patch_size
+        .iter()
+        .fold(u64::from(header.batch_size), |acc, &p| {
+            acc.saturating_mul(p)
+        });
+    let per_voxel = u64::from(header.channels)
+        .saturating_mul(isize)
+        .saturating_add(lsize);
+    voxels.saturating_mul(per_voxel)
 }
 
 /// Checks a complete batch against its header and builds the caller's view of it.
@@ -435,5 +462,13 @@ mod tests {
         let parts = split(&image, &label, 1000);
         let err = Assembler::new(100).push(parts[0].clone()).unwrap_err();
         assert!(err.contains("above the client's limit"), "{err}");
+        // A compact batch whose few wire bytes would become buffers above the limit.
+        let mut part = split(&[0u8; 8], &[], 1000).remove(0);
+        if let Some(h) = part.header.as_mut() {
+            h.patch_size = vec![512, 512, 512];
+            h.label_encoding = pb::LabelEncoding::Zstd as i32;
+        }
+        let err = Assembler::new(1 << 20).push(part).unwrap_err();
+        assert!(err.contains("announces 805306368 bytes"), "{err}");
     }
 }
