@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use patchflow_proto::buffers::BufferPool;
 use patchflow_proto::v1 as pb;
 use patchflow_sampler::{
     AugmentSpec, Batch, BatchRequest, CompactBatch, ItemMeta, OutputDType, Patch, Policy,
@@ -23,7 +24,6 @@ use crate::error::StreamError;
 use crate::registry::{Entry, Registry, label_dtype, normalization};
 use crate::shm::Slot;
 use crate::{Limits, config::MIN_MESSAGE_BYTES};
-use patchflow_proto::buffers::BufferPool;
 
 /// Foreground fraction used when a configuration names no policy (nnU-Net's default).
 pub const DEFAULT_FOREGROUND_FRACTION: f64 = 0.33;
@@ -54,7 +54,8 @@ pub(crate) struct WireFormat {
     pub config_id: u64,
     /// Largest message; larger batches are split into parts.
     pub max_message_bytes: usize,
-    /// The compact forms the stream asked for (set per stream, not per configuration).
+    /// The compact forms the stream asked for in its first message (the same for every
+    /// configuration of the stream; [`stream_config`] leaves them off).
     pub compact: Compact,
 }
 

@@ -8,7 +8,8 @@
 
 use std::sync::Arc;
 
-use patchflow_sampler::{Batch, BatchRequest, CompactBatch, SamplerError};
+use patchflow_proto::buffers::BufferPool;
+use patchflow_sampler::{BatchRequest, Sampler, SamplerError};
 
 use crate::convert::{
     EncodedBatch, WireFormat, batch_header, encode_batch, encode_compact, encode_shared,
@@ -18,7 +19,6 @@ use crate::error::StreamError;
 use crate::metrics::Metrics;
 use crate::registry::Entry;
 use crate::shm::SlotClaim;
-use patchflow_proto::buffers::BufferPool;
 
 /// Everything one batch needs; moved onto a worker thread.
 pub(crate) struct Job {
@@ -64,34 +64,26 @@ impl Job {
             }
         }
         if self.wire.compact.stored_image {
-            let compact = self.sample_compact()?;
+            let compact = self.pooled(Sampler::sample_compact_into)?;
             return Ok(encode_compact(compact, &self.wire, &self.buffers));
         }
-        let batch = self.sample_batch()?;
+        let batch = self.pooled(Sampler::sample_into)?;
         Ok(encode_batch(batch, &self.wire, &self.buffers))
     }
 
-    /// The batch in compact form (qualifying items in their stored type), in pooled buffers.
-    fn sample_compact(&self) -> Result<CompactBatch, StreamError> {
+    /// The batch cut by `sample` (the served or the compact form) into buffers taken from the
+    /// pool, sized for the served batch: the sizes depend on patch, batch and dtypes only, not
+    /// on the cases drawn, and bound the compact form's.
+    fn pooled<T>(
+        &self,
+        sample: impl Fn(&Sampler, &BatchRequest, u64, Vec<u8>, Vec<u8>) -> Result<T, SamplerError>,
+    ) -> Result<T, StreamError> {
         let sampler = &self.entry.sampler;
-        // The served sizes bound the compact ones.
         let (image_len, label_len) = sampler.buffer_sizes(self.request.base())?;
         self.served(|req| {
             let image = self.buffers.take(image_len);
             let label = self.buffers.take(label_len);
-            sampler.sample_compact_into(req, self.index, image, label)
-        })
-    }
-
-    /// The batch in buffers taken from the pool.
-    fn sample_batch(&self) -> Result<Batch, StreamError> {
-        let sampler = &self.entry.sampler;
-        // The sizes depend on patch, batch and dtypes only, not on the cases drawn.
-        let (image_len, label_len) = sampler.buffer_sizes(self.request.base())?;
-        self.served(|req| {
-            let image = self.buffers.take(image_len);
-            let label = self.buffers.take(label_len);
-            sampler.sample_into(req, self.index, image, label)
+            sample(sampler, req, self.index, image, label)
         })
     }
 

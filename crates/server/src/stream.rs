@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use futures_util::{Stream, StreamExt};
+use patchflow_proto::buffers::BufferPool;
 use patchflow_proto::v1 as pb;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
@@ -25,14 +26,13 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 
 use crate::Limits;
-use crate::convert::{Compact, EncodedBatch, StreamConfig, WireFormat, stream_config};
+use crate::convert::{Compact, EncodedBatch, StreamConfig, stream_config};
 use crate::error::StreamError;
 use crate::job::Job;
 use crate::metrics::{Metrics, StreamGuard, StreamStats, dec};
 use crate::pool::{JobHandle, Panicked, WorkerPool};
 use crate::registry::Registry;
 use crate::shm::{SharedDir, SlotTable};
-use patchflow_proto::buffers::BufferPool;
 
 /// What every stream shares.
 pub(crate) struct StreamContext {
@@ -281,7 +281,8 @@ impl Producer {
             }
         }
         if let Some(config) = msg.config {
-            let config = stream_config(&config, &ctx.registry, &ctx.limits)?;
+            let mut config = stream_config(&config, &ctx.registry, &ctx.limits)?;
+            config.wire.compact = self.compact;
             // Without a start index, continue from the first batch not handed out yet.
             let resume = self
                 .ready
@@ -353,10 +354,7 @@ impl Producer {
                 entry: Arc::clone(&active.entry),
                 request: Arc::clone(&active.request),
                 index,
-                wire: WireFormat {
-                    compact: self.compact,
-                    ..active.wire
-                },
+                wire: active.wire,
                 slot,
                 metrics: Arc::clone(&ctx.metrics),
                 buffers: Arc::clone(&ctx.buffers),
