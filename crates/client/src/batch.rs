@@ -8,6 +8,7 @@ use std::sync::Arc;
 use patchflow_proto::buffers::BufferPool;
 
 use crate::compact::Received;
+use crate::shape::Shape;
 
 pub use pb::{ImageDtype, LabelDtype};
 
@@ -118,24 +119,6 @@ fn complete(
     finish(index, header, image, label).map(Delivery::Ready)
 }
 
-/// Bytes per element of an image dtype.
-pub fn image_dtype_size(dtype: ImageDtype) -> Option<usize> {
-    match dtype {
-        ImageDtype::F32 => Some(4),
-        ImageDtype::F16 | ImageDtype::Bf16 => Some(2),
-        ImageDtype::Unspecified => None,
-    }
-}
-
-/// Bytes per element of a label dtype.
-pub fn label_dtype_size(dtype: LabelDtype) -> Option<usize> {
-    match dtype {
-        LabelDtype::U8 => Some(1),
-        LabelDtype::U16 => Some(2),
-        LabelDtype::Unspecified => None,
-    }
-}
-
 /// A batch being received in several parts.
 struct Partial {
     index: u64,
@@ -211,10 +194,11 @@ impl Assembler {
             .header
             .ok_or_else(|| format!("part 0 of batch {} has no header", msg.index))?;
         // The bytes on the wire, and for a compact batch the buffers it becomes.
+        let shape = Shape::of(msg.index, &header)?;
         let total = header
             .image_bytes
             .saturating_add(header.label_bytes)
-            .max(served_bytes(&header));
+            .max((shape.image_bytes as u64).saturating_add(shape.label_bytes as u64));
         if total > self.max_batch_bytes {
             return Err(format!(
                 "batch {} announces {total} bytes, above the client's limit of {}",
@@ -242,29 +226,6 @@ impl Assembler {
     }
 }
 
-/// Bytes of the image and label buffers a batch with `header` is handed out in (saturating;
-/// unknown element types count 0, and the batch is refused later for them).
-fn served_bytes(header: &pb::BatchHeader) -> u64 {
-    let isize = ImageDtype::try_from(header.dtype)
-        .ok()
-        .and_then(image_dtype_size)
-        .unwrap_or(0) as u64;
-    let lsize = LabelDtype::try_from(header.label_dtype)
-        .ok()
-        .and_then(label_dtype_size)
-        .unwrap_or(0) as u64;
-    let voxels = header
-        .patch_size
-        .iter()
-        .fold(u64::from(header.batch_size), |acc, &p| {
-            acc.saturating_mul(p)
-        });
-    let per_voxel = u64::from(header.channels)
-        .saturating_mul(isize)
-        .saturating_add(lsize);
-    voxels.saturating_mul(per_voxel)
-}
-
 /// Checks a complete batch against its header and builds the caller's view of it.
 pub(crate) fn finish(
     index: u64,
@@ -272,32 +233,17 @@ pub(crate) fn finish(
     image: Bytes,
     label: Bytes,
 ) -> Result<Batch, String> {
-    let patch: [usize; 3] = match header.patch_size.as_slice() {
-        &[z, y, x] => [z as usize, y as usize, x as usize],
-        other => {
-            return Err(format!(
-                "batch {index}: patch size {other:?} is not [z, y, x]"
-            ));
-        }
-    };
-    let dtype = ImageDtype::try_from(header.dtype)
-        .map_err(|_| format!("batch {index}: unknown image dtype {}", header.dtype))?;
-    let label_dtype = LabelDtype::try_from(header.label_dtype)
-        .map_err(|_| format!("batch {index}: unknown label dtype {}", header.label_dtype))?;
-    let isize = image_dtype_size(dtype)
-        .ok_or_else(|| format!("batch {index}: image dtype is unspecified"))?;
-    let lsize = label_dtype_size(label_dtype)
-        .ok_or_else(|| format!("batch {index}: label dtype is unspecified"))?;
-    let batch_size = header.batch_size as usize;
-    let channels = header.channels as usize;
-    let voxels = patch
-        .iter()
-        .try_fold(batch_size, |acc, &p| acc.checked_mul(p))
-        .ok_or_else(|| format!("batch {index}: shape overflows"))?;
-    let want_image = voxels
-        .checked_mul(channels)
-        .and_then(|v| v.checked_mul(isize));
-    let want_label = voxels.checked_mul(lsize);
+    let Shape {
+        patch,
+        batch_size,
+        channels,
+        dtype,
+        label_dtype,
+        image_bytes,
+        label_bytes,
+        ..
+    } = Shape::of(index, &header)?;
+    let (want_image, want_label) = (Some(image_bytes), Some(label_bytes));
     if want_image != Some(image.len()) || image.len() as u64 != header.image_bytes {
         return Err(format!(
             "batch {index}: image has {} bytes, expected {want_image:?} for {batch_size}x{channels}x{patch:?} {dtype:?}",

@@ -19,6 +19,8 @@ use patchflow_proto::v1 as pb;
 use patchflow_volume::convert::{OutputDType, convert_box, expand_box, inside, region_voxels};
 use patchflow_volume::{DType, NormScheme, Normalization};
 
+use crate::shape::Shape;
+
 /// A complete batch as it arrived: buffers in their wire form.
 pub(crate) struct Received {
     /// Batch index.
@@ -69,7 +71,7 @@ impl Received {
             label,
         } = self;
         let layout = Layout::of(index, &header)?;
-        let image = layout.image(&header, &image, pool)?;
+        let image = layout.image(&image, pool)?;
         let label = layout.label(&header, &label, pool)?;
         header.image_bytes = image.len() as u64;
         header.label_bytes = label.len() as u64;
@@ -111,52 +113,23 @@ struct Layout {
 
 impl Layout {
     fn of(index: u64, header: &pb::BatchHeader) -> Result<Layout, String> {
-        let patch: [usize; 3] = match header.patch_size.as_slice() {
-            &[z, y, x] => [z as usize, y as usize, x as usize],
-            other => {
-                return Err(format!(
-                    "batch {index}: patch size {other:?} is not [z, y, x]"
-                ));
+        let shape = Shape::of(index, header)?;
+        let (patch, channels) = (shape.patch, shape.channels);
+        let out = match shape.dtype {
+            pb::ImageDtype::F32 => OutputDType::F32,
+            pb::ImageDtype::F16 => OutputDType::F16,
+            pb::ImageDtype::Bf16 => OutputDType::BF16,
+            pb::ImageDtype::Unspecified => {
+                return Err(format!("batch {index}: image dtype is unspecified"));
             }
         };
-        let (batch, channels) = (header.batch_size as usize, header.channels as usize);
-        let out = match pb::ImageDtype::try_from(header.dtype) {
-            Ok(pb::ImageDtype::F32) => OutputDType::F32,
-            Ok(pb::ImageDtype::F16) => OutputDType::F16,
-            Ok(pb::ImageDtype::Bf16) => OutputDType::BF16,
-            _ => {
-                return Err(format!(
-                    "batch {index}: image dtype {} is not f32, f16 or bf16",
-                    header.dtype
-                ));
-            }
-        };
-        let label_size = match pb::LabelDtype::try_from(header.label_dtype) {
-            Ok(pb::LabelDtype::U8) => 1,
-            Ok(pb::LabelDtype::U16) => 2,
-            _ => {
-                return Err(format!(
-                    "batch {index}: unknown label dtype {}",
-                    header.label_dtype
-                ));
-            }
-        };
-        if header.items.len() != batch {
+        if header.items.len() != shape.batch_size {
             return Err(format!(
-                "batch {index}: {} item descriptions for {batch} items",
-                header.items.len()
+                "batch {index}: {} item descriptions for {} items",
+                header.items.len(),
+                shape.batch_size
             ));
         }
-        // Every served buffer of the batch must be addressable.
-        let voxels = patch
-            .iter()
-            .try_fold(1usize, |acc, &p| acc.checked_mul(p))
-            .filter(|v| {
-                v.checked_mul(channels * out.size().max(label_size))
-                    .and_then(|b| b.checked_mul(batch))
-                    .is_some()
-            })
-            .ok_or_else(|| format!("batch {index}: shape overflows"))?;
         let items = header
             .items
             .iter()
@@ -166,9 +139,9 @@ impl Layout {
             index,
             patch,
             channels,
-            voxels,
+            voxels: shape.voxels(),
             out,
-            label_size,
+            label_size: shape.label_size,
             items,
         })
     }
@@ -239,12 +212,7 @@ impl Layout {
     }
 
     /// The image buffer as served: stored items converted, served items copied.
-    fn image(
-        &self,
-        _header: &pb::BatchHeader,
-        wire: &[u8],
-        pool: &Arc<BufferPool>,
-    ) -> Result<Bytes, String> {
+    fn image(&self, wire: &[u8], pool: &Arc<BufferPool>) -> Result<Bytes, String> {
         let served_channel = self.voxels * self.out.size();
         let served_item = served_channel * self.channels;
         // Every byte is written below: a recycled buffer keeps its old bytes until then.

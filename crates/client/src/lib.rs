@@ -77,6 +77,7 @@ mod compact;
 mod config;
 mod error;
 mod link;
+mod shape;
 mod shared;
 mod transport;
 
@@ -88,7 +89,7 @@ use patchflow_proto::v1::patchflow_client::PatchflowClient;
 use tonic::service::interceptor::InterceptedService;
 
 pub use auth::TlsOptions;
-pub use batch::{Batch, ImageDtype, Item, LabelDtype, image_dtype_size, label_dtype_size};
+pub use batch::{Batch, ImageDtype, Item, LabelDtype};
 pub use config::{ClientOptions, Policy, SharedMemory, StreamConfig};
 pub use error::ClientError;
 pub use patchflow_proto::token::{MAX_TOKEN_BYTES, Secret, TokenError};
@@ -96,6 +97,7 @@ pub use patchflow_proto::v1::{
     Augmentation, DatasetDescription, DatasetSummary, ListDatasetsResponse, ServerLimits,
     SetAsideCase,
 };
+pub use shape::{image_dtype_size, label_dtype_size};
 
 use auth::Credentials;
 use link::{Command, Event, Health, Link, Target};
@@ -274,13 +276,10 @@ impl Client {
                     }
                 }
             }
-            round += 1;
-            if let Some((i, status)) = last
-                && round > self.options.max_attempts
-            {
-                return Err(error::final_error(&self.daemons[i].endpoint, status, round));
-            }
-            tokio::time::sleep(self.options.backoff(round)).await;
+            let Some((i, status)) = last else {
+                return Err(ClientError::NoEndpoints);
+            };
+            back_off(&self.options, &mut round, &self.daemons[i].endpoint, status).await?;
         }
     }
 
@@ -387,14 +386,9 @@ async fn listings(
                 Err(status) => return Err(error::final_error(endpoint, status, attempt + 1)),
             }
         }
-        attempt += 1;
         match last {
             Some((endpoint, status)) if limits.iter().all(Option::is_none) => {
-                if attempt > options.max_attempts {
-                    return Err(error::final_error(endpoint, status, attempt));
-                }
-                tracing::debug!(%endpoint, attempt, %status, "no daemon answers; retrying");
-                tokio::time::sleep(options.backoff(attempt)).await;
+                back_off(options, &mut attempt, endpoint, status).await?;
             }
             _ => return Ok(limits),
         }
@@ -416,16 +410,29 @@ where
         match call().await {
             Ok(response) => return Ok(response.into_inner()),
             Err(status) if error::is_retryable(&status) => {
-                attempt += 1;
-                if attempt > options.max_attempts {
-                    return Err(error::final_error(endpoint, status, attempt));
-                }
-                tracing::debug!(%endpoint, attempt, %status, "call failed; retrying");
-                tokio::time::sleep(options.backoff(attempt)).await;
+                back_off(options, &mut attempt, endpoint, status).await?;
             }
             Err(status) => return Err(error::final_error(endpoint, status, attempt + 1)),
         }
     }
+}
+
+/// After round `attempt` of calls failed with `status` (from `endpoint`), a failure that
+/// reconnecting may cure: counts the round and waits the options' backoff, or, once
+/// `max_attempts` rounds failed, gives the final error.
+async fn back_off(
+    options: &ClientOptions,
+    attempt: &mut u32,
+    endpoint: &str,
+    status: tonic::Status,
+) -> Result<(), ClientError> {
+    *attempt += 1;
+    if *attempt > options.max_attempts {
+        return Err(error::final_error(endpoint, status, *attempt));
+    }
+    tracing::debug!(%endpoint, attempt = *attempt, %status, "call failed; retrying");
+    tokio::time::sleep(options.backoff(*attempt)).await;
+    Ok(())
 }
 
 /// An endless, ordered stream of batches. Dropping it closes every daemon's stream.
