@@ -5,11 +5,12 @@
 //! the `i16` a CT is stored in (2 MiB as `u8`). An item qualifies when the request has no
 //! augmentation, its case has no outside-mask marker, and every channel of the case is stored
 //! in one integer type narrower than the requested output. Such an item's channels are copied as
-//! stored, and only the part of the patch inside the volume ([`patchflow_volume::convert::inside`]
-//! of the item's origin and the case's shape), its label too: padding does not travel. The receiver
-//! applies the case's normalisation with [`patchflow_volume::convert::convert_box`], the code the
-//! sampler itself converts with, and so gets the bits [`Sampler::sample`] would have served;
-//! it fills the rest of the label with the ignore label. Other items are served as usual.
+//! stored, and only the part of the patch inside the volume
+//! ([`patchflow_volume::convert::inside`] of the item's origin and the case's shape), its label
+//! too: padding does not travel. The receiver applies the case's normalisation with
+//! [`patchflow_volume::convert::convert_box`], the code the sampler itself converts with, and so
+//! gets the bits [`Sampler::sample`] would have served; it fills the rest of the label with the
+//! ignore label. Other items are served as usual.
 //!
 //! It owns the choice of form and the compact fill; it must not encode messages (the server
 //! does).
@@ -40,11 +41,11 @@ pub struct StoredItem {
 #[derive(Clone, Debug, PartialEq)]
 pub struct CompactBatch {
     /// The batch. The first [`CompactBatch::image_len`] bytes of its image hold the items one
-    /// after the other, item `i` taking, when it is stored, `C` times the voxels of its region inside the volume in `stored[i].dtype`
-    /// (channel after channel, each region row-major), and `C * Z * Y * X` elements of
-    /// `batch.dtype` otherwise. The first [`CompactBatch::label_len`] bytes of its label
-    /// likewise: a stored item's region only (the rest of the patch is the ignore label), a
-    /// served item's whole patch.
+    /// after the other, item `i` taking, when it is stored, `C` times the voxels of its region
+    /// inside the volume in `stored[i].dtype` (channel after channel, each region row-major),
+    /// and `C * Z * Y * X` elements of `batch.dtype` otherwise. The first
+    /// [`CompactBatch::label_len`] bytes of its label likewise: a stored item's region only (the
+    /// rest of the patch is the ignore label), a served item's whole patch.
     pub batch: Batch,
     /// Per item: how it is stored, `None` when it is served.
     pub stored: Vec<Option<StoredItem>>,
