@@ -155,6 +155,30 @@ def test_device_and_pinning_options(client):
             pft.CurriculumLoader(client, "phantom", s, iters_per_epoch=IPE, pin_memory=True)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_device_and_pinned_copies_equal_the_host_batches(client):
+    """`device="cuda"` goes through the pinned double buffer; every tensor must equal the host
+    batch it came from, also after the buffers were reused and across a stage change."""
+    s = small_schedule()
+    host = pft.CurriculumLoader(client, "phantom", s, iters_per_epoch=IPE, seed=5)
+    gpu = pft.CurriculumLoader(client, "phantom", s, iters_per_epoch=IPE, seed=5, device="cuda")
+    pinned = pft.CurriculumLoader(client, "phantom", s, iters_per_epoch=IPE, seed=5, pin_memory=True)
+    shapes = set()
+    for epoch in range(s.epochs):
+        held = []  # GPU tensors kept alive while later batches reuse the pinned buffers
+        for (hi, hl), (gi, gl), (pi, pl) in zip(host.epoch(epoch), gpu.epoch(epoch), pinned.epoch(epoch)):
+            assert gi.device.type == "cuda" and gl.device.type == "cuda"
+            assert gi.dtype == torch.float32 and gl.dtype == torch.uint8
+            assert pi.is_pinned() and pl.is_pinned()
+            assert torch.equal(pi, hi) and torch.equal(pl, hl)
+            held.append((hi.clone(), hl.clone(), gi, gl))
+            shapes.add(tuple(gi.shape))
+        torch.cuda.synchronize()
+        for hi, hl, gi, gl in held:
+            assert torch.equal(gi.cpu(), hi) and torch.equal(gl.cpu(), hl)
+    assert len(shapes) > 1, "the schedule's stages changed the patch"
+
+
 def test_bad_loader_arguments(client):
     s = small_schedule()
     with pytest.raises(patchflow.InvalidArgument, match="ranks"):
