@@ -258,9 +258,108 @@ pub fn set_cuda_autocast_bf16() -> Result<(), TrainerError> {
     }
 }
 
-/// Runs `f` under CUDA autocast when `enabled` (see [`set_cuda_autocast_bf16`]), else plainly.
+/// `at::autocast::is_autocast_enabled(c10::DeviceType)`.
+const IS_AUTOCAST_ENABLED: &CStr = c"_ZN2at8autocast19is_autocast_enabledEN3c1010DeviceTypeE";
+/// `at::autocast::set_autocast_enabled(c10::DeviceType, bool)`.
+const SET_AUTOCAST_ENABLED: &CStr = c"_ZN2at8autocast20set_autocast_enabledEN3c1010DeviceTypeEb";
+/// `at::autocast::increment_nesting()`.
+const INCREMENT_NESTING: &CStr = c"_ZN2at8autocast17increment_nestingEv";
+/// `at::autocast::decrement_nesting()`.
+const DECREMENT_NESTING: &CStr = c"_ZN2at8autocast17decrement_nestingEv";
+/// `at::autocast::clear_cache()`.
+const CLEAR_CACHE: &CStr = c"_ZN2at8autocast11clear_cacheEv";
+
+/// libtorch's autocast state functions that name the device type. `tch::autocast` calls the
+/// device-less `is_enabled`/`set_enabled`, which libtorch 2.4 and later deprecate with a warning
+/// printed on every call: three lines per training step.
+struct AutocastApi {
+    is_enabled: IsEnabled,
+    set_enabled: SetEnabled,
+    increment_nesting: Nesting,
+    decrement_nesting: Nesting,
+    clear_cache: ClearCache,
+}
+
+type IsEnabled = unsafe extern "C" fn(i8) -> bool;
+type SetEnabled = unsafe extern "C" fn(i8, bool);
+type Nesting = unsafe extern "C" fn() -> libc::c_int;
+type ClearCache = unsafe extern "C" fn();
+type Symbol = *mut libc::c_void;
+
+/// The functions of [`AutocastApi`], looked up once; `None` when this libtorch lacks one.
+fn autocast_api() -> Option<&'static AutocastApi> {
+    static API: OnceLock<Option<AutocastApi>> = OnceLock::new();
+    API.get_or_init(|| {
+        let [is, set, inc, dec, clear] = [
+            IS_AUTOCAST_ENABLED,
+            SET_AUTOCAST_ENABLED,
+            INCREMENT_NESTING,
+            DECREMENT_NESTING,
+            CLEAR_CACHE,
+        ]
+        .map(symbol);
+        // SAFETY: each symbol is the libtorch function its constant names, with the signature
+        // declared by the field: `c10::DeviceType` is `int8_t`-based and passed like `int8_t`,
+        // `bool` and `int` map to Rust's `bool` and `c_int`; none of them throws.
+        unsafe {
+            Some(AutocastApi {
+                is_enabled: std::mem::transmute::<Symbol, IsEnabled>(is?),
+                set_enabled: std::mem::transmute::<Symbol, SetEnabled>(set?),
+                increment_nesting: std::mem::transmute::<Symbol, Nesting>(inc?),
+                decrement_nesting: std::mem::transmute::<Symbol, Nesting>(dec?),
+                clear_cache: std::mem::transmute::<Symbol, ClearCache>(clear?),
+            })
+        }
+    })
+    .as_ref()
+}
+
+/// CUDA autocast switched on for this thread until dropped, then put back as it was (also when
+/// the closure it guards panics); the autocast cache is cleared when the outermost one ends, as
+/// `tch::autocast` and PyTorch's `torch.autocast` do.
+struct AutocastGuard {
+    api: &'static AutocastApi,
+    previous: bool,
+}
+
+impl AutocastGuard {
+    fn enter(api: &'static AutocastApi) -> AutocastGuard {
+        // SAFETY: plain calls of libtorch's per-thread autocast state functions.
+        let previous = unsafe { (api.is_enabled)(C10_DEVICE_CUDA) };
+        // SAFETY: as above; `drop` undoes both.
+        unsafe {
+            (api.set_enabled)(C10_DEVICE_CUDA, true);
+            (api.increment_nesting)();
+        }
+        AutocastGuard { api, previous }
+    }
+}
+
+impl Drop for AutocastGuard {
+    fn drop(&mut self) {
+        // SAFETY: as in `enter`; the nesting was incremented there.
+        unsafe {
+            if (self.api.decrement_nesting)() == 0 {
+                (self.api.clear_cache)();
+            }
+            (self.api.set_enabled)(C10_DEVICE_CUDA, self.previous);
+        }
+    }
+}
+
+/// Runs `f` under CUDA autocast when `enabled` and CUDA is available (see
+/// [`set_cuda_autocast_bf16`]), else plainly.
 pub fn with_autocast<T>(enabled: bool, f: impl FnOnce() -> T) -> T {
-    if enabled { tch::autocast(true, f) } else { f() }
+    if !enabled || !tch::Cuda::is_available() {
+        return f();
+    }
+    match autocast_api() {
+        Some(api) => {
+            let _on = AutocastGuard::enter(api);
+            f()
+        }
+        None => tch::autocast(true, f),
+    }
 }
 
 #[cfg(test)]
@@ -289,6 +388,33 @@ mod tests {
     fn autocast_dtype_is_set_to_bf16() {
         set_cuda_autocast_bf16().unwrap();
         assert_eq!(cuda_autocast_dtype_code(), Some(C10_SCALAR_BFLOAT16));
+    }
+
+    /// The guard switches CUDA autocast on through the device-typed functions and puts the
+    /// previous state back, nested and after a panic; this is per-thread state, so it works
+    /// without a GPU.
+    #[test]
+    fn autocast_guard_sets_and_restores_the_state() {
+        let api = autocast_api().expect("libtorch exports the device-typed autocast functions");
+        // SAFETY: plain call of a state getter with a valid device type.
+        let on = || unsafe { (api.is_enabled)(C10_DEVICE_CUDA) };
+        assert!(!on());
+        {
+            let _outer = AutocastGuard::enter(api);
+            assert!(on());
+            {
+                let _inner = AutocastGuard::enter(api);
+                assert!(on());
+            }
+            assert!(on(), "the inner guard restores the outer state");
+        }
+        assert!(!on());
+        let caught = std::panic::catch_unwind(|| {
+            let _g = AutocastGuard::enter(api);
+            panic!("inside autocast");
+        });
+        assert!(caught.is_err());
+        assert!(!on(), "a panic inside restores the state");
     }
 
     #[test]
