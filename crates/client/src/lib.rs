@@ -122,6 +122,10 @@ struct Daemon {
 }
 
 /// A connection to one or several daemons serving the same dataset (or shards of it).
+///
+/// Clones share the connections. A connection runs as a task of the tokio runtime it was
+/// opened on, so keep that runtime alive while any clone streams: use one runtime for all of
+/// them (shutting it down ends their streams, which then fail over or reconnect).
 #[derive(Clone)]
 pub struct Client {
     daemons: Vec<Daemon>,

@@ -9,6 +9,7 @@
 //! sampling in process suits that ablation better.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use patchflow_client::{
     Augmentation, Batch, Client, ClientError, ClientOptions, ImageDtype, LabelDtype, Policy,
@@ -24,13 +25,18 @@ use crate::data::{
 use crate::plan::StepSpec;
 
 /// Streams training batches from daemons.
+///
+/// Every source forked from one, and its volume loader, share one client and one runtime: the
+/// client's connections run as tasks of the runtime they were opened on, so a runtime of its
+/// own per fork would cut the others' streams when that fork ends. The runtime is the last
+/// field, dropped after the streams it drives.
 pub struct RemoteSource {
-    runtime: Runtime,
     client: Client,
     endpoints: Vec<String>,
     info: SourceInfo,
     setup: Option<StreamSetup>,
     stream: Option<patchflow_client::BatchStream>,
+    runtime: Arc<Runtime>,
 }
 
 fn runtime(endpoints: &[String]) -> Result<Runtime, TrainerError> {
@@ -185,7 +191,7 @@ impl RemoteSource {
             cases,
         };
         Ok(RemoteSource {
-            runtime,
+            runtime: Arc::new(runtime),
             client,
             endpoints: endpoints.to_vec(),
             info,
@@ -268,7 +274,7 @@ impl BatchSource for RemoteSource {
 
     fn volumes(&self) -> Result<Box<dyn VolumeLoader>, TrainerError> {
         Ok(Box::new(RemoteVolumes {
-            runtime: runtime(&self.endpoints)?,
+            runtime: Arc::clone(&self.runtime),
             client: self.client.clone(),
             endpoints: self.endpoints.clone(),
             info: self.info.clone(),
@@ -277,7 +283,7 @@ impl BatchSource for RemoteSource {
 
     fn fork(&self) -> Result<Box<dyn BatchSource>, TrainerError> {
         Ok(Box::new(RemoteSource {
-            runtime: runtime(&self.endpoints)?,
+            runtime: Arc::clone(&self.runtime),
             client: self.client.clone(),
             endpoints: self.endpoints.clone(),
             info: self.info.clone(),
@@ -294,10 +300,11 @@ impl BatchSource for RemoteSource {
 /// Loads whole cases from daemons: a one-item batch whose patch is the case's grid, placed
 /// uniformly (which, for a patch equal to the volume, is the volume itself).
 pub struct RemoteVolumes {
-    runtime: Runtime,
     client: Client,
     endpoints: Vec<String>,
     info: SourceInfo,
+    /// The runtime of the source it came from (see [`RemoteSource`]); dropped last.
+    runtime: Arc<Runtime>,
 }
 
 impl VolumeLoader for RemoteVolumes {

@@ -126,6 +126,15 @@ fn gpu_bench_script_runs_in_cpu_tiny_mode() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
     assert!(stdout.contains("data wait"), "{stdout}");
+    // The training stream ends and the validation loads cases on the same connection: no
+    // stream may fail and reconnect on the way (one did while each source had a runtime of
+    // its own and the first one's end took the shared connection with it).
+    for (name, text) in [("stdout", &stdout), ("stderr", &stderr)] {
+        assert!(
+            !text.contains("stream failed") && !text.contains("reconnecting"),
+            "{name} of daemon.sh:\n{text}"
+        );
+    }
     let summary = |dir: &std::path::Path| -> serde_json::Value {
         serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap()
     };
