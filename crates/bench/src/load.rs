@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use patchflow_client::{Client, ClientOptions, SharedMemory, StreamConfig};
+use patchflow_client::{Client, ClientOptions, SharedMemory};
 use serde::Serialize;
 
 use crate::daemon::{Daemon, DaemonSpec};
@@ -353,16 +353,7 @@ async fn drive(
     let mut tally = Tally::default();
     let config = |k: u64| {
         let size = sizes[(i + (k / every) as usize) % sizes.len()];
-        let mut c = StreamConfig::new(
-            dataset,
-            size.map(|n| i64::try_from(n).unwrap_or(i64::MAX)),
-            u32::try_from(batch).unwrap_or(u32::MAX),
-        );
-        c.policy = patchflow_client::Policy::ForegroundOversample {
-            fraction: foreground,
-        };
-        c.seed = i as u64;
-        c
+        crate::measure::crop_stream(dataset, size, batch, foreground, i as u64)
     };
     let note = |tally: &mut Tally, e: String| {
         tally.errors += 1;

@@ -57,6 +57,24 @@ pub(crate) fn crop_request(patch: Patch, batch: usize, fraction: f64, seed: u64)
     }
 }
 
+/// The stream configuration of [`crop_request`] for a daemon serving `dataset`.
+pub(crate) fn crop_stream(
+    dataset: &str,
+    patch: [usize; 3],
+    batch: usize,
+    fraction: f64,
+    seed: u64,
+) -> StreamConfig {
+    let mut c = StreamConfig::new(
+        dataset,
+        patch.map(|n| i64::try_from(n).unwrap_or(i64::MAX)),
+        u32::try_from(batch).unwrap_or(u32::MAX),
+    );
+    c.policy = patchflow_client::Policy::ForegroundOversample { fraction };
+    c.seed = seed;
+    c
+}
+
 /// Whether the data was in memory when the measurement started.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]

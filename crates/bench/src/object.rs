@@ -21,7 +21,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use patchflow_client::StreamConfig;
 use patchflow_sampler::BatchRequest;
 use patchflow_store::{Manifest, RemoteStats, StoreLocation, bucket_stats};
 use serde::Serialize;
@@ -549,14 +548,7 @@ async fn daemons_run(
         };
         running.push(Daemon::start(&spec).await?);
     }
-    let mut config = StreamConfig::new(
-        name,
-        patch.map(|v| v as i64),
-        u32::try_from(cfg.batch).unwrap_or(u32::MAX),
-    );
-    config.policy = patchflow_client::Policy::ForegroundOversample {
-        fraction: cfg.foreground,
-    };
+    let config = crate::measure::crop_stream(name, patch, cfg.batch, cfg.foreground, 0);
     let warmup = Duration::from_secs_f64((cfg.seconds / 2.0).max(0.5));
     let until = Until::Elapsed(Duration::from_secs_f64(cfg.seconds));
     let mut tasks = Vec::new();

@@ -5,12 +5,11 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use patchflow_client::StreamConfig;
 use patchflow_sampler::{AugmentSpec, BatchRequest, Patch};
 use serde::Serialize;
 
 use crate::daemon::{Daemon, DaemonSpec};
-use crate::measure::{Counts, InProcess, Until, crop_request, run_remote};
+use crate::measure::{Counts, InProcess, Until, crop_request, crop_stream, run_remote};
 use crate::procstat;
 use crate::{BenchError, Transport};
 
@@ -117,14 +116,7 @@ pub fn run_peer(cfg: &PeerConfig, stop: &AtomicBool) -> Result<PeerReport, Bench
             let runtime = crate::daemon::current_thread_runtime()?;
             runtime.block_on(async {
                 let mut daemon = Daemon::start(&spec).await?;
-                let mut config = StreamConfig::new(
-                    name.as_str(),
-                    cfg.patch.to_i64(),
-                    u32::try_from(cfg.batch).unwrap_or(u32::MAX),
-                );
-                config.policy = patchflow_client::Policy::ForegroundOversample {
-                    fraction: cfg.foreground,
-                };
+                let mut config = crop_stream(&name, cfg.patch.axes(), cfg.batch, cfg.foreground, 0);
                 if cfg.augment {
                     config.augmentation = Some(patchflow_proto::v1::Augmentation {
                         preset: patchflow_sampler::AugmentSpec::NNUNET_PRESET.into(),

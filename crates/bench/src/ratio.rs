@@ -12,14 +12,13 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use patchflow_client::StreamConfig;
 use patchflow_sampler::Patch;
 use serde::Serialize;
 
 use crate::BenchError;
 use crate::daemon::{Daemon, DaemonSpec};
 use crate::machine::Machine;
-use crate::measure::{InProcess, Transport, Until, crop_request, run_remote};
+use crate::measure::{InProcess, Transport, Until, crop_request, crop_stream, run_remote};
 use crate::procstat;
 
 /// Settings of [`run_ratio`].
@@ -367,14 +366,7 @@ fn measure(ctx: &mut Context<'_>, path: Path, patch: Patch) -> Result<(u64, f64,
                 ..
             } = ctx;
             runtime.block_on(async {
-                let mut config = StreamConfig::new(
-                    name.as_str(),
-                    patch.to_i64(),
-                    u32::try_from(cfg.batch).unwrap_or(u32::MAX),
-                );
-                config.policy = patchflow_client::Policy::ForegroundOversample {
-                    fraction: cfg.foreground,
-                };
+                let config = crop_stream(name, patch.axes(), cfg.batch, cfg.foreground, 0);
                 let warm = Until::Batches(0);
                 run_remote(endpoint, &config, 1, transport, *warmup, warm, stop).await?;
                 let d0 = daemon.sample()?;

@@ -539,16 +539,7 @@ fn request(patch: Patch, cfg: &SuiteConfig, seed: u64) -> BatchRequest {
 
 /// The stream configuration matching [`request`].
 fn stream_config(dataset: &str, patch: [usize; 3], cfg: &SuiteConfig, seed: u64) -> StreamConfig {
-    let mut c = StreamConfig::new(
-        dataset,
-        patch.map(|n| i64::try_from(n).unwrap_or(i64::MAX)),
-        u32::try_from(cfg.batch).unwrap_or(u32::MAX),
-    );
-    c.policy = patchflow_client::Policy::ForegroundOversample {
-        fraction: cfg.foreground,
-    };
-    c.seed = seed;
-    c
+    crate::measure::crop_stream(dataset, patch, cfg.batch, cfg.foreground, seed)
 }
 
 /// One measurement through `daemon`: the daemon's counters over the run, and this process's
