@@ -16,7 +16,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use patchflow_proto::buffers::BufferPool;
 use patchflow_proto::v1 as pb;
-use patchflow_volume::convert::{OutputDType, convert_box, expand_box, inside, region_voxels};
+use patchflow_volume::convert::{
+    OutputDType, STORED_TYPES, convert_box, expand_box, inside, region_voxels,
+};
 use patchflow_volume::{DType, NormScheme, Normalization};
 
 use crate::shape::Shape;
@@ -327,28 +329,25 @@ impl Layout {
     }
 }
 
-/// The element type of a stored item (integer types only: the daemon sends no other).
+/// The element type of a stored item (one of [`STORED_TYPES`]: the daemon sends no other).
 fn stored_dtype(index: u64, name: &str) -> Result<DType, String> {
-    match name {
-        "u8" => Ok(DType::U8),
-        "i8" => Ok(DType::I8),
-        "u16" => Ok(DType::U16),
-        "i16" => Ok(DType::I16),
-        other => Err(format!(
-            "batch {index}: stored item type {other:?} is not one of u8, i8, u16, i16"
-        )),
-    }
+    STORED_TYPES
+        .into_iter()
+        .find(|d| d.name() == name)
+        .ok_or_else(|| {
+            let names: Vec<&str> = STORED_TYPES.iter().map(|d| d.name()).collect();
+            format!(
+                "batch {index}: stored item type {name:?} is not one of {}",
+                names.join(", ")
+            )
+        })
 }
 
 /// A channel's normalisation as the sampler applies it (the scheme name does not enter the
 /// formula).
 fn norm_of(n: &pb::Normalization) -> Normalization {
     Normalization {
-        scheme: match n.scheme.as_str() {
-            "ct" => NormScheme::Ct,
-            "zscore" => NormScheme::ZScore,
-            _ => NormScheme::None,
-        },
+        scheme: NormScheme::from_name(&n.scheme).unwrap_or(NormScheme::None),
         clip: n.has_clip.then_some([n.clip_lo, n.clip_hi]),
         mean: n.mean,
         inv_std: n.inv_std,

@@ -16,7 +16,7 @@
 //! does).
 
 use patchflow_store::ArrayId;
-use patchflow_volume::convert::{inside, region_voxels};
+use patchflow_volume::convert::{STORED_TYPES, inside, region_voxels};
 use patchflow_volume::{DType, Normalization};
 use rayon::prelude::*;
 
@@ -67,8 +67,7 @@ impl Sampler {
             return None;
         }
         let (first, _) = *view.info.channels.first()?;
-        let integer = matches!(first, DType::U8 | DType::I8 | DType::U16 | DType::I16);
-        if !integer
+        if !STORED_TYPES.contains(&first)
             || first.size() >= req.dtype.size()
             || view.info.channels.iter().any(|&(d, _)| d != first)
         {

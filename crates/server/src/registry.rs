@@ -9,7 +9,7 @@ use patchflow_proto::v1 as pb;
 use patchflow_sampler::SamplerError;
 use patchflow_sampler::{Dataset, Sampler};
 use patchflow_store::{ChunkCache, MANIFEST_FILE, Manifest, StoreLocation};
-use patchflow_volume::{DType, NormScheme, Normalization};
+use patchflow_volume::{DType, Normalization};
 
 use crate::ServerError;
 use crate::damage::SetAside;
@@ -217,19 +217,11 @@ fn check_dataset_name(store: &Path, name: String) -> Result<String, ServerError>
     Ok(name)
 }
 
-fn scheme_name(scheme: NormScheme) -> &'static str {
-    match scheme {
-        NormScheme::Ct => "ct",
-        NormScheme::ZScore => "zscore",
-        NormScheme::None => "none",
-    }
-}
-
 /// Wire form of a channel's normalisation.
 pub(crate) fn normalization(norm: &Normalization) -> pb::Normalization {
     let [clip_lo, clip_hi] = norm.clip.unwrap_or([0.0, 0.0]);
     pb::Normalization {
-        scheme: scheme_name(norm.scheme).to_owned(),
+        scheme: norm.scheme.name().to_owned(),
         has_clip: norm.clip.is_some(),
         clip_lo,
         clip_hi,
@@ -285,7 +277,7 @@ fn describe(dataset: &Dataset) -> pb::DatasetDescription {
                 .map(|c| pb::ChannelInfo {
                     name: c.name.clone(),
                     stored_dtype: c.dtype.name().to_owned(),
-                    scheme: scheme_name(c.norm.scheme).to_owned(),
+                    scheme: c.norm.scheme.name().to_owned(),
                 })
                 .collect()
         })

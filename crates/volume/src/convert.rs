@@ -200,6 +200,11 @@ pub fn write_f32(src: &[f32], out: OutputDType, dst: &mut [u8]) {
     }
 }
 
+/// The element types an image may travel in before conversion (the compact wire form): the
+/// integers of 16 bits or fewer, which widen to `f32` exactly and are narrower than every
+/// output type but the half-precision ones.
+pub const STORED_TYPES: [DType; 4] = [DType::U8, DType::I8, DType::U16, DType::I16];
+
 /// Fills image padding (`0.0` in every output type is all-zero bytes).
 #[inline]
 pub fn pad_image(dst: &mut [u8]) {

@@ -285,6 +285,25 @@ pub enum NormScheme {
     None,
 }
 
+impl NormScheme {
+    /// Every scheme.
+    pub const ALL: [NormScheme; 3] = [NormScheme::Ct, NormScheme::ZScore, NormScheme::None];
+
+    /// Lower-case name, as in metadata and on the wire (`"ct"`, `"zscore"`, `"none"`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            NormScheme::Ct => "ct",
+            NormScheme::ZScore => "zscore",
+            NormScheme::None => "none",
+        }
+    }
+
+    /// The scheme named `name` ([`NormScheme::name`]).
+    pub fn from_name(name: &str) -> Option<NormScheme> {
+        NormScheme::ALL.into_iter().find(|s| s.name() == name)
+    }
+}
+
 /// The affine intensity map `y = (clamp(x, lo, hi) - mean) / std`, computed in `f32` as
 /// `(x.max(lo).min(hi) - mean) * inv_std` (no clipping when `clip` is `None`).
 ///
@@ -326,5 +345,23 @@ impl Normalization {
             None => x,
         };
         (x - self.mean) * self.inv_std
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The names the wire uses are the ones metadata is written with, and read back.
+    #[test]
+    fn scheme_names_are_the_serialised_names_and_parse_back() {
+        for s in NormScheme::ALL {
+            assert_eq!(
+                serde_json::to_string(&s).unwrap(),
+                format!("\"{}\"", s.name())
+            );
+            assert_eq!(NormScheme::from_name(s.name()), Some(s));
+        }
+        assert_eq!(NormScheme::from_name("CT"), None);
     }
 }
