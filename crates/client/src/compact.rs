@@ -17,7 +17,7 @@ use bytes::Bytes;
 use patchflow_proto::buffers::BufferPool;
 use patchflow_proto::v1 as pb;
 use patchflow_volume::convert::{
-    OutputDType, STORED_TYPES, convert_box, expand_box, inside, region_voxels,
+    OutputDType, STORED_TYPES, convert_box, expand_box, inside, region_voxels, sized,
 };
 use patchflow_volume::{DType, NormScheme, Normalization};
 
@@ -185,17 +185,6 @@ impl Layout {
         }))
     }
 
-    /// A buffer of `len` bytes from `pool`, whose old bytes the caller overwrites.
-    fn buffer(pool: &BufferPool, len: usize) -> Vec<u8> {
-        let mut buf = pool.take(len);
-        if buf.len() >= len {
-            buf.truncate(len);
-        } else {
-            buf.resize(len, 0);
-        }
-        buf
-    }
-
     fn too_short(&self, what: &str, has: usize, need: usize) -> String {
         format!(
             "batch {}: the {what} buffer has {has} bytes, its items need at least {need}",
@@ -218,7 +207,8 @@ impl Layout {
         let served_channel = self.voxels * self.out.size();
         let served_item = served_channel * self.channels;
         // Every byte is written below: a recycled buffer keeps its old bytes until then.
-        let mut image = Self::buffer(pool, served_item * self.items.len());
+        let len = served_item * self.items.len();
+        let mut image = sized(pool.take(len), len, false);
         let mut offset = 0usize;
         for (part, dst) in self
             .items
@@ -304,7 +294,8 @@ impl Layout {
             self.leftover("label", raw.len(), served_item * self.items.len())?;
             return Ok(raw);
         }
-        let mut label = Self::buffer(pool, served_item * self.items.len());
+        let len = served_item * self.items.len();
+        let mut label = sized(pool.take(len), len, false);
         let mut offset = 0usize;
         for (part, dst) in self
             .items

@@ -16,13 +16,13 @@
 //! does).
 
 use patchflow_store::ArrayId;
-use patchflow_volume::convert::{STORED_TYPES, inside, region_voxels};
+use patchflow_volume::convert::{STORED_TYPES, inside, region_voxels, sized};
 use patchflow_volume::{DType, Normalization};
 use rayon::prelude::*;
 
 use crate::SamplerError;
 use crate::request::{Batch, BatchRequest};
-use crate::sampler::{FillTask, Sampler, sized, too_large};
+use crate::sampler::{FillTask, Sampler, too_large};
 
 /// How one item of a compact batch is stored: its channels as the case stores them, to be
 /// normalised by the receiver.

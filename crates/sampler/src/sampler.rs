@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use patchflow_store::ArrayId;
 use patchflow_volume::DType;
-use patchflow_volume::convert::inside;
+use patchflow_volume::convert::{inside, sized};
 use rayon::prelude::*;
 
 use crate::SamplerError;
@@ -594,21 +594,4 @@ pub(crate) fn too_large(sampler: &Sampler, req: &BatchRequest) -> SamplerError {
         value: sampler.batch_bytes(req),
         limit: isize::MAX as u64,
     }
-}
-
-/// `buf` resized to `len` bytes, keeping its allocation when it is large enough. With `clear`
-/// every byte is zero; without, bytes the buffer already held keep their old values (the caller
-/// overwrites them all) and only new ones are zero.
-pub(crate) fn sized(mut buf: Vec<u8>, len: usize, clear: bool) -> Vec<u8> {
-    if buf.capacity() < len {
-        // Fresh zeroed memory comes from the kernel without a memset.
-        return vec![0u8; len];
-    }
-    if clear {
-        buf.clear();
-    } else {
-        buf.truncate(len);
-    }
-    buf.resize(len, 0);
-    buf
 }

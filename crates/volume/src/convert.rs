@@ -205,6 +205,24 @@ pub fn write_f32(src: &[f32], out: OutputDType, dst: &mut [u8]) {
 /// output type but the half-precision ones.
 pub const STORED_TYPES: [DType; 4] = [DType::U8, DType::I8, DType::U16, DType::I16];
 
+/// A reused output buffer `buf` resized to `len` bytes, keeping its allocation when it is large
+/// enough (the sampler's batches and the client's converted ones). With `clear` every byte is
+/// zero; without, bytes the buffer already held keep their old values (the caller overwrites
+/// them all) and only new ones are zero.
+pub fn sized(mut buf: Vec<u8>, len: usize, clear: bool) -> Vec<u8> {
+    if buf.capacity() < len {
+        // Fresh zeroed memory comes from the kernel without a memset.
+        return vec![0u8; len];
+    }
+    if clear {
+        buf.clear();
+    } else {
+        buf.truncate(len);
+    }
+    buf.resize(len, 0);
+    buf
+}
+
 /// Fills image padding (`0.0` in every output type is all-zero bytes).
 #[inline]
 pub fn pad_image(dst: &mut [u8]) {
