@@ -243,23 +243,16 @@ pub(crate) fn finish(
         label_bytes,
         ..
     } = Shape::of(index, &header)?;
-    let (want_image, want_label) = (Some(image_bytes), Some(label_bytes));
-    if want_image != Some(image.len()) || image.len() as u64 != header.image_bytes {
+    if image.len() != image_bytes || image.len() as u64 != header.image_bytes {
         return Err(format!(
-            "batch {index}: image has {} bytes, expected {want_image:?} for {batch_size}x{channels}x{patch:?} {dtype:?}",
+            "batch {index}: image has {} bytes, expected {image_bytes} for {batch_size}x{channels}x{patch:?} {dtype:?}",
             image.len()
         ));
     }
-    if want_label != Some(label.len()) || label.len() as u64 != header.label_bytes {
+    if label.len() != label_bytes || label.len() as u64 != header.label_bytes {
         return Err(format!(
-            "batch {index}: label has {} bytes, expected {want_label:?} for {batch_size}x1x{patch:?} {label_dtype:?}",
+            "batch {index}: label has {} bytes, expected {label_bytes} for {batch_size}x1x{patch:?} {label_dtype:?}",
             label.len()
-        ));
-    }
-    if header.items.len() != batch_size {
-        return Err(format!(
-            "batch {index}: {} item descriptions for {batch_size} items",
-            header.items.len()
         ));
     }
     let ignore_label = u16::try_from(header.ignore_label).map_err(|_| {

@@ -125,13 +125,6 @@ impl Layout {
                 return Err(format!("batch {index}: image dtype is unspecified"));
             }
         };
-        if header.items.len() != shape.batch_size {
-            return Err(format!(
-                "batch {index}: {} item descriptions for {} items",
-                header.items.len(),
-                shape.batch_size
-            ));
-        }
         let items = header
             .items
             .iter()

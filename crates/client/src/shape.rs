@@ -45,7 +45,8 @@ pub(crate) struct Shape {
 }
 
 impl Shape {
-    /// The shape `header` of batch `index` announces; an error names what is wrong with it.
+    /// The shape `header` of batch `index` announces, with one item description per item; an
+    /// error names what is wrong with it.
     pub fn of(index: u64, header: &pb::BatchHeader) -> Result<Shape, String> {
         let patch: [usize; 3] = match header.patch_size.as_slice() {
             &[z, y, x] => [z as usize, y as usize, x as usize],
@@ -64,6 +65,12 @@ impl Shape {
         let label_size = label_dtype_size(label_dtype)
             .ok_or_else(|| format!("batch {index}: label dtype is unspecified"))?;
         let batch_size = header.batch_size as usize;
+        if header.items.len() != batch_size {
+            return Err(format!(
+                "batch {index}: {} item descriptions for {batch_size} items",
+                header.items.len()
+            ));
+        }
         let channels = header.channels as usize;
         let overflows = || format!("batch {index}: shape overflows");
         let voxels = patch
